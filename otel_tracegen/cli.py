@@ -1,0 +1,283 @@
+"""The ``otel-tracegen`` command.
+
+``main()`` returns an :class:`ExitStatus` instead of exiting deep inside; user mistakes (missing file, unknown
+format, bad option value) become one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Sequence
+
+from . import __version__
+from .formats import FORMATS, detect_format, expand_paths, get_format, writable_formats
+from .report import ReadReport, UserError
+
+
+class ExitStatus(enum.IntEnum):
+    SUCCESS = 0
+    INVALID = 1  # validate found invalid traces, or input had problems
+    USAGE = 2  # bad command line (argparse's own code)
+    ERROR = 3  # a user-fixable error (missing file, unreadable corpus)
+    INTERRUPTED = 130
+
+
+@dataclass
+class Environment:
+    """Streams the command writes to; tests swap in StringIO."""
+
+    stdout: IO[str] = field(default_factory=lambda: sys.stdout)
+    stderr: IO[str] = field(default_factory=lambda: sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line plus usage hint, exit 2, as argparse does; kept for clarity
+        self.print_usage(sys.stderr)
+        self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="otel-tracegen", description="Learn, generate, repair and explain microservice traces.")
+    p.add_argument("--version", action="version", version=f"otel-tracegen {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    readable = list(FORMATS)
+
+    data = sub.add_parser("data", help="build and describe training corpora")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    b = dsub.add_parser("build", help="read captured traces, clean, dedupe, split by time, write a corpus")
+    b.add_argument("--format", required=True, choices=readable)
+    b.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
+    b.add_argument("--out", required=True, type=Path, help="corpus directory to write")
+    b.add_argument("--validation-fraction", type=float, default=0.1, help="last share of the time range (default 0.1)")
+    b.add_argument("--no-clock-skew", action="store_true", help="do not apply Jaeger's clock-skew adjustment")
+    b.add_argument("--tolerance-us", type=float, default=0.0, help="overrun still counted inside the parent (µs)")
+    b.add_argument("--keep-duplicates", action="store_true", help="keep traces identical in every modeled field")
+
+    s = dsub.add_parser("stats", help="distributions of a corpus (or of raw files with --format)")
+    s.add_argument("corpus", nargs="+", metavar="DIR", help="a corpus directory, or raw files with --format")
+    s.add_argument("--format", choices=readable, help="describe raw files of this format instead of a corpus")
+    s.add_argument("--split", choices=("train", "validation", "all"), default="all")
+    s.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the distributions with matplotlib")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    c = sub.add_parser("convert", help="convert trace files between formats")
+    c.add_argument("--from", dest="src", required=True, choices=readable)
+    c.add_argument("--to", dest="dst", required=True, choices=writable_formats())
+    c.add_argument("inputs", nargs="+", metavar="IN")
+    c.add_argument("--out", required=True, type=Path, help="output file (.gz compresses)")
+
+    v = sub.add_parser("validate", help="check traces and name every violation")
+    v.add_argument("--format", choices=readable, help="input format (guessed from each file when omitted)")
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--tolerance-us", type=float, default=0.0, help="child overrun allowed for clock skew (µs)")
+    v.add_argument("--expect-calls", type=int, help="every trace must have this many calls (spans)")
+    v.add_argument("--expect-depth", type=int, help="every trace must have this depth")
+    v.add_argument("--max-shown", type=int, default=50, help="invalid traces printed in full (default 50)")
+
+    sub.add_parser("formats", help="list the trace formats")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
+    env = env or Environment()
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on usage errors and --help/--version
+        return int(e.code or 0)
+    try:
+        handler = {
+            "data": lambda: _DATA[args.data_command](args, env),
+            "convert": lambda: cmd_convert(args, env),
+            "validate": lambda: cmd_validate(args, env),
+            "formats": lambda: cmd_formats(args, env),
+        }[args.command]
+        return int(handler())
+    except UserError as e:
+        print(f"otel-tracegen: error: {e}", file=env.stderr)
+        return ExitStatus.ERROR
+    except ValueError as e:  # bad option values from config __post_init__
+        print(f"otel-tracegen: error: {e}", file=env.stderr)
+        return ExitStatus.ERROR
+    except KeyboardInterrupt:
+        print("otel-tracegen: interrupted", file=env.stderr)
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:
+        return ExitStatus.SUCCESS
+
+
+def _print_report(report: ReadReport, env: Environment, shown: int = 20) -> None:
+    for p in report.problems[:shown]:
+        print(f"problem: {p}", file=env.stderr)
+    if len(report.problems) > shown:
+        print(f"… and {len(report.problems) - shown} more problems", file=env.stderr)
+    for line in report.summary_lines():
+        print(line, file=env.stderr)
+
+
+def _read(fmt: str | None, inputs: Sequence[str | Path], report: ReadReport):
+    """Read inputs, guessing the format per file when none is given."""
+    files = expand_paths(inputs)
+    if fmt is not None:
+        return get_format(fmt).read(files, report)
+    by_format: dict[str, list[Path]] = {}
+    for f in files:
+        by_format.setdefault(detect_format(f), []).append(f)
+    traces = []
+    for name, fs in by_format.items():
+        traces.extend(get_format(name).read(fs, report))
+    return traces
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+def cmd_data_build(args, env: Environment) -> ExitStatus:
+    from .dataset import BuildConfig, build_corpus
+
+    config = BuildConfig(
+        validation_fraction=args.validation_fraction,
+        adjust_clock_skew=not args.no_clock_skew,
+        tolerance_ns=int(args.tolerance_us * 1000),
+        dedupe=not args.keep_duplicates,
+    )
+    result = build_corpus(args.format, args.inputs, args.out, config)
+    _print_report(result.report, env)
+    m = result.manifest
+    sp = m["splits"]
+    print(
+        f"corpus {args.out}: train {sp['train']['traces']} traces / {sp['train']['spans']} spans, "
+        f"validation {sp['validation']['traces']} traces / {sp['validation']['spans']} spans "
+        f"(read {m['report']['counts'].get('traces read', 0)} traces from {m['files_read']} files "
+        f"in {m['build_seconds']} s)",
+        file=env.stdout,
+    )
+    return ExitStatus.SUCCESS
+
+
+def cmd_data_stats(args, env: Environment) -> ExitStatus:
+    from .dataset import describe, load_corpus, plot_stats
+
+    if args.format:
+        report = ReadReport()
+        traces = _read(args.format, args.corpus, report)
+        _print_report(report, env)
+        title = f"{', '.join(map(str, args.corpus))} ({args.format})"
+    else:
+        if len(args.corpus) != 1:
+            raise UserError("give one corpus directory, or raw files with --format")
+        splits = ("train", "validation") if args.split == "all" else (args.split,)
+        _, loaded = load_corpus(args.corpus[0], splits)
+        traces = [t for name in splits for t in loaded[name]]
+        title = f"{args.corpus[0]} ({args.split})"
+    stats = describe(traces)
+    summary = stats.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True), file=env.stdout)
+    else:
+        _print_stats(stats, summary, title, env)
+    if args.plot:
+        plot_stats(stats, args.plot, title)
+        print(f"plot written to {args.plot}", file=env.stdout)
+    return ExitStatus.SUCCESS
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:,.2f}"
+
+
+def _print_stats(stats, summary: dict, title: str, env: Environment) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=env.stdout, width=110, highlight=False)
+    console.print(f"[bold]{title}[/bold]")
+    console.print(
+        f"traces {summary['traces']:,}  spans {summary['spans']:,}  services {summary['services']}  "
+        f"operations {summary['operations']}"
+    )
+    table = Table("distribution", "min", "p50", "mean", "p90", "p99", "max")
+    for key, label in (
+        ("calls_per_trace", "calls per trace"),
+        ("depth", "depth"),
+        ("trace_latency_us", "trace latency (µs)"),
+        ("span_duration_us", "span duration (µs)"),
+    ):
+        d = summary[key]
+        if d:
+            table.add_row(label, *(_fmt(d[k]) for k in ("min", "p50", "mean", "p90", "p99", "max")))
+    console.print(table)
+    svc = Table("service", "spans", "share")
+    for name, n in stats.services.most_common(40):
+        svc.add_row(name, f"{n:,}", f"{100 * n / max(1, stats.spans):.1f} %")
+    console.print(svc)
+
+
+_DATA = {"build": cmd_data_build, "stats": cmd_data_stats}
+
+
+# --- convert / validate / formats -------------------------------------------------------------------------
+
+
+def cmd_convert(args, env: Environment) -> ExitStatus:
+    from .formats import write_traces
+
+    report = ReadReport()
+    traces = _read(args.src, args.inputs, report)
+    write_traces(args.dst, traces, args.out)
+    _print_report(report, env)
+    print(
+        f"wrote {len(traces)} traces, {sum(len(t) for t in traces)} spans to {args.out} ({args.dst})",
+        file=env.stdout,
+    )
+    return ExitStatus.INVALID if report.problems else ExitStatus.SUCCESS
+
+
+def cmd_validate(args, env: Environment) -> ExitStatus:
+    from .validate import validate
+
+    report = ReadReport()
+    traces = _read(args.format, args.files, report)
+    _print_report(report, env)
+    by_kind: Counter = Counter()
+    invalid = 0
+    for t in traces:
+        vs = validate(
+            t,
+            tolerance_ns=int(args.tolerance_us * 1000),
+            expect_calls=args.expect_calls,
+            expect_depth=args.expect_depth,
+        )
+        if not vs:
+            continue
+        invalid += 1
+        kinds = Counter(v.kind.value for v in vs)
+        by_kind.update(kinds)
+        if invalid <= args.max_shown:
+            print(f"trace {t.trace_id}: {len(t)} spans, {len(vs)} violations", file=env.stdout)
+            for v in vs[:20]:
+                print(f"  {v}", file=env.stdout)
+            if len(vs) > 20:
+                print(f"  … and {len(vs) - 20} more", file=env.stdout)
+    print(f"{len(traces)} traces, {invalid} invalid, {len(traces) - invalid} valid", file=env.stdout)
+    for kind, n in by_kind.most_common():
+        print(f"  {kind}: {n}", file=env.stdout)
+    ok = invalid == 0 and not report.problems
+    return ExitStatus.SUCCESS if ok else ExitStatus.INVALID
+
+
+def cmd_formats(args, env: Environment) -> ExitStatus:
+    for info in FORMATS.values():
+        rw = "read/write" if info.writable else "read     "
+        print(f"{info.name:11s} {rw}  {info.description}", file=env.stdout)
+    return ExitStatus.SUCCESS
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""Build, clean, dedupe, split and describe trace corpora.
+
+``build_corpus`` turns captured traces in any readable format into the corpus the model trains on:
+
+1. read every input file into canonical traces (a trace may span several files);
+2. clean each trace, repairing what real captures routinely carry and dropping only what cannot be repaired,
+   both counted by reason:
+   - exact duplicate spans (a trace straddling two minute-files is written to both) are merged;
+   - clock skew is adjusted as Jaeger's ``clockskew`` adjuster does, and each shifted span records the shift in
+     the ``otel_tracegen.clock_skew_adjustment_ns`` attribute;
+   - children that still end after their parent (async work) are kept and counted: that is real structure;
+   - traces with no root, several roots, orphans, cycles, conflicting duplicate ids or spans ending before they
+     start are dropped (the infill receiver repairs such traces; a corpus must not teach them);
+3. remove traces identical in every field the model sees (the layered encoding's text), never by shape alone;
+4. split by time: traces starting in the last ``validation_fraction`` of the time range are validation;
+5. write the corpus (see ``docs/corpus.md``): ``train.otlp.jsonl.gz``, ``validation.otlp.jsonl.gz`` (OTLP JSON,
+   one trace per line, as the Collector's file exporter writes) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from . import __version__
+from .formats import expand_paths, get_format
+from .report import ReadReport, UserError
+from .trace import Span, Trace
+from .validate import ViolationKind, validate
+
+CORPUS_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+SKEW_ATTRIBUTE = "otel_tracegen.clock_skew_adjustment_ns"
+HOST_KEYS = ("k8s.pod.name", "host.name", "host.id", "host.ip", "net.host.ip")
+
+# Violations after which a trace cannot join the corpus, with the reason reported for the drop.
+_UNREPAIRABLE = {
+    ViolationKind.NO_ROOT: "no root span",
+    ViolationKind.MULTIPLE_ROOTS: "several root spans",
+    ViolationKind.ORPHAN: "orphan spans (parent missing)",
+    ViolationKind.CYCLE: "parent links form a cycle",
+    ViolationKind.DUPLICATE_SPAN_ID: "conflicting duplicate span ids",
+    ViolationKind.END_BEFORE_START: "span ends before it starts",
+}
+
+
+@dataclass
+class BuildConfig:
+    """Options of ``data build``.
+
+    Args:
+        validation_fraction: share of the time range, at its end, whose traces form the validation split.
+        adjust_clock_skew: shift children into their parent's window as Jaeger's adjuster does.
+        tolerance_ns: how far a child may overrun its parent before it counts as "outside" in the report.
+        dedupe: remove traces identical in every field the model sees.
+    """
+
+    validation_fraction: float = field(default=0.1, metadata={"help": "last share of the time range kept for validation"})
+    adjust_clock_skew: bool = field(default=True, metadata={"help": "apply Jaeger's clock-skew adjustment"})
+    tolerance_ns: int = field(default=0, metadata={"help": "overrun still counted as inside the parent"})
+    dedupe: bool = field(default=True, metadata={"help": "drop traces identical in every modeled field"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        if self.tolerance_ns < 0:
+            raise ValueError(f"tolerance_ns must be >= 0, got {self.tolerance_ns!r}")
+
+
+@dataclass
+class BuildResult:
+    splits: dict[str, list[Trace]]
+    report: ReadReport
+    manifest: dict
+
+
+# --- cleaning ---------------------------------------------------------------------------------------------
+
+
+def merge_duplicate_spans(trace: Trace, report: ReadReport) -> bool:
+    """Merge spans that repeat exactly; False when an id repeats with different content (unrepairable)."""
+    seen: dict[str, Span] = {}
+    kept: list[Span] = []
+    merged = 0
+    for s in trace.spans:
+        prev = seen.get(s.span_id)
+        if prev is None:
+            seen[s.span_id] = s
+            kept.append(s)
+        elif prev == s:
+            merged += 1
+        else:
+            return False
+    if merged:
+        trace.spans = kept
+        trace.invalidate()
+        report.repair("duplicate span merged (trace written to several files)", merged)
+    return True
+
+
+def _host_key(span: Span) -> str:
+    res = span.resource
+    if res is not None:
+        for key in HOST_KEYS:
+            v = res.attributes.get(key)
+            if v:
+                return str(v)
+    return span.service
+
+
+def _skew(child: Span, parent: Span) -> int:
+    """Jaeger's ``calculateSkew``: how far to shift ``child`` so it sits inside ``parent``."""
+    if child.duration_ns > parent.duration_ns:
+        # Not a proper parent-child pair in time (async work): only fix a start before the parent's.
+        return parent.start_ns - child.start_ns if child.start_ns < parent.start_ns else 0
+    if child.start_ns >= parent.start_ns and child.end_ns <= parent.end_ns:
+        return 0
+    latency = (parent.duration_ns - child.duration_ns) // 2
+    return parent.start_ns + latency - child.start_ns
+
+
+def adjust_clock_skew(trace: Trace) -> int:
+    """Jaeger's clock-skew adjuster: returns how many spans were shifted.
+
+    Skew is only searched for where a child runs on another host than its parent (one host has one clock);
+    a host's shift carries to the spans below it on that host. Events shift with their span.
+    """
+    adjusted = 0
+    root = trace.root
+    if root is None:
+        return 0
+    stack: list[tuple[Span, Span | None, str, int]] = [(root, None, _host_key(root), 0)]
+    while stack:
+        span, parent, parent_host, delta = stack.pop()
+        host = _host_key(span)
+        if parent is not None and host != parent_host:
+            delta = _skew(span, parent)
+        if delta:
+            span.start_ns += delta
+            span.end_ns += delta
+            for ev in span.events:
+                ev.time_ns += delta
+            span.attributes[SKEW_ATTRIBUTE] = span.attributes.get(SKEW_ATTRIBUTE, 0) + delta
+            adjusted += 1
+        for child in trace.children(span):
+            stack.append((child, span, host, delta))
+    if adjusted:
+        trace.invalidate()  # start order of siblings may have changed
+    return adjusted
+
+
+def clean_trace(trace: Trace, config: BuildConfig, report: ReadReport, where: str = "") -> bool:
+    """Repair ``trace`` in place; False (with the reason counted) when it cannot join the corpus."""
+    label = where or f"trace {trace.trace_id}"
+    if not merge_duplicate_spans(trace, report):
+        report.problem(label, _UNREPAIRABLE[ViolationKind.DUPLICATE_SPAN_ID], dropped=0)
+        report.dropped["traces: " + _UNREPAIRABLE[ViolationKind.DUPLICATE_SPAN_ID]] += 1
+        return False
+    violations = validate(trace, check_time_window=False)
+    fatal = [v for v in violations if v.kind in _UNREPAIRABLE]
+    if fatal:
+        reason = _UNREPAIRABLE[fatal[0].kind]
+        report.problem(label, reason, str(fatal[0]), dropped=0)
+        report.dropped["traces: " + reason] += 1
+        return False
+    if config.adjust_clock_skew:
+        n = adjust_clock_skew(trace)
+        if n:
+            report.repair("span shifted by clock-skew adjustment", n)
+            report.counts["traces with clock-skew adjustment"] += 1
+    outside = [v for v in validate(trace, tolerance_ns=config.tolerance_ns) if v.kind is ViolationKind.CHILD_OUTSIDE_PARENT]
+    if outside:
+        report.counts["traces kept with a child outside its parent (async)"] += 1
+        report.counts["edges with a child outside its parent (kept)"] += len(outside)
+    return True
+
+
+# --- dedupe and split -------------------------------------------------------------------------------------
+
+
+def model_view(trace: Trace) -> str:
+    """Everything the model sees of a trace, as text: two traces with equal views are duplicates."""
+    from .encoding import trace_to_text
+
+    return trace_to_text(trace)
+
+
+def dedupe(traces: Iterable[Trace], report: ReadReport) -> list[Trace]:
+    seen: set[str] = set()
+    out = []
+    for t in traces:
+        key = model_view(t)
+        if key in seen:
+            report.dropped["traces: identical to an earlier trace in every modeled field"] += 1
+            continue
+        seen.add(key)
+        out.append(t)
+    return out
+
+
+def split_by_time(traces: Sequence[Trace], validation_fraction: float) -> tuple[dict[str, list[Trace]], int]:
+    """Traces starting in the last ``validation_fraction`` of the time range are validation; returns the cut (ns)."""
+    if not traces:
+        return {"train": [], "validation": []}, 0
+    ordered = sorted(traces, key=lambda t: (t.start_ns, t.trace_id))
+    lo, hi = ordered[0].start_ns, ordered[-1].start_ns
+    cut = hi - int((hi - lo) * validation_fraction) if validation_fraction > 0 else hi + 1
+    train = [t for t in ordered if t.start_ns < cut]
+    validation = [t for t in ordered if t.start_ns >= cut]
+    return {"train": train, "validation": validation}, cut
+
+
+# --- build ------------------------------------------------------------------------------------------------
+
+
+def split_path(corpus_dir: Path, split: str) -> Path:
+    return Path(corpus_dir) / f"{split}.otlp.jsonl.gz"
+
+
+def build_corpus(
+    fmt: str,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    config: BuildConfig | None = None,
+    report: ReadReport | None = None,
+) -> BuildResult:
+    """Read, clean, dedupe, split and (when ``out_dir`` is given) write a corpus. See the module docstring."""
+    config = config or BuildConfig()
+    report = report if report is not None else ReadReport()
+    files = expand_paths(inputs)
+    t0 = time.perf_counter()
+    traces = get_format(fmt).read(files, report)
+    report.counts["traces read"] = len(traces)
+    report.counts["spans read"] = sum(len(t) for t in traces)
+
+    clean = [t for t in traces if clean_trace(t, config, report)]
+    if config.dedupe:
+        clean = dedupe(clean, report)
+    splits, cut = split_by_time(clean, config.validation_fraction)
+
+    manifest = {
+        "corpus_format_version": CORPUS_FORMAT_VERSION,
+        "otel_tracegen_version": __version__,
+        "created_unix": int(time.time()),
+        "input_format": fmt,
+        "inputs": [str(p) for p in inputs],
+        "files_read": len(files),
+        "config": asdict(config),
+        "validation_cut_unix_nano": cut,
+        "splits": {
+            name: {"file": split_path(Path("."), name).name, "traces": len(ts), "spans": sum(len(t) for t in ts)}
+            for name, ts in splits.items()
+        },
+        "report": {
+            "counts": dict(report.counts),
+            "dropped": dict(report.dropped),
+            "repaired": dict(report.repaired),
+            "problems": [str(p) for p in report.problems[:100]],
+            "problems_total": len(report.problems),
+        },
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    if out_dir is not None:
+        write_corpus(Path(out_dir), splits, manifest)
+    return BuildResult(splits, report, manifest)
+
+
+def write_corpus(out_dir: Path, splits: dict[str, list[Trace]], manifest: dict) -> None:
+    from .formats import otlp_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, traces in splits.items():
+        otlp_json.write(traces, split_path(out_dir, name))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def load_corpus(corpus_dir: str | Path, splits: Sequence[str] = SPLITS) -> tuple[dict, dict[str, list[Trace]]]:
+    """The manifest and the traces of each requested split."""
+    from .formats import otlp_json
+
+    d = Path(corpus_dir)
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        raise UserError(f"{d} is not a corpus directory (no {MANIFEST}); build one with `otel-tracegen data build`")
+    manifest = json.loads(mpath.read_text())
+    version = manifest.get("corpus_format_version")
+    if version != CORPUS_FORMAT_VERSION:
+        raise UserError(f"{mpath}: corpus format version {version!r}, this otel-tracegen reads {CORPUS_FORMAT_VERSION}")
+    report = ReadReport()
+    out = {}
+    for name in splits:
+        p = split_path(d, name)
+        out[name] = otlp_json.read([p], report) if p.is_file() else []
+    if report.problems:
+        raise UserError(f"{d}: corpus files are damaged: {report.problems[0]}")
+    return manifest, out
+
+
+# --- describe ---------------------------------------------------------------------------------------------
+
+
+def _percentiles(values: list[float], ps: Sequence[float] = (0.5, 0.9, 0.99)) -> dict[str, float]:
+    if not values:
+        return {}
+    v = sorted(values)
+    out = {"min": v[0], "mean": statistics.fmean(v), "max": v[-1]}
+    for p in ps:
+        out[f"p{int(p * 100)}"] = v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))]
+    return out
+
+
+@dataclass
+class CorpusStats:
+    traces: int
+    spans: int
+    services: Counter  # service -> spans
+    operations: Counter  # (service, operation) -> spans
+    depth: list[int]
+    calls: list[int]
+    trace_latency_us: list[float]
+    span_duration_us: list[float]
+
+    def summary(self) -> dict:
+        return {
+            "traces": self.traces,
+            "spans": self.spans,
+            "services": len(self.services),
+            "operations": len(self.operations),
+            "depth": _percentiles(self.depth),
+            "calls_per_trace": _percentiles(self.calls),
+            "trace_latency_us": _percentiles(self.trace_latency_us),
+            "span_duration_us": _percentiles(self.span_duration_us),
+        }
+
+
+def describe(traces: Iterable[Trace]) -> CorpusStats:
+    services: Counter = Counter()
+    operations: Counter = Counter()
+    depth, calls, lat, dur = [], [], [], []
+    n_traces = n_spans = 0
+    for t in traces:
+        n_traces += 1
+        n_spans += len(t)
+        depth.append(t.depth)
+        calls.append(len(t))
+        root = t.root
+        lat.append(((root.end_ns - root.start_ns) if root else (t.end_ns - t.start_ns)) / 1000)
+        for s in t.spans:
+            services[s.service] += 1
+            operations[(s.service, s.name)] += 1
+            dur.append((s.end_ns - s.start_ns) / 1000)
+    return CorpusStats(n_traces, n_spans, services, operations, depth, calls, lat, dur)
+
+
+def plot_stats(stats: CorpusStats, path: str | Path, title: str = "") -> None:
+    """Histograms of calls, depth, latencies and the busiest services, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    (a_calls, a_depth, a_lat), (a_dur, a_svc, a_ops) = axes
+
+    a_calls.hist(stats.calls, bins=min(60, max(5, len(set(stats.calls)))), color="#4C72B0")
+    a_calls.set(title="calls (spans) per trace", xlabel="calls", ylabel="traces")
+    if stats.depth:
+        bins = np.arange(min(stats.depth), max(stats.depth) + 2) - 0.5
+        a_depth.hist(stats.depth, bins=bins, color="#55A868")
+    a_depth.set(title="depth (spans on longest path)", xlabel="depth", ylabel="traces")
+    for ax, values, name in ((a_lat, stats.trace_latency_us, "trace latency"), (a_dur, stats.span_duration_us, "span duration")):
+        pos = [v for v in values if v > 0]
+        if pos:
+            ax.hist(pos, bins=np.logspace(np.log10(min(pos)), np.log10(max(pos)) + 1e-9, 60), color="#C44E52")
+            ax.set_xscale("log")
+        ax.set(title=f"{name} (µs, log scale)", xlabel="µs", ylabel="count")
+    for ax, counter, name in ((a_svc, stats.services, "services"), (a_ops, stats.operations, "operations")):
+        top = counter.most_common(15)[::-1]
+        labels = [k if isinstance(k, str) else f"{k[0]}: {k[1]}" for k, _ in top]
+        labels = [lab if len(lab) <= 40 else lab[:37] + "…" for lab in labels]
+        ax.barh(range(len(top)), [n for _, n in top], color="#8172B2")
+        ax.set_yticks(range(len(top)), labels, fontsize=7)
+        ax.set(title=f"top {len(top)} {name} by spans (of {len(counter)})", xlabel="spans")
+    fig.suptitle(title or f"{stats.traces} traces, {stats.spans} spans, {len(stats.services)} services")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

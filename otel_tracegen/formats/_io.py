@@ -1,0 +1,38 @@
+"""File helpers shared by the adapters: transparent gzip, and grouping spans read from several files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+from typing import IO
+
+
+def open_text(path: Path) -> IO[str]:
+    """Open for reading as UTF-8 text, gunzipping ``*.gz`` (or any file starting with the gzip magic)."""
+    raw = open(path, "rb")
+    if raw.peek(2)[:2] == b"\x1f\x8b" if hasattr(raw, "peek") else path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", errors="replace", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+
+
+def read_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data
+
+
+def open_write_text(path: Path) -> IO[str]:
+    """Open for writing as UTF-8 text, gzipping when the name ends in ``.gz``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "wb", compresslevel=6), encoding="utf-8", newline="")
+    return open(path, "w", encoding="utf-8", newline="")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=6)
+    path.write_bytes(data)
