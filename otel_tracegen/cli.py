@@ -123,9 +123,9 @@ def _print_report(report: ReadReport, env: Environment, shown: int = 20) -> None
 
 def _read(fmt: str | None, inputs: Sequence[str | Path], report: ReadReport):
     """Read inputs, guessing the format per file when none is given."""
-    files = expand_paths(inputs)
     if fmt is not None:
-        return get_format(fmt).read(files, report)
+        return get_format(fmt).read(expand_paths(inputs, FORMATS[fmt].suffixes), report)
+    files = expand_paths(inputs)
     by_format: dict[str, list[Path]] = {}
     for f in files:
         by_format.setdefault(detect_format(f), []).append(f)

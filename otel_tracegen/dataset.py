@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from . import __version__
-from .formats import expand_paths, get_format
+from .formats import FORMATS, expand_paths, get_format
 from .report import ReadReport, UserError
 from .trace import Span, Trace
-from .validate import ViolationKind, validate
+from .validate import ViolationKind, time_window_violations, validate
 
 CORPUS_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -174,7 +174,7 @@ def clean_trace(trace: Trace, config: BuildConfig, report: ReadReport, where: st
         if n:
             report.repair("span shifted by clock-skew adjustment", n)
             report.counts["traces with clock-skew adjustment"] += 1
-    outside = [v for v in validate(trace, tolerance_ns=config.tolerance_ns) if v.kind is ViolationKind.CHILD_OUTSIDE_PARENT]
+    outside = time_window_violations(trace, config.tolerance_ns)
     if outside:
         report.counts["traces kept with a child outside its parent (async)"] += 1
         report.counts["edges with a child outside its parent (kept)"] += len(outside)
@@ -184,15 +184,36 @@ def clean_trace(trace: Trace, config: BuildConfig, report: ReadReport, where: st
 # --- dedupe and split -------------------------------------------------------------------------------------
 
 
-def model_view(trace: Trace) -> str:
-    """Everything the model sees of a trace, as text: two traces with equal views are duplicates."""
-    from .encoding import trace_to_text
+def model_view(trace: Trace) -> tuple:
+    """Everything the model sees of a (cleaned, single-root) trace, as a hashable value.
 
-    return trace_to_text(trace)
+    Two traces have equal views exactly when their layered encodings (``encoding.trace_to_text``) are equal:
+    the same tree of (service, operation, kind, status code) with the same times floored to µs from the root's
+    start, siblings in canonical order. Computed directly because encoding whole corpora to text only to compare
+    them is ~10x slower.
+    """
+    root = trace.root
+    if root is None:
+        raise ValueError(f"trace {trace.trace_id}: model_view needs a single root; clean the trace first")
+    t0 = root.start_ns
+    order = [s for s, _ in trace.walk()]
+    keys: dict[int, tuple] = {}
+    for s in reversed(order):  # children before parents
+        kids = tuple(sorted(keys[id(c)] for c in trace.children(s)))
+        keys[id(s)] = (
+            s.service,
+            s.name,
+            int(s.kind),
+            int(s.status.code),
+            (s.start_ns - t0) // 1000,
+            (s.end_ns - t0) // 1000,
+            kids,
+        )
+    return keys[id(root)]
 
 
 def dedupe(traces: Iterable[Trace], report: ReadReport) -> list[Trace]:
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     out = []
     for t in traces:
         key = model_view(t)
@@ -233,7 +254,7 @@ def build_corpus(
     """Read, clean, dedupe, split and (when ``out_dir`` is given) write a corpus. See the module docstring."""
     config = config or BuildConfig()
     report = report if report is not None else ReadReport()
-    files = expand_paths(inputs)
+    files = expand_paths(inputs, FORMATS[fmt].suffixes if fmt in FORMATS else None)
     t0 = time.perf_counter()
     traces = get_format(fmt).read(files, report)
     report.counts["traces read"] = len(traces)

@@ -81,7 +81,7 @@ def validate(
     for s in orphans:
         out.append(Violation(ViolationKind.ORPHAN, (s.span_id,), f"parent {s.parent_id} is not in the trace"))
 
-    out.extend(_cycles(spans))
+    out.extend(_cycles(trace))
 
     for s in spans:
         if s.end_ns < s.start_ns:
@@ -90,25 +90,7 @@ def validate(
             )
 
     if check_time_window:
-        for s in spans:
-            parent = by_id.get(s.parent_id) if s.parent_id is not None else None
-            if parent is None or parent is s:
-                continue
-            early = parent.start_ns - s.start_ns
-            late = s.end_ns - parent.end_ns
-            if early > tolerance_ns or late > tolerance_ns:
-                parts = []
-                if early > tolerance_ns:
-                    parts.append(f"starts {early} ns before")
-                if late > tolerance_ns:
-                    parts.append(f"ends {late} ns after")
-                out.append(
-                    Violation(
-                        ViolationKind.CHILD_OUTSIDE_PARENT,
-                        (parent.span_id, s.span_id),
-                        " and ".join(parts) + f" its parent (tolerance {tolerance_ns} ns)",
-                    )
-                )
+        out.extend(time_window_violations(trace, tolerance_ns))
 
     out.extend(_hierarchical_ids(spans, by_id))
 
@@ -121,8 +103,38 @@ def validate(
     return out
 
 
-def _cycles(spans: list[Span]) -> list[Violation]:
+def time_window_violations(trace: Trace, tolerance_ns: int = 0) -> list[Violation]:
+    """Children starting before or ending after their parent by more than ``tolerance_ns``."""
+    out = []
+    by_id = trace.by_id
+    for s in trace.spans:
+        parent = by_id.get(s.parent_id) if s.parent_id is not None else None
+        if parent is None or parent is s:
+            continue
+        early = parent.start_ns - s.start_ns
+        late = s.end_ns - parent.end_ns
+        if early > tolerance_ns or late > tolerance_ns:
+            parts = []
+            if early > tolerance_ns:
+                parts.append(f"starts {early} ns before")
+            if late > tolerance_ns:
+                parts.append(f"ends {late} ns after")
+            out.append(
+                Violation(
+                    ViolationKind.CHILD_OUTSIDE_PARENT,
+                    (parent.span_id, s.span_id),
+                    " and ".join(parts) + f" its parent (tolerance {tolerance_ns} ns)",
+                )
+            )
+    return out
+
+
+def _cycles(trace: Trace) -> list[Violation]:
     """Parent links that loop. Each span has one parent, so every cycle is a simple loop of parent links."""
+    spans = trace.spans
+    reached = sum(1 for _ in trace.walk())
+    if reached == len(spans) and len(trace.by_id) == len(spans):
+        return []  # every span hangs below a root: no loop is possible (the common case, kept cheap)
     import networkx as nx
 
     g = nx.DiGraph()

@@ -26,17 +26,18 @@ class FormatInfo:
     module: str
     writable: bool
     description: str
+    suffixes: tuple[str, ...]  # files of this format found inside a directory argument (a .gz of each too)
 
 
 FORMATS: dict[str, FormatInfo] = {
     f.name: f
     for f in (
-        FormatInfo("otlp-json", "otlp_json", True, "OTLP JSON: OTLP/HTTP JSON bodies or the Collector file exporter's lines"),
-        FormatInfo("otlp-proto", "otlp_proto", True, "OTLP protobuf ExportTraceServiceRequest (length-delimited for several)"),
-        FormatInfo("jaeger", "jaeger", True, "Jaeger query API JSON (/api/traces), as the Jaeger UI opens from a file"),
-        FormatInfo("zipkin", "zipkin", True, "Zipkin v2 JSON span list"),
-        FormatInfo("spancsv", "spancsv", False, "span CSV: TraceID,SpanID,ParentID,PodName,OperationName,Start/EndTimeUnixNano,Duration"),
-        FormatInfo("alibaba", "alibaba", False, "Alibaba cluster-trace v2021 MSCallGraph or v2022 CallGraph CSV"),
+        FormatInfo("otlp-json", "otlp_json", True, "OTLP JSON: OTLP/HTTP JSON bodies or the Collector file exporter's lines", (".json", ".jsonl", ".ndjson")),
+        FormatInfo("otlp-proto", "otlp_proto", True, "OTLP protobuf ExportTraceServiceRequest (length-delimited for several)", (".pb", ".bin", ".proto", ".protobuf", ".otlp")),
+        FormatInfo("jaeger", "jaeger", True, "Jaeger query API JSON (/api/traces), as the Jaeger UI opens from a file", (".json",)),
+        FormatInfo("zipkin", "zipkin", True, "Zipkin v2 JSON span list", (".json",)),
+        FormatInfo("spancsv", "spancsv", False, "span CSV: TraceID,SpanID,ParentID,PodName,OperationName,Start/EndTimeUnixNano,Duration", (".csv",)),
+        FormatInfo("alibaba", "alibaba", False, "Alibaba cluster-trace v2021 MSCallGraph or v2022 CallGraph CSV", (".csv",)),
     )
 }
 
@@ -49,12 +50,32 @@ def get_format(name: str):
     return importlib.import_module(f"{__name__}.{info.module}")
 
 
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files named directly, plus every regular file (sorted, hidden ones skipped) under named directories."""
+def _has_suffix(path: Path, suffixes: Iterable[str]) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return any(name.endswith(s) for s in suffixes)
+
+
+def all_suffixes() -> tuple[str, ...]:
+    return tuple(sorted({s for f in FORMATS.values() for s in f.suffixes}))
+
+
+def expand_paths(paths: Iterable[str | Path], suffixes: Iterable[str] | None = None) -> list[Path]:
+    """Files named directly, plus the files under named directories (sorted, hidden ones skipped).
+
+    Inside directories only names ending in one of ``suffixes`` (optionally ``.gz``) count, so a data folder's
+    README or SOURCE.md is not read as data; default: every format's suffixes.
+    """
+    suffixes = tuple(suffixes) if suffixes is not None else all_suffixes()
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+            out.extend(
+                sorted(
+                    f
+                    for f in p.rglob("*")
+                    if f.is_file() and not f.name.startswith(".") and _has_suffix(f, suffixes)
+                )
+            )
         elif p.is_file():
             out.append(p)
         else:
@@ -66,7 +87,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 def read_traces(fmt: str, paths: Sequence[str | Path], report: ReadReport | None = None) -> list[Trace]:
     module = get_format(fmt)
-    return module.read(expand_paths(paths), report if report is not None else ReadReport())
+    return module.read(expand_paths(paths, FORMATS[fmt].suffixes), report if report is not None else ReadReport())
 
 
 def write_traces(fmt: str, traces: Sequence[Trace], path: str | Path) -> None:

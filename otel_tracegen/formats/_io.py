@@ -10,10 +10,11 @@ from typing import IO
 
 def open_text(path: Path) -> IO[str]:
     """Open for reading as UTF-8 text, gunzipping ``*.gz`` (or any file starting with the gzip magic)."""
-    raw = open(path, "rb")
-    if raw.peek(2)[:2] == b"\x1f\x8b" if hasattr(raw, "peek") else path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", errors="replace", newline="")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    if gzipped:
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
 
 
 def read_bytes(path: Path) -> bytes:
