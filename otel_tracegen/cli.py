@@ -105,6 +105,10 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     except ValueError as e:  # bad option values from config __post_init__
         print(f"otel-tracegen: error: {e}", file=env.stderr)
         return ExitStatus.ERROR
+    except OSError as e:  # unwritable output, full disk, unreadable input: the OS's words, no traceback
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"otel-tracegen: error:{where}: {e.strerror or e}", file=env.stderr)
+        return ExitStatus.ERROR
     except KeyboardInterrupt:
         print("otel-tracegen: interrupted", file=env.stderr)
         return ExitStatus.INTERRUPTED
@@ -149,6 +153,8 @@ def cmd_data_build(args, env: Environment) -> ExitStatus:
     )
     result = build_corpus(args.format, args.inputs, args.out, config)
     _print_report(result.report, env)
+    for key, n in sorted(result.report.counts.items()):
+        print(f"count: {key}: {n}", file=env.stderr)
     m = result.manifest
     sp = m["splits"]
     print(

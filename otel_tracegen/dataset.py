@@ -382,6 +382,7 @@ def describe(traces: Iterable[Trace]) -> CorpusStats:
 def plot_stats(stats: CorpusStats, path: str | Path, title: str = "") -> None:
     """Histograms of calls, depth, latencies and the busiest services, as one PNG."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -401,6 +402,7 @@ def plot_stats(stats: CorpusStats, path: str | Path, title: str = "") -> None:
         if pos:
             ax.hist(pos, bins=np.logspace(np.log10(min(pos)), np.log10(max(pos)) + 1e-9, 60), color="#C44E52")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: no overlap
         ax.set(title=f"{name} (µs, log scale)", xlabel="µs", ylabel="count")
     for ax, counter, name in ((a_svc, stats.services, "services"), (a_ops, stats.operations, "operations")):
         top = counter.most_common(15)[::-1]

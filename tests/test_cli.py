@@ -105,7 +105,7 @@ def test_sdk_spans_survive_convert_to_otlp_json_and_back(tmp_path):
 
 
 def test_sdk_spans_survive_a_jaeger_round_trip_for_what_jaeger_carries(tmp_path):
-    from otel_tracegen.formats import jaeger, otlp_proto
+    from otel_tracegen.formats import otlp_proto
     from otel_tracegen.report import ReadReport
 
     src = tmp_path / "sdk.pb"
@@ -154,3 +154,12 @@ def test_trainticket_stats_report_28_services_and_depth_16(trainticket_corpus):
 
     summary = json.loads(out)
     assert summary["services"] == 28 and summary["depth"]["max"] == 16
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    sample = HERE.parent / "examples" / "trainticket"
+    code, _, err = run("convert", "--from", "spancsv", "--to", "zipkin", sample, "--out", blocker / "x.json")
+    assert code == ExitStatus.ERROR
+    assert err.startswith("otel-tracegen: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1

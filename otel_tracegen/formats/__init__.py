@@ -113,7 +113,7 @@ def detect_format(path: str | Path) -> str:
             head = fh.read(4096)
     except OSError as e:
         raise UserError(f"cannot read {p}: {e.strerror or e}") from None
-    stripped = head.lstrip()
+    stripped = head.lstrip("\ufeff \t\r\n")
     if name.endswith(".csv") or (stripped and stripped[0] not in "[{"):
         first = stripped.splitlines()[0].lower() if stripped else ""
         if "traceid" in first and "spanid" in first:
@@ -123,7 +123,8 @@ def detect_format(path: str | Path) -> str:
         if "\x00" in head or not stripped:
             return "otlp-proto"
         raise UserError(f"{p}: cannot tell the format from its header; pass --format")
-    if '"resourceSpans"' in head or '"resource_spans"' in head:
+    otlp_keys = ('"resourceSpans"', '"resource_spans"', '"scopeSpans"', '"instrumentationLibrarySpans"', '"batches"')
+    if any(k in head for k in otlp_keys):  # Tempo's {"batches": ...} and bare ResourceSpans lines are OTLP too
         return "otlp-json"
     if stripped.startswith("{") and ('"data"' in head or '"spans"' in head or '"processes"' in head):
         return "jaeger"

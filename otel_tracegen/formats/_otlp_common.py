@@ -10,24 +10,27 @@ not about bytes live here, once:
   "invalid" id) is dropped with a problem. An all-zero *parent* id is read as "no parent" (some converters write
   roots that way) and counted as a repair. Link ids are not required to be valid (the spec lets a link to an
   invalid context be recorded when it has attributes), only to have the right length; a link that does not is
-  dropped from its span, counted in the span's ``dropped_links_count`` and reported, and the span is kept.
+  dropped from its span, counted in the span's ``dropped_links_count`` and reported, and the span is kept. An
+  empty or absent link id is the all-zero one: protobuf's default, and what the Collector writes for it (``""``
+  in its JSON, no field in its protobuf).
 - **Enums.** Unknown kind or status numbers (proto3 enums are open) are read as UNSPECIFIED / UNSET and counted
   as repairs rather than dropping the span.
 - **Service.** A span's service is its resource's ``service.name``; without one it is ``unknown_service``, the
   SDK's default, counted as the repair ``missing service.name``.
 - **Grouping on write.** Spans are grouped by resource, then scope, each group in first-seen order and spans in
-  input order within a group, as the SDK's OTLP encoder does.
+  input order within a group, as the SDK's OTLP encoder does. A span whose service is what its resource says
+  (``service_of``) is written with that resource unchanged, so a resource read without ``service.name`` is
+  written back without one; otherwise ``service.name`` is set to the span's service.
 """
 
 from __future__ import annotations
 
-import gc
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable
 
+from ._io import paused_gc  # noqa: F401  (re-exported for the OTLP adapters)
 from ..report import ReadReport
 from ..trace import SERVICE_NAME, AttrValue, Resource, Scope, Span, SpanKind, Status, StatusCode, hex_id
 
@@ -68,6 +71,7 @@ REPAIR_NO_SERVICE = "missing service.name"
 REPAIR_ZERO_PARENT = "all-zero parent span id"
 REPAIR_UNKNOWN_KIND = "unknown span kind"
 REPAIR_UNKNOWN_STATUS = "unknown status code"
+REPAIR_DEPRECATED_SCOPE = "deprecated instrumentationLibrarySpans"  # read as scopeSpans (pre-1.0 OTLP names)
 
 # What decoding a malformed record can raise besides BadRecord: a wrong JSON type, bad UTF-8 or a field cut short
 # shows up as one of these.
@@ -81,23 +85,6 @@ class BadRecord(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while bulk-decoding or -encoding.
-
-    Reading 500k spans allocates millions of dicts, lists and dataclasses, none in reference cycles; with the
-    collector on, its repeated scans of the growing heap take a third of the time. Reference counting still
-    frees everything; the collector is switched back on (if it was on) at the end, also on error.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def trace_id_hex(value: str) -> str:
@@ -186,7 +173,9 @@ def group_spans(spans: Iterable[Span]) -> list[ResourceGroup]:
     """Spans grouped as OTLP nests them: ``[(resource key, resource, [(scope key, scope, spans)])]``.
 
     Groups come in first-seen order and spans keep their input order inside a group. A span without a resource
-    gets ``Resource({"service.name": span.service})`` (``Span.resource_or_default``). ``Resource.key()`` and
+    gets ``Resource({"service.name": span.service})`` (``Span.resource_or_default``), and so does one whose
+    resource names another service; a resource that already gives the span's service (``service_of``: a
+    resource without ``service.name`` gives ``unknown_service``) is kept as it is. ``Resource.key()`` and
     ``Scope.key()`` freeze attribute dicts, so they are computed once per distinct resource/scope *object*
     (spans read from one ``ResourceSpans`` share one), not once per span; the caches hold the objects, so an id
     cannot be reused while they are in use.
@@ -197,7 +186,9 @@ def group_spans(spans: Iterable[Span]) -> list[ResourceGroup]:
     for span in spans:
         res_hit = resource_cache.get((id(span.resource), span.service))
         if res_hit is None:
-            res = span.resource_or_default()
+            res = span.resource
+            if res is None or service_of(res)[0] != span.service:
+                res = span.resource_or_default()
             res_hit = resource_cache[(id(span.resource), span.service)] = (res.key(), res, span.resource)
         group = by_resource.get(res_hit[0])
         if group is None:

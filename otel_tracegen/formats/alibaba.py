@@ -55,15 +55,13 @@ top-level calls below ``0`` and holes are kept and counted in ``report.counts``.
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import math
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import Any, Iterable
 
+from ._io import open_text
 from ..report import ReadReport
 from ..trace import SERVICE_NAME, AttrValue, Resource, Span, SpanKind, Trace
 
@@ -152,18 +150,6 @@ class _Row:
     signed: bool  # v2021: the sign of rt tells the view
 
 
-@contextmanager
-def _open_text(path: Path) -> Iterator[IO[str]]:
-    """UTF-8 text, gunzipped when the file starts with the gzip magic.
-
-    Not ``_io.open_text``: a GzipFile given a fileobj never closes it, which leaks one handle per file.
-    """
-    with open(path, "rb") as raw:
-        binary = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
-        with io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="") as text:
-            yield text
-
-
 def _known(value: str | None) -> bool:
     return value is not None and value not in UNKNOWN_MARKERS
 
@@ -190,7 +176,7 @@ class _Reader:
     def read_file(self, path: Path) -> None:
         report = self.report
         try:
-            with _open_text(path) as fh:
+            with open_text(path) as fh:
                 reader = csv.reader(fh)
                 header = next(reader, None)
                 detected = _detect(header) if header else None

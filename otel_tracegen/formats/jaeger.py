@@ -19,15 +19,18 @@ The mapping is the OpenTelemetry Collector's (``pkg/translator/jaeger`` in opent
   resource attributes. On write there is one process per distinct (service, resource attributes) within a
   trace, numbered ``p1``, ``p2``, ... in order of first use; the resource's schema URL and dropped count are lost.
 - **Tags** are typed (:data:`TAG_TYPE_OF`): str <-> ``string``, bool <-> ``bool``, int <-> ``int64``, float <->
-  ``float64``, bytes <-> ``binary`` (base64 in JSON). Lists and maps have no Jaeger type: they are written as
-  a ``string`` tag holding compact JSON (the Collector's ``AsString``) and read back as that string, so their
-  structure is lost. An empty value (None) becomes ``""``.
+  ``float64``, bytes <-> ``binary`` (base64 in JSON). A ``bool``/``int64``/``float64`` value given as a string
+  (``"true"``, ``"200"``, as Jaeger's Elasticsearch documents and some hand-made UI files hold them) is read as
+  its type (counted) and written back as a JSON bool or number. Lists and maps have no Jaeger type: they are
+  written as a ``string`` tag holding compact JSON (the Collector's ``AsString``) and read back as that string,
+  so their structure is lost. An empty value (None) becomes ``""``.
 - **Kind**: the ``span.kind`` tag (``client/server/producer/consumer/internal``).
 - **Status**: ``otel.status_code`` (``OK``/``ERROR``) and ``otel.status_description``; a bool ``error=true`` tag
   also means ERROR (it wins over ``otel.status_code``, as in the Collector). Written as the Collector does
   (``otel.status_code``, ``error=true`` for ERROR, ``otel.status_description`` when there is a message), except
-  that a span whose attributes already hold ``error=true`` is trusted as it is (OpenTracing-style spans
-  round-trip unchanged). The Collector's fallback of deriving status from ``http.status_code`` is not applied.
+  that a span whose attributes already say ERROR (``error=true``, or ``otel.status_code``/
+  ``otel.status_description`` without ``error``) is trusted as it is, so OpenTracing-style spans round-trip
+  unchanged. The Collector's fallback of deriving status from ``http.status_code`` is not applied.
 - **Scope**: ``otel.scope.name``/``otel.scope.version`` (legacy ``otel.library.*`` read, written as
   ``otel.scope.*``); scope attributes are lost. **Trace state**: ``w3c.tracestate``.
 - **References**: the first ``CHILD_OF`` reference into the span's own trace is the parent; every other
@@ -68,6 +71,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -104,6 +108,7 @@ from .zipkin import (
     decode_micros,
     scope_from_tags,
     scope_tags,
+    tags_say_error,
     take_field,
 )
 
@@ -133,6 +138,7 @@ RESERVED_ATTRIBUTES: frozenset[str] = frozenset({TAG_SPAN_KIND, *STATUS_KEYS, *S
 US = 1000  # nanoseconds per microsecond
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _LOWER_HEX = re.compile(r"[0-9a-f]+")
+_INT = re.compile(r"[-+]?[0-9]+")
 
 # Problem reasons (keys of ReadReport.dropped) and repair reasons (keys of ReadReport.repaired).
 BAD_JSON = "invalid JSON"
@@ -152,6 +158,7 @@ REPAIR_FLAGS = "jaeger: debug/firehose flag bits dropped"
 REPAIR_DUPLICATE_TAG = "jaeger: repeated tag key (last value kept)"
 REPAIR_UNKNOWN_PROCESS = "jaeger: span without a known process"
 REPAIR_NO_DURATION = "jaeger: span without duration"
+REPAIR_STRING_VALUE = "jaeger: typed tag value given as a string"
 COUNT_FILES = "files read"
 COUNT_SPANS = "spans read"
 
@@ -211,14 +218,46 @@ def _encode_tag(key: str, value: AttrValue) -> dict[str, Any]:
     return {"key": key, "type": tag_type, "value": value}
 
 
-def _decode_tag(kv: Any) -> tuple[str, AttrValue]:
+def _bool_from_string(v: str) -> bool:
+    low = v.lower()
+    if low not in ("true", "false"):
+        raise _BadTag(f"bool value {v!r}")
+    return low == "true"
+
+
+def _int64_from_string(v: str) -> int:
+    if not _INT.fullmatch(v):
+        raise _BadTag(f"int64 value {v!r}")
+    return int(v)
+
+
+def _float64_from_string(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        f = math.nan
+    if not math.isfinite(f):  # JSON numbers are finite; so is what is written back
+        raise _BadTag(f"float64 value {v!r}")
+    return f
+
+
+# Typed tags whose value is a string ({"type": "bool", "value": "true"}), as Jaeger's Elasticsearch documents and
+# some hand-made UI files hold them: read as the type says (counted), written back as a JSON bool or number.
+TAG_DECODERS_FROM_STRING = {"bool": _bool_from_string, "int64": _int64_from_string, "float64": _float64_from_string}
+
+
+def _decode_tag(kv: Any) -> tuple[str, AttrValue, bool]:
+    """``(key, value, whether a typed value was read from a string)``."""
     if not isinstance(kv, dict) or not isinstance(kv.get("key"), str):
         raise _BadTag(f"expected an object with a string key, got {kv!r}"[:200])
     tag_type = kv.get("type")
     decoder = TAG_DECODERS.get(tag_type)  # type: ignore[arg-type]
     if decoder is None:
         raise _BadTag(f"unknown tag type {tag_type!r}")
-    return kv["key"], decoder(kv.get("value"))
+    value = kv.get("value")
+    if isinstance(value, str) and tag_type in TAG_DECODERS_FROM_STRING:
+        return kv["key"], TAG_DECODERS_FROM_STRING[tag_type](value), True
+    return kv["key"], decoder(value), False
 
 
 def _decode_tags(value: Any, where: str, report: ReadReport) -> dict[str, AttrValue]:
@@ -229,10 +268,12 @@ def _decode_tags(value: Any, where: str, report: ReadReport) -> dict[str, AttrVa
     out: dict[str, AttrValue] = {}
     for i, kv in enumerate(value):
         try:
-            key, v = _decode_tag(kv)
+            key, v, from_string = _decode_tag(kv)
         except _BadTag as exc:
             report.problem(f"{where}[{i}]", BAD_TAG, str(exc), dropped=0)
             continue
+        if from_string:
+            report.repair(REPAIR_STRING_VALUE)
         if key in out:
             report.repair(REPAIR_DUPLICATE_TAG)
         out[key] = v
@@ -260,8 +301,8 @@ def _status_from_tags(tags: Mapping[str, AttrValue]) -> Status:
 def _status_tags(status: Status, attrs: Mapping[str, AttrValue]) -> dict[str, AttrValue]:
     if status.code is StatusCode.UNSET:
         return {}
-    if status.code is StatusCode.ERROR and attrs.get(TAG_ERROR) is True:
-        return {}  # an OpenTracing-style error=true span: its own tag already says it, keep it as it is
+    if status.code is StatusCode.ERROR and (attrs.get(TAG_ERROR) is True or tags_say_error(attrs, status.message)):
+        return {}  # its own tags already say it (OpenTracing's error=true, or otel.status_*): keep them as they are
     out: dict[str, AttrValue] = {TAG_STATUS_CODE: STATUS_TO_TAG[status.code]}
     if status.code is StatusCode.ERROR:
         out[TAG_ERROR] = True
@@ -449,6 +490,8 @@ def _trace_objects(data: Any, source: str, report: ReadReport) -> Iterable[tuple
 
 
 def _read_text(text: str, source: str, report: ReadReport) -> list[Span]:
+    if text.startswith("\ufeff"):  # a byte order mark, as Windows tools write
+        text = text[1:]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

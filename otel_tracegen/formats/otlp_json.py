@@ -19,7 +19,15 @@ Encoding (the OTLP specification, "JSON Protobuf Encoding")
 
 Reading is as lenient as protobuf JSON parsers: 64-bit integers as numbers or strings, enum values as numbers
 or names (``"SPAN_KIND_SERVER"``), snake_case field names (``trace_id``), and, since some exporters used
-protobuf's own JSON mapping, base64 ids (told apart from hex by their length).
+protobuf's own JSON mapping, base64 ids (told apart from hex by their length). It also takes what real producers
+wrap or name differently (each counted as a repair, and written back in the plain form):
+
+- OTLP before 0.15 (the Collector's file exporter until 2022, older SDKs): ``instrumentationLibrarySpans`` with
+  ``instrumentationLibrary`` in place of ``scopeSpans`` with ``scope`` (same fields);
+- envelopes around a document: ``{"result": {...}}`` (each item of the Jaeger query API v3) and
+  ``{"trace": {...}}`` (Tempo's API v2); Tempo's ``{"batches": [...]}`` for ``resourceSpans``; and a bare
+  ``ResourceSpans`` object (``{"resource": ..., "scopeSpans": [...]}``) per line, as some SDK logging exporters
+  write.
 
 Files
     A file is one document (``{"resourceSpans": [...]}``, possibly pretty-printed, or a JSON array of them) or
@@ -71,6 +79,7 @@ from ._otlp_common import (
     I64_MAX,
     I64_MIN,
     MALFORMED_SPAN,
+    REPAIR_DEPRECATED_SCOPE,
     REPAIR_ZERO_PARENT,
     SPAN_KINDS,
     U32_MAX,
@@ -95,6 +104,11 @@ _DUMPS = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  # comp
 MALFORMED_JSON = "malformed JSON"
 NOT_OTLP = "not an OTLP traces document"
 REPAIR_BASE64_ID = "base64 id"
+REPAIR_ENVELOPE = "traces document in an envelope"
+# {"result": doc} is one item of the Jaeger query API v3 (grpc-gateway) stream; {"trace": doc} Tempo's API v2.
+_ENVELOPES = ("result", "trace")
+_DOCUMENT_KEYS = ("resourceSpans", "resource_spans", "batches")
+_RESOURCE_SPANS_KEYS = ("scopeSpans", "scope_spans", "instrumentationLibrarySpans", "instrumentation_library_spans")
 
 # =====================================================================================================================
 # Reading: JSON values -> canonical spans
@@ -155,9 +169,12 @@ def _base64_id(value: Any, nbytes: int) -> bytes | None:
 
 
 def _link_id(value: Any, nbytes: int, field: str, report: ReadReport) -> str:
-    """A link id only needs the right length: links to invalid (all-zero) contexts are allowed."""
+    """A link id only needs the right length: links to invalid (all-zero) contexts are allowed, and an empty or
+    absent id is the all-zero one (the Collector writes ``""`` for it)."""
     if type(value) is str and len(value) == 2 * nbytes and _is_hex(value):
         return value.lower()
+    if value is None or value == "":
+        return "0" * (2 * nbytes)
     raw = _base64_id(value, nbytes)
     if raw is None:
         raise BadRecord(BAD_LINK, f"link {field} {show(value)} is not {nbytes} bytes of hex")
@@ -292,6 +309,8 @@ def _decode_scope(ss: dict) -> Scope | None:
     schema_url = _str(ss.get("schemaUrl") or "", "schemaUrl")
     sc = ss.get("scope")
     if sc is None:
+        sc = ss.get("instrumentationLibrary")  # OTLP < 0.15: same name and version fields
+    if sc is None:
         return Scope(schema_url=schema_url) if schema_url else None
     attrs = sc.get("attributes")
     return Scope(
@@ -420,6 +439,26 @@ def decode_document(
     return _decode_document(doc, report, where, line, "")
 
 
+def _unwrap(doc: dict, report: ReadReport) -> dict:
+    """A document that real producers wrap or name differently, as a plain ``{"resourceSpans": ...}`` one (see
+    the module doc); ``doc`` itself when it is none of those."""
+    for key in _ENVELOPES:
+        inner = doc.get(key)
+        if type(inner) is dict and any(k in inner for k in _DOCUMENT_KEYS):
+            report.repair(REPAIR_ENVELOPE)
+            doc = inner
+            break
+    if "resourceSpans" in doc or "resource_spans" in doc:
+        return doc
+    if "batches" in doc:  # Tempo's name for resourceSpans
+        report.repair(REPAIR_ENVELOPE)
+        return {"resourceSpans" if k == "batches" else k: v for k, v in doc.items()}
+    if any(k in doc for k in _RESOURCE_SPANS_KEYS):  # one bare ResourceSpans
+        report.repair(REPAIR_ENVELOPE)
+        return {"resourceSpans": [doc]}
+    return doc
+
+
 def _decode_document(doc: Any, report: ReadReport, where: str, line: int | None, prefix: str) -> list[Span]:
     def problem(path: str, reason: str, detail: str, dropped: int = 1) -> None:
         path = prefix + path if path else prefix.rstrip(".")
@@ -431,6 +470,8 @@ def _decode_document(doc: Any, report: ReadReport, where: str, line: int | None,
     if type(doc) is not dict:
         problem("", NOT_OTLP, f"a JSON {type(doc).__name__}, not an object")
         return []
+    if "resourceSpans" not in doc:
+        doc = _unwrap(doc, report)
     if "resource_spans" in doc:  # protobuf JSON parsers accept the proto field names too
         doc = _camel_case(doc)
     rss = doc.get("resourceSpans")
@@ -446,11 +487,15 @@ def _decode_document(doc: Any, report: ReadReport, where: str, line: int | None,
     append = out.append
     bad_links: list[str] = []
     for i, rs in enumerate(rss):
+        deprecated = False
         try:
-            if "scope_spans" in rs:
+            if "scope_spans" in rs or "instrumentation_library_spans" in rs:
                 rs = _camel_case(rs)
             resource = _decode_resource(rs)
-            sss = rs.get("scopeSpans") or []
+            sss = rs.get("scopeSpans")
+            if sss is None and "instrumentationLibrarySpans" in rs:  # OTLP < 0.15
+                sss, deprecated = rs["instrumentationLibrarySpans"], True
+            sss = sss or []
             if type(sss) is not list:
                 raise BadRecord("invalid resourceSpans", "scopeSpans is not a list")
         except (BadRecord, *DATA_ERRORS) as e:
@@ -499,6 +544,8 @@ def _decode_document(doc: Any, report: ReadReport, where: str, line: int | None,
                     bad_links.clear()
             if repair and len(out) > kept_before:
                 report.repair(repair, len(out) - kept_before)
+            if deprecated and len(out) > kept_before:
+                report.repair(REPAIR_DEPRECATED_SCOPE, len(out) - kept_before)
     return out
 
 
@@ -543,6 +590,8 @@ def loads(text: str | bytes, report: ReadReport | None = None, where: str = "doc
     """Canonical spans of an OTLP/HTTP JSON body or a file's text: one document, or JSON Lines."""
     if isinstance(text, (bytes, bytearray, memoryview)):
         text = bytes(text).decode("utf-8", "replace")
+    if text.startswith("\ufeff"):  # a byte order mark
+        text = text[1:]
     with paused_gc():
         return _loads_text(text, report if report is not None else ReadReport(), where)
 
@@ -560,7 +609,9 @@ def _read_file(path: Path, report: ReadReport) -> list[Span]:
         with f:
             lines: Iterator[tuple[int, str]] = enumerate(f, 1)
             for lineno, first in lines:
-                if not first.isspace():
+                if lineno == 1 and first.startswith("\ufeff"):  # a byte order mark, as Windows tools write
+                    first = first[1:]
+                if first and not first.isspace():
                     break
             else:
                 return spans

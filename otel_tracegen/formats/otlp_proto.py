@@ -4,15 +4,17 @@ OTLP/HTTP (``application/x-protobuf``) body.
 Files
     A file holds either **one serialized request** (what an OTLP/HTTP body is, and what :func:`write` produces by
     default) or **several length-delimited requests**, each preceded by its byte length as a varint (protobuf's
-    ``writeDelimitedTo`` framing; :func:`write` produces it when given ``batch_spans``). Plain concatenation is
-    not a framing: concatenated requests parse as one merged request, so nothing tells them apart.
+    ``writeDelimitedTo`` framing, which the OTel file-exporter spec asks for; :func:`write` produces it when given
+    ``batch_spans``) or as a 4-byte big-endian unsigned integer (what the Collector's ``file`` exporter writes
+    with ``format: proto``). Plain concatenation is not a framing: concatenated requests parse as one merged
+    request, so nothing tells them apart.
 
-    :func:`read` accepts both. A single request parses as a whole, but so, by chance, may a framed file, and
+    :func:`read` accepts all three. A single request parses as a whole, but so, by chance, may a framed file, and
     a single request may by chance look framed, so the rule is: the file is length-delimited when the varint
     framing consumes it *exactly*, every frame starts like a request (field 1, ``resource_spans``, or is empty)
-    and every frame parses; otherwise it is one request (which must start with field 1 and parse). If neither
-    works but a prefix of complete frames does (a framed file cut short), those requests are kept and the tail is
-    reported.
+    and every frame parses; otherwise it is one request when it starts with field 1 and parses; otherwise it is
+    4-byte framed when that framing passes the same test. If none works but a prefix of complete frames does (a
+    framed file cut short), those requests are kept (of the framing that reads further) and the tail is reported.
 
 Mapping (shared with OTLP JSON, see :mod:`._otlp_common`)
     ids are bytes on the wire and lower-case hex in canonical spans; ``ResourceSpans.schema_url`` is the
@@ -54,6 +56,7 @@ from ._otlp_common import (
     I64_MAX,
     I64_MIN,
     MALFORMED_SPAN,
+    REPAIR_DEPRECATED_SCOPE,
     REPAIR_ZERO_PARENT,
     SPAN_KINDS,
     U32_MAX,
@@ -89,6 +92,7 @@ _ZERO_TRACE_ID = bytes(16)
 _ZERO_SPAN_ID = bytes(8)
 _CACHEABLE = (str, int, bool, float, bytes, type(None))  # immutable attribute values, safe to share among spans
 _KV_CACHE_MAX = 1 << 16  # distinct KeyValues remembered (per read or write); cleared when full
+_INSTRUMENTATION_LIBRARY_SPANS = 1000 << 3 | 2  # ResourceSpans.instrumentation_library_spans (OTLP 0.15-0.18)
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -335,6 +339,8 @@ def _decode_link(buf: bytes, cache: dict) -> Link:
             pos += 4
         else:
             pos = _skip(buf, pos, tag)
+    trace_id = trace_id or _ZERO_TRACE_ID  # an absent (empty) id is the all-zero one: links to it are allowed
+    span_id = span_id or _ZERO_SPAN_ID
     if len(trace_id) != 16 or len(span_id) != 8:
         raise BadRecord(
             BAD_LINK, f"link traceId {show(trace_id.hex())} / spanId {show(span_id.hex())} are not 16 / 8 bytes"
@@ -501,7 +507,9 @@ def _decode_span(
 
 
 def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """``(tag, start, end)`` of each length-delimited field in ``buf[pos:end]`` (other wire types are skipped)."""
+    """``(tag, start, end)`` of each length-delimited field in ``buf[pos:end]`` (other wire types are skipped).
+
+    ``tag`` is the whole tag (field number << 3 | 2), also for fields numbered 16 and up."""
     while pos < end:
         tag = buf[pos]
         pos += 1
@@ -509,6 +517,14 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
             n, pos = _read_varint(buf, pos)
             yield tag, pos, pos + n
             pos += n
+        elif tag >= 0x80:
+            tag, pos = _read_varint(buf, pos - 1)
+            if tag & 7 == 2:
+                n, pos = _read_varint(buf, pos)
+                yield tag, pos, pos + n
+                pos += n
+            else:
+                pos = _skip(buf, pos, tag & 0x7F)  # the tag is read: skip by its wire type alone
         else:
             pos = _skip(buf, pos, tag)
 
@@ -553,9 +569,14 @@ def _decode_scope_spans(
 
 
 def _decode_resource_spans(buf: bytes, pos: int, end: int, report: ReadReport, cache: dict, where: str) -> list[Span]:
-    """``ResourceSpans``: resource 1, scope_spans 2, schema_url 3. ``where`` names it in problems."""
+    """``ResourceSpans``: resource 1, scope_spans 2, schema_url 3. ``where`` names it in problems.
+
+    OTLP 0.15 to 0.18 senders may put the spans in the deprecated ``instrumentation_library_spans`` (1000) instead,
+    whose messages have the layout of ``ScopeSpans`` (``InstrumentationLibrary`` has ``name`` 1 and ``version`` 2,
+    as ``InstrumentationScope``): they are read when there are no ``scope_spans``, as the Collector does."""
     resource_raw: bytes | None = None
     scope_spans: list[tuple[int, int]] = []
+    deprecated: list[tuple[int, int]] = []
     schema_url = ""
     for tag, start, stop in _fields(buf, pos, end):
         if tag == 0x12:
@@ -564,6 +585,13 @@ def _decode_resource_spans(buf: bytes, pos: int, end: int, report: ReadReport, c
             resource_raw = buf[start:stop] if resource_raw is None else resource_raw + buf[start:stop]
         elif tag == 0x1A:
             schema_url = buf[start:stop].decode()
+        elif tag == _INSTRUMENTATION_LIBRARY_SPANS:
+            deprecated.append((start, stop))
+    if deprecated and not scope_spans:
+        scope_spans = deprecated
+        n = sum(sum(1 for t, _, _ in _fields(buf, s, e_) if t == 0x12) for s, e_ in scope_spans)
+        if n:
+            report.repair(REPAIR_DEPRECATED_SCOPE, n)
     try:
         resource = _decode_resource(resource_raw, schema_url, cache)
     except (BadRecord, *DATA_ERRORS) as e:
@@ -646,6 +674,34 @@ def _frames(data: bytes) -> tuple[list[bytes], int]:
     return frames, pos
 
 
+def _fixed_frames(data: bytes) -> tuple[list[bytes], int]:
+    """Like :func:`_frames`, for frames preceded by their length as a 4-byte big-endian unsigned integer (the
+    Collector's ``file`` exporter with ``format: proto``)."""
+    frames: list[bytes] = []
+    pos, n = 0, len(data)
+    while pos + 4 <= n:
+        start = pos + 4
+        length = int.from_bytes(data[pos:start], "big")
+        if start + length > n or (length and data[start] != 0x0A):
+            break
+        frames.append(data[start : start + length])
+        pos = start + length
+    return frames, pos
+
+
+def _complete(frames: list[bytes], prefix: int | None) -> tuple[list[bytes], int]:
+    """The leading frames that parse, and the bytes they take with their length prefixes (``prefix`` bytes each,
+    or a varint when None)."""
+    good: list[bytes] = []
+    consumed = 0
+    for f in frames:
+        if _parses(f) is not None:
+            break
+        good.append(f)
+        consumed += len(f) + (prefix if prefix is not None else len(_varint(len(f))))
+    return good, consumed
+
+
 def split_requests(data: bytes, report: ReadReport | None = None, where: str = "data") -> list[bytes]:
     """The serialized requests in a file's bytes: several if they are length-delimited, else one (the rule is in
     the module doc). Each returned request parses.
@@ -662,14 +718,11 @@ def split_requests(data: bytes, report: ReadReport | None = None, where: str = "
     error = _parses(data) if not data or data[0] == 0x0A else "does not start with resource_spans"
     if error is None:
         return [data]
-    # a framed stream whose last request was cut short: keep the complete ones
-    good: list[bytes] = []
-    consumed = 0
-    for f in frames:
-        if _parses(f) is not None:
-            break
-        good.append(f)
-        consumed += len(f) + len(_varint(len(f)))
+    fixed, fixed_end = _fixed_frames(data)
+    if fixed and fixed_end == len(data) and all(_parses(f) is None for f in fixed):
+        return fixed
+    # a framed stream whose last request was cut short: keep the complete ones of the framing that reads further
+    good, consumed = max(_complete(frames, None), _complete(fixed, 4), key=lambda gc: gc[1])
     if good:
         report.problem(
             where,

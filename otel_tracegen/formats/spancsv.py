@@ -24,22 +24,20 @@ whose header is not the layout above is skipped with one problem naming the expe
 Speed matters (the corpus is ~1.4M spans): the reader splits lines with ``str.split`` where a chunk holds no
 quote character (csv quoting cannot occur there) and falls back to :mod:`csv` for the rest of a file that
 does; it caches pod -> (service, Resource) and operation names, builds :class:`Span` positionally, and pauses
-the cyclic garbage collector while reading (see :func:`_gc_paused`).
+the cyclic garbage collector while reading (see :func:`._io.paused_gc`).
 """
 
 from __future__ import annotations
 
 import csv
-import gc
-import gzip
 import io
 import itertools
 import re
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from ..report import ReadReport
+from ._io import open_text, paused_gc
 from ..trace import SERVICE_NAME, STATUS_UNSET, Resource, Span, SpanKind, Trace
 
 HEADER: tuple[str, ...] = (
@@ -109,23 +107,6 @@ def service_from_pod(pod: str) -> str:
     return pod
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC while reading.
-
-    Reading allocates millions of container objects (spans, their attribute dicts and event/link lists), which
-    keeps triggering generation-2 collections that rescan everything read so far: about a third of the read
-    time on the TrainTicket set. Nothing built here forms reference cycles, so pausing loses nothing.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 class _Reader:
     """State shared across the files of one :func:`read`: the trace groups and the per-pod/name caches."""
 
@@ -146,19 +127,16 @@ class _Reader:
     def read_file(self, path: Path) -> None:
         report = self.report
         try:
-            # Not _io.open_text: a GzipFile given a fileobj never closes it, which leaks one handle per file.
-            with open(path, "rb") as raw:
-                binary = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == GZIP_MAGIC else raw
-                with io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="") as fh:
-                    header = fh.readline()
-                    if header.lstrip("\ufeff").strip() != HEADER_LINE:
-                        got = header.strip()[:200] or "an empty file"
-                        detail = f"expected header {HEADER_LINE!r}, got {got!r}"
-                        report.problem(str(path), BAD_HEADER, detail, dropped=0)
-                        report.counts[COUNT_SKIPPED_FILES] += 1
-                        return
-                    report.counts[COUNT_FILES] += 1
-                    self._read_body(path, fh)
+            with open_text(path) as fh:
+                header = fh.readline()
+                if header.lstrip("\ufeff").strip() != HEADER_LINE:
+                    got = header.strip()[:200] or "an empty file"
+                    detail = f"expected header {HEADER_LINE!r}, got {got!r}"
+                    report.problem(str(path), BAD_HEADER, detail, dropped=0)
+                    report.counts[COUNT_SKIPPED_FILES] += 1
+                    return
+                report.counts[COUNT_FILES] += 1
+                self._read_body(path, fh)
         except (OSError, EOFError, UnicodeError) as exc:  # corrupt or truncated gzip, unreadable file
             report.problem(str(path), UNREADABLE, f"{type(exc).__name__}: {exc}", dropped=0)
 
@@ -273,7 +251,7 @@ def read(paths: Iterable[str | Path], report: ReadReport | None = None) -> list[
     Traces come in first-seen order, spans in file order. Bad rows and files go to ``report``.
     """
     reader = _Reader(report if report is not None else ReadReport())
-    with _gc_paused():
+    with paused_gc():
         for path in paths:
             reader.read_file(Path(path))
         return [Trace(spans, trace_id) for trace_id, spans in reader.groups.items()]

@@ -38,7 +38,9 @@ opentelemetry-collector-contrib) and the OTel spec's Zipkin exporter rules:
   the message (``"true"`` is a bare flag, no message). ``write`` emits the OTel spec's form
   (``otel.status_code=ERROR`` plus ``error=<message>``), except that a span whose attributes already hold an
   ``error`` tag is trusted as it is: a plain Zipkin ``{"error": "401"}`` span reads as ERROR "401", keeps the
-  tag as an attribute (as the Collector does) and is written back unchanged.
+  tag as an attribute (as the Collector does) and is written back unchanged. So is a span whose
+  ``otel.status_code``/``otel.status_description`` tags alone say ERROR (no ``error`` tag, as in the Collector's
+  own Zipkin test data): those tags stay attributes and are written back as they were.
 - **Scope**: ``otel.scope.name``/``otel.scope.version`` (the legacy ``otel.library.*`` are read, and written back
   as ``otel.scope.*``). **Trace state**: ``w3c.tracestate``.
 - **Events** are annotations: the value is the event name, or ``name|{json attributes}|dropped count`` when the
@@ -53,10 +55,10 @@ the tag also stays an attribute. So Zipkin -> canonical -> Zipkin reproduces eve
 and values survive even unusual spellings (``otel.status_code=Error``) at the price of a duplicate attribute.
 What ``write`` normalises: empty fields are left out (``tags: {}``, ``annotations: []``, ``shared: false``,
 ``duration: 0``, ``port: 0``, empty endpoints, ``name: ""``), tags are sorted by key (Zipkin's own order), the
-few tag sets no field writes back (legacy ``otel.library.*``; ``otel.status_code=ERROR`` without an ``error``
-tag) come back in the canonical form, an unknown ``kind`` is read as UNSPECIFIED, an all-zero ``parentId``
-as no parent, short or upper-case hex ids are padded / lower-cased, tag values that are not strings become
-strings, and invalid endpoint addresses and ports are dropped (each counted in the report).
+few tag sets no field writes back (legacy ``otel.library.*``) come back in the canonical form, an unknown
+``kind`` is read as UNSPECIFIED, an all-zero ``parentId`` as no parent, short or upper-case hex ids are padded /
+lower-cased, tag values that are not strings become strings, and invalid endpoint addresses and ports are
+dropped (each counted in the report).
 
 **Shared span ids.** Zipkin lets the CLIENT and SERVER halves of one RPC share a span id (the server half has
 ``shared: true``); some traces even repeat an id once per consumer, or hold a late, kind-less fragment with it.
@@ -397,6 +399,15 @@ def _derive_status(tags: Mapping[str, AttrValue]) -> Status:
     return Status(code, message)
 
 
+def tags_say_error(attrs: Mapping[str, AttrValue], message: str) -> bool:
+    """Whether ``otel.status_code`` (any spelling) and ``otel.status_description`` in ``attrs`` already give status
+    ERROR with ``message``, as the Collector's own Zipkin test data spells it (no ``error`` tag)."""
+    code, desc = attrs.get(TAG_STATUS_CODE), attrs.get(TAG_STATUS_DESCRIPTION)
+    if not isinstance(code, str) or STATUS_FROM_TAG.get(code.upper()) is not StatusCode.ERROR:
+        return False
+    return desc == message if isinstance(desc, str) else desc is None and not message
+
+
 def _status_tags(status: Status, attrs: Mapping[str, AttrValue]) -> dict[str, str]:
     if status.code is StatusCode.OK:
         out = {TAG_STATUS_CODE: STATUS_TO_TAG[StatusCode.OK]}
@@ -404,8 +415,8 @@ def _status_tags(status: Status, attrs: Mapping[str, AttrValue]) -> dict[str, st
             out[TAG_STATUS_DESCRIPTION] = status.message
         return out
     if status.code is StatusCode.ERROR:
-        if TAG_ERROR in attrs:
-            return {}  # the span's own error tag already says it failed: trust it as it is
+        if TAG_ERROR in attrs or tags_say_error(attrs, status.message):
+            return {}  # the span's own tags already say it failed (and why): trust them as they are
         out = {TAG_STATUS_CODE: STATUS_TO_TAG[StatusCode.ERROR], TAG_ERROR: status.message}
         if status.message == "true":  # would read back as the bare flag "true"; say it is the message
             out[TAG_STATUS_DESCRIPTION] = status.message
@@ -763,6 +774,8 @@ def _records(data: list, source: str) -> Iterable[tuple[str, Any]]:
 
 
 def _read_text(text: str, source: str, report: ReadReport) -> list[Span]:
+    if text.startswith("\ufeff"):  # a byte order mark, as Windows tools write
+        text = text[1:]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
