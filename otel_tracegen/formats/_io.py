@@ -5,9 +5,15 @@ from __future__ import annotations
 import gc
 import gzip
 import io
+import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
+
+from ..report import ReadReport
+
+BAD_JSON = "invalid JSON"
+NOT_JSON = object()  # load_json's answer for text that is not JSON (None is valid JSON)
 
 
 def open_text(path: Path) -> IO[str]:
@@ -57,3 +63,19 @@ def paused_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def load_json(text: str, source: str, report: ReadReport) -> Any:
+    """Parse a whole JSON document, skipping a byte order mark (Windows tools write one).
+
+    Invalid JSON becomes one problem naming the file, line and column, and the answer is :data:`NOT_JSON`.
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        report.problem(source, BAD_JSON, f"line {exc.lineno} column {exc.colno}: {exc.msg}", dropped=0)
+    except (ValueError, RecursionError) as exc:
+        report.problem(source, BAD_JSON, f"{type(exc).__name__}: {exc}", dropped=0)
+    return NOT_JSON

@@ -76,6 +76,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ._io import BAD_JSON, NOT_JSON, load_json  # noqa: F401  (BAD_JSON: a reason callers match)
 from ..report import ReadReport
 from ..trace import (
     SERVICE_NAME,
@@ -141,7 +142,6 @@ _LOWER_HEX = re.compile(r"[0-9a-f]+")
 _INT = re.compile(r"[-+]?[0-9]+")
 
 # Problem reasons (keys of ReadReport.dropped) and repair reasons (keys of ReadReport.repaired).
-BAD_JSON = "invalid JSON"
 NOT_JAEGER = "not Jaeger query API JSON"
 API_ERRORS = "Jaeger API returned errors"
 UNREADABLE = "unreadable file"
@@ -490,15 +490,8 @@ def _trace_objects(data: Any, source: str, report: ReadReport) -> Iterable[tuple
 
 
 def _read_text(text: str, source: str, report: ReadReport) -> list[Span]:
-    if text.startswith("\ufeff"):  # a byte order mark, as Windows tools write
-        text = text[1:]
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        report.problem(source, BAD_JSON, f"line {exc.lineno} column {exc.colno}: {exc.msg}", dropped=0)
-        return []
-    except (ValueError, RecursionError) as exc:
-        report.problem(source, BAD_JSON, f"{type(exc).__name__}: {exc}", dropped=0)
+    data = load_json(text, source, report)
+    if data is NOT_JSON:
         return []
     out: list[Span] = []
     for prefix, obj in _trace_objects(data, source, report):

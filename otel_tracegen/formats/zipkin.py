@@ -96,6 +96,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ._io import BAD_JSON, NOT_JSON, load_json  # noqa: F401  (BAD_JSON: a reason callers match)
 from ..report import ReadReport
 from ..trace import (
     SERVICE_NAME,
@@ -193,7 +194,6 @@ RESERVED_PREFIXES: tuple[str, ...] = (LINK_TAG_PREFIX,)
 US = 1000  # nanoseconds per microsecond
 
 # Problem reasons (keys of ReadReport.dropped) and repair reasons (keys of ReadReport.repaired).
-BAD_JSON = "invalid JSON"
 NOT_A_SPAN_LIST = "not a Zipkin v2 span list"
 UNREADABLE = "unreadable file"
 MALFORMED_SPAN = "malformed span"
@@ -774,15 +774,8 @@ def _records(data: list, source: str) -> Iterable[tuple[str, Any]]:
 
 
 def _read_text(text: str, source: str, report: ReadReport) -> list[Span]:
-    if text.startswith("\ufeff"):  # a byte order mark, as Windows tools write
-        text = text[1:]
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        report.problem(source, BAD_JSON, f"line {exc.lineno} column {exc.colno}: {exc.msg}", dropped=0)
-        return []
-    except (ValueError, RecursionError) as exc:
-        report.problem(source, BAD_JSON, f"{type(exc).__name__}: {exc}", dropped=0)
+    data = load_json(text, source, report)
+    if data is NOT_JSON:
         return []
     if not isinstance(data, list):
         report.problem(source, NOT_A_SPAN_LIST, f"top level is a JSON {type(data).__name__}", dropped=0)
