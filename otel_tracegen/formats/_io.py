@@ -8,11 +8,13 @@ import io
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from ..report import ReadReport
 
 BAD_JSON = "invalid JSON"
+UNREADABLE = "unreadable file"  # problem reason: missing permissions, corrupt gzip
+COUNT_FILES = "files read"  # report.counts key
 NOT_JSON = object()  # load_json's answer for text that is not JSON (None is valid JSON)
 
 
@@ -79,3 +81,16 @@ def load_json(text: str, source: str, report: ReadReport) -> Any:
     except (ValueError, RecursionError) as exc:
         report.problem(source, BAD_JSON, f"{type(exc).__name__}: {exc}", dropped=0)
     return NOT_JSON
+
+
+def read_text_files(paths: Iterable[str | Path], report: ReadReport) -> Iterator[tuple[str, str]]:
+    """``(source, text)`` of each readable file; an unreadable one is one problem, and reading goes on."""
+    for path in paths:
+        try:
+            with open_text(Path(path)) as fh:
+                text = fh.read()
+        except (OSError, EOFError) as exc:
+            report.problem(str(path), UNREADABLE, f"{type(exc).__name__}: {exc}", dropped=0)
+            continue
+        report.counts[COUNT_FILES] += 1
+        yield str(path), text

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ._io import open_text
+from ._io import COUNT_FILES, UNREADABLE, open_text
 from ..report import ReadReport
 from ..trace import SERVICE_NAME, AttrValue, Resource, Span, SpanKind, Trace
 
@@ -107,14 +107,12 @@ BAD_COLUMNS = "wrong column count"
 EMPTY_TRACE_ID = "empty traceid"
 EMPTY_RPC_ID = "missing rpc_id"
 BAD_NUMBER = "non-numeric timestamp or rt"
-UNREADABLE = "unreadable file"
 
 # report.repaired keys.
 MERGED = "merged client/server duplicate rows"
 UNKNOWN_FROM_OTHER_VIEW = "unknown dm in one view taken from the other"
 
 # report.counts keys.
-COUNT_FILES = "files read"
 COUNT_ROWS = "rows read"
 COUNT_SPANS = "spans read"
 COUNT_SKIPPED_FILES = "files skipped (not Alibaba call graph)"

@@ -76,7 +76,6 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ._io import BAD_JSON, NOT_JSON, load_json  # noqa: F401  (BAD_JSON: a reason callers match)
 from ..report import ReadReport
 from ..trace import (
     SERVICE_NAME,
@@ -94,7 +93,7 @@ from ..trace import (
     group_traces,
     hex_id,
 )
-from ._io import open_text, open_write_text
+from ._io import BAD_JSON, COUNT_FILES, NOT_JSON, UNREADABLE, load_json, open_write_text, read_text_files  # noqa: F401
 from .zipkin import (
     SCOPE_KEYS,
     STATUS_FROM_TAG,
@@ -144,7 +143,6 @@ _INT = re.compile(r"[-+]?[0-9]+")
 # Problem reasons (keys of ReadReport.dropped) and repair reasons (keys of ReadReport.repaired).
 NOT_JAEGER = "not Jaeger query API JSON"
 API_ERRORS = "Jaeger API returned errors"
-UNREADABLE = "unreadable file"
 MALFORMED_TRACE = "malformed trace object"
 MALFORMED_SPAN = "malformed span"
 BAD_TRACE_ID = "invalid trace id"
@@ -159,7 +157,6 @@ REPAIR_DUPLICATE_TAG = "jaeger: repeated tag key (last value kept)"
 REPAIR_UNKNOWN_PROCESS = "jaeger: span without a known process"
 REPAIR_NO_DURATION = "jaeger: span without duration"
 REPAIR_STRING_VALUE = "jaeger: typed tag value given as a string"
-COUNT_FILES = "files read"
 COUNT_SPANS = "spans read"
 
 
@@ -532,15 +529,8 @@ def read(paths: Iterable[str | Path], report: ReadReport | None = None) -> list[
     """Jaeger JSON files (plain or gzip) as traces, grouped by trace id across all files."""
     report = report if report is not None else ReadReport()
     spans: list[Span] = []
-    for path in paths:
-        try:
-            with open_text(Path(path)) as fh:
-                text = fh.read()
-        except (OSError, EOFError) as exc:
-            report.problem(str(path), UNREADABLE, f"{type(exc).__name__}: {exc}", dropped=0)
-            continue
-        report.counts[COUNT_FILES] += 1
-        spans.extend(_read_text(text, str(path), report))
+    for source, text in read_text_files(paths, report):
+        spans.extend(_read_text(text, source, report))
     return group_traces(spans)
 
 

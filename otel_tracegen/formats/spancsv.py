@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..report import ReadReport
-from ._io import open_text, paused_gc
+from ._io import COUNT_FILES, UNREADABLE, open_text, paused_gc
 from ..trace import SERVICE_NAME, STATUS_UNSET, Resource, Span, SpanKind, Trace
 
 HEADER: tuple[str, ...] = (
@@ -64,10 +64,8 @@ BAD_HEADER = "not a span CSV header"
 BAD_COLUMNS = "wrong column count"
 BAD_IDS = "empty TraceID or SpanID"
 BAD_TIME = "non-numeric start/end time"
-UNREADABLE = "unreadable file"
 
 # report.counts keys.
-COUNT_FILES = "files read"
 COUNT_ROWS = "rows read"
 COUNT_SPANS = "spans read"
 COUNT_SKIPPED_FILES = "files skipped (not span CSV)"

@@ -96,7 +96,6 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from ._io import BAD_JSON, NOT_JSON, load_json  # noqa: F401  (BAD_JSON: a reason callers match)
 from ..report import ReadReport
 from ..trace import (
     SERVICE_NAME,
@@ -114,7 +113,7 @@ from ..trace import (
     freeze,
     hex_id,
 )
-from ._io import open_text, open_write_text
+from ._io import BAD_JSON, COUNT_FILES, NOT_JSON, UNREADABLE, load_json, open_write_text, read_text_files  # noqa: F401
 
 # --- vocabulary --------------------------------------------------------------------------------------------------
 
@@ -195,7 +194,6 @@ US = 1000  # nanoseconds per microsecond
 
 # Problem reasons (keys of ReadReport.dropped) and repair reasons (keys of ReadReport.repaired).
 NOT_A_SPAN_LIST = "not a Zipkin v2 span list"
-UNREADABLE = "unreadable file"
 MALFORMED_SPAN = "malformed span"
 BAD_TRACE_ID = "invalid trace id"
 BAD_SPAN_ID = "invalid span id"
@@ -210,7 +208,6 @@ REPAIR_UNKNOWN_KIND = "zipkin: unknown kind read as unspecified"
 REPAIR_BAD_ENDPOINT = "zipkin: invalid endpoint field dropped"
 REPAIR_NON_STRING_TAG = "zipkin: non-string tag value"
 REPAIR_SHARED_ID = "zipkin: shared span id given a derived id"
-COUNT_FILES = "files read"
 COUNT_SPANS = "spans read"
 
 _HEX = re.compile(r"[0-9a-fA-F]+")
@@ -816,15 +813,8 @@ def read(paths: Iterable[str | Path], report: ReadReport | None = None) -> list[
     """
     report = report if report is not None else ReadReport()
     spans: list[Span] = []
-    for path in paths:
-        try:
-            with open_text(Path(path)) as fh:
-                text = fh.read()
-        except (OSError, EOFError) as exc:
-            report.problem(str(path), UNREADABLE, f"{type(exc).__name__}: {exc}", dropped=0)
-            continue
-        report.counts[COUNT_FILES] += 1
-        spans.extend(_read_text(text, str(path), report))
+    for source, text in read_text_files(paths, report):
+        spans.extend(_read_text(text, source, report))
     return _assemble(spans, report)
 
 
