@@ -99,9 +99,6 @@ class Scope:
         return (self.name, self.version, freeze(self.attributes), self.dropped_attributes_count, self.schema_url)
 
 
-EMPTY_SCOPE = Scope()
-
-
 @dataclass(eq=True)
 class Event:
     time_ns: int
@@ -290,12 +287,6 @@ class Trace:
         """Spans on the longest root-to-leaf path (a lone root has depth 1; 0 for no reachable span)."""
         return max((d for _, d in self.walk()), default=0)
 
-    def subtree_size(self, span: Span) -> int:
-        return sum(1 for _ in self.walk(span))
-
-    def subtree_depth(self, span: Span) -> int:
-        return max(d for _, d in self.walk(span))
-
     @property
     def start_ns(self) -> int:
         return min(s.start_ns for s in self.spans)
@@ -339,10 +330,6 @@ def iter_spans(traces: Iterable[Trace]) -> Iterator[Span]:
 
 
 _HEX = frozenset("0123456789abcdef")
-
-
-def is_hex_id(value: str, nbytes: int) -> bool:
-    return len(value) == 2 * nbytes and set(value) <= _HEX
 
 
 def hex_id(value: str, nbytes: int) -> str:
