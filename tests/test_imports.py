@@ -1,0 +1,65 @@
+"""Light imports: the adapters need no torch, and the training side needs no OpenTelemetry packages.
+
+The GPU machines have torch but no OpenTelemetry packages; users converting files should not need torch.
+Each check runs in a fresh interpreter in which the named packages cannot be imported at all.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    BLOCKED = {blocked!r}
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED or name.startswith("google.protobuf"):
+                raise ImportError(f"{{name}} is blocked for this test")
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def _import_with_blocked(modules, blocked):
+    code = BLOCKER.format(blocked=set(blocked)) + "".join(f"import {m}\n" for m in modules)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "otel_tracegen.trace",
+        "otel_tracegen.validate",
+        "otel_tracegen.encoding",
+        "otel_tracegen.dataset",
+        "otel_tracegen.cli",
+        "otel_tracegen.formats.otlp_json",
+        "otel_tracegen.formats.jaeger",
+        "otel_tracegen.formats.zipkin",
+        "otel_tracegen.formats.spancsv",
+        "otel_tracegen.formats.alibaba",
+    ],
+)
+def test_imports_without_torch_or_opentelemetry(module):
+    p = _import_with_blocked([module], {"torch", "transformers", "peft", "opentelemetry"})
+    assert p.returncode == 0, p.stderr
+
+
+def test_no_protobuf_is_needed_for_json_formats_end_to_end(tmp_path):
+    code = BLOCKER.format(blocked={"torch", "opentelemetry"}) + textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from otel_tracegen.dataset import build_corpus, load_corpus
+        sample = Path({str(tmp_path)!r})
+        res = build_corpus("spancsv", [Path("examples/trainticket")], sample / "c")
+        _, splits = load_corpus(sample / "c")
+        assert len(splits["train"]) + len(splits["validation"]) == 40
+        """
+    )
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert p.returncode == 0, p.stderr
