@@ -36,6 +36,17 @@ class Environment:
     stderr: IO[str] = field(default_factory=lambda: sys.stderr)
 
 
+def _tolerance_us(text: str) -> float:
+    """A finite, non-negative number of microseconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line plus usage hint, exit 2, as argparse does; kept for clarity
         self.print_usage(sys.stderr)
@@ -56,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, type=Path, help="corpus directory to write")
     b.add_argument("--validation-fraction", type=float, default=0.1, help="last share of the time range (default 0.1)")
     b.add_argument("--no-clock-skew", action="store_true", help="do not apply Jaeger's clock-skew adjustment")
-    b.add_argument("--tolerance-us", type=float, default=0.0, help="overrun still counted inside the parent (µs)")
+    b.add_argument("--tolerance-us", type=_tolerance_us, default=0.0, help="overrun still counted inside the parent (µs)")
     b.add_argument("--keep-duplicates", action="store_true", help="keep traces identical in every modeled field")
 
     s = dsub.add_parser("stats", help="distributions of a corpus (or of raw files with --format)")
@@ -75,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check traces and name every violation")
     v.add_argument("--format", choices=readable, help="input format (guessed from each file when omitted)")
     v.add_argument("files", nargs="+", metavar="FILE")
-    v.add_argument("--tolerance-us", type=float, default=0.0, help="child overrun allowed for clock skew (µs)")
+    v.add_argument("--tolerance-us", type=_tolerance_us, default=0.0, help="child overrun allowed for clock skew (µs)")
     v.add_argument("--expect-calls", type=int, help="every trace must have this many calls (spans)")
     v.add_argument("--expect-depth", type=int, help="every trace must have this depth")
     v.add_argument("--max-shown", type=int, default=50, help="invalid traces printed in full (default 50)")
@@ -105,15 +116,26 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     except ValueError as e:  # bad option values from config __post_init__
         print(f"otel-tracegen: error: {e}", file=env.stderr)
         return ExitStatus.ERROR
+    except BrokenPipeError:  # `otel-tracegen ... | head`: the reader left; say nothing more
+        _silence_stdout()
+        return ExitStatus.SUCCESS
     except OSError as e:  # unwritable output, full disk, unreadable input: the OS's words, no traceback
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"otel-tracegen: error:{where}: {e.strerror or e}", file=env.stderr)
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"otel-tracegen: error: {where}{e.strerror or e}", file=env.stderr)
         return ExitStatus.ERROR
     except KeyboardInterrupt:
         print("otel-tracegen: interrupted", file=env.stderr)
         return ExitStatus.INTERRUPTED
-    except BrokenPipeError:
-        return ExitStatus.SUCCESS
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at devnull so the interpreter's final flush cannot fail again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by a non-file (tests): nothing to silence
+        pass
 
 
 def _print_report(report: ReadReport, env: Environment, shown: int = 20) -> None:
@@ -133,10 +155,14 @@ def _read(fmt: str | None, inputs: Sequence[str | Path], report: ReadReport):
     by_format: dict[str, list[Path]] = {}
     for f in files:
         by_format.setdefault(detect_format(f), []).append(f)
-    traces = []
-    for name, fs in by_format.items():
-        traces.extend(get_format(name).read(fs, report))
-    return traces
+    if len(by_format) == 1:
+        [(name, fs)] = by_format.items()
+        return get_format(name).read(fs, report)
+    # Several formats: a trace may still span files, so regroup every span by trace id.
+    from .trace import group_traces, iter_spans
+
+    spans = [s for name, fs in by_format.items() for s in iter_spans(get_format(name).read(fs, report))]
+    return group_traces(spans)
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -174,6 +200,8 @@ def cmd_data_stats(args, env: Environment) -> ExitStatus:
         report = ReadReport()
         traces = _read(args.format, args.corpus, report)
         _print_report(report, env)
+        if not traces:
+            raise UserError(f"no traces could be read as {args.format} from {', '.join(map(str, args.corpus))}")
         title = f"{', '.join(map(str, args.corpus))} ({args.format})"
     else:
         if len(args.corpus) != 1:
@@ -251,6 +279,9 @@ def cmd_validate(args, env: Environment) -> ExitStatus:
     report = ReadReport()
     traces = _read(args.format, args.files, report)
     _print_report(report, env)
+    if not traces:
+        print("no traces found: nothing to validate", file=env.stderr)
+        return ExitStatus.INVALID
     by_kind: Counter = Counter()
     invalid = 0
     for t in traces:

@@ -231,7 +231,8 @@ def split_by_time(traces: Sequence[Trace], validation_fraction: float) -> tuple[
         return {"train": [], "validation": []}, 0
     ordered = sorted(traces, key=lambda t: (t.start_ns, t.trace_id))
     lo, hi = ordered[0].start_ns, ordered[-1].start_ns
-    cut = hi - int((hi - lo) * validation_fraction) if validation_fraction > 0 else hi + 1
+    # An empty time range (one trace, or all starting together) has no "last 10 %": everything trains.
+    cut = hi - int((hi - lo) * validation_fraction) if validation_fraction > 0 and hi > lo else hi + 1
     train = [t for t in ordered if t.start_ns < cut]
     validation = [t for t in ordered if t.start_ns >= cut]
     return {"train": train, "validation": validation}, cut
@@ -257,6 +258,9 @@ def build_corpus(
     files = expand_paths(inputs, FORMATS[fmt].suffixes if fmt in FORMATS else None)
     t0 = time.perf_counter()
     traces = get_format(fmt).read(files, report)
+    if not traces:
+        why = f": {report.problems[0]}" if report.problems else ""
+        raise UserError(f"no traces could be read as {fmt} from {', '.join(map(str, inputs))}{why}")
     report.counts["traces read"] = len(traces)
     report.counts["spans read"] = sum(len(t) for t in traces)
 
@@ -309,7 +313,12 @@ def load_corpus(corpus_dir: str | Path, splits: Sequence[str] = SPLITS) -> tuple
     mpath = d / MANIFEST
     if not mpath.is_file():
         raise UserError(f"{d} is not a corpus directory (no {MANIFEST}); build one with `otel-tracegen data build`")
-    manifest = json.loads(mpath.read_text())
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{mpath}: not a valid manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mpath}: not a valid manifest (expected a JSON object)")
     version = manifest.get("corpus_format_version")
     if version != CORPUS_FORMAT_VERSION:
         raise UserError(f"{mpath}: corpus format version {version!r}, this otel-tracegen reads {CORPUS_FORMAT_VERSION}")
@@ -317,7 +326,15 @@ def load_corpus(corpus_dir: str | Path, splits: Sequence[str] = SPLITS) -> tuple
     out = {}
     for name in splits:
         p = split_path(d, name)
-        out[name] = otlp_json.read([p], report) if p.is_file() else []
+        expected = manifest.get("splits", {}).get(name, {}).get("traces")
+        if not p.is_file():
+            if expected:
+                raise UserError(f"{p}: missing, but the manifest lists {expected} traces in the {name} split")
+            out[name] = []
+            continue
+        out[name] = otlp_json.read([p], report)
+        if expected is not None and len(out[name]) != expected:
+            raise UserError(f"{p}: {len(out[name])} traces, but the manifest lists {expected}")
     if report.problems:
         raise UserError(f"{d}: corpus files are damaged: {report.problems[0]}")
     return manifest, out

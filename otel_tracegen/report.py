@@ -32,7 +32,7 @@ class ReadReport:
     """Accumulates problems and counters across every file of one read (or build)."""
 
     problems: list[Problem] = field(default_factory=list)
-    dropped: Counter = field(default_factory=Counter)  # reason -> spans (or rows) dropped
+    dropped: Counter = field(default_factory=Counter)  # reason -> spans or rows dropped; "traces: …" reasons count traces
     repaired: Counter = field(default_factory=Counter)  # reason -> records repaired and kept
     counts: Counter = field(default_factory=Counter)  # anything else worth reporting (rows read, files read)
     max_problems: int = 1000  # keep memory bounded on very dirty input; counters stay exact

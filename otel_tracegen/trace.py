@@ -336,10 +336,13 @@ def hex_id(value: str, nbytes: int) -> str:
     """``value`` as ``nbytes`` of lower-case hex for formats that require it.
 
     Hex ids shorter than required are left-padded with zeros (a 64-bit Zipkin trace id in a 128-bit OTLP
-    field, as Zipkin itself does); anything else (``0.1.3``, ``T_123``) is hashed, deterministically, so the
-    same source id always maps to the same hex id and parent links survive.
+    field, as Zipkin itself does); anything else (``0.1.3``, ``T_123``, and ids that would be all zeros, such as
+    ``0``) is hashed, deterministically, so the same source id always maps to the same hex id and parent links
+    survive.
     """
     v = value.lower()
-    if len(v) <= 2 * nbytes and v and set(v) <= _HEX:
+    if len(v) <= 2 * nbytes and v and set(v) <= _HEX and (len(v) == 2 * nbytes or v.strip("0")):
         return v.rjust(2 * nbytes, "0")
+    # Padding a short zero id ("0", Alibaba's root rpc_id) would make the all-zero id OTLP treats as invalid,
+    # so such ids are hashed like non-hex ones. A full-length id is the format's own and stays as it is.
     return hashlib.blake2b(value.encode(), digest_size=nbytes).hexdigest()

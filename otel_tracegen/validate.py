@@ -68,13 +68,12 @@ def validate(
     for sid in dups:
         out.append(Violation(ViolationKind.DUPLICATE_SPAN_ID, (sid,), f"span id {sid} occurs {counts[sid]} times"))
 
-    roots = [s for s in spans if s.parent_id is None]
+    # Distinct ids: a root repeated under one id is one root (its repetition is reported as a duplicate).
+    roots = list(dict.fromkeys(s.span_id for s in spans if s.parent_id is None))
     if not roots:
         out.append(Violation(ViolationKind.NO_ROOT, (), "no span without a parent"))
     elif len(roots) > 1:
-        out.append(
-            Violation(ViolationKind.MULTIPLE_ROOTS, tuple(s.span_id for s in roots), f"{len(roots)} spans without a parent")
-        )
+        out.append(Violation(ViolationKind.MULTIPLE_ROOTS, tuple(roots), f"{len(roots)} spans without a parent"))
 
     by_id = trace.by_id
     orphans = [s for s in spans if s.parent_id is not None and s.parent_id not in by_id]

@@ -226,3 +226,14 @@ def test_all_samples_together():
     # the two v2021 samples share no trace id with each other
     assert len(traces) == 21 + 17 + 196
     assert report.counts[alibaba.COUNT_V2021_FILES] == 2 and report.counts[alibaba.COUNT_V2022_FILES] == 1
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/datasets/alibaba-raw-samples not present")
+def test_alibaba_corpus_reads_back_with_every_span(tmp_path):
+    """Alibaba ids (rpc_id "0", "0.1.3") become valid OTLP ids, so the corpus loads back whole."""
+    from otel_tracegen.dataset import build_corpus, load_corpus
+
+    res = build_corpus("alibaba", [SAMPLES], tmp_path / "c")
+    _, splits = load_corpus(tmp_path / "c")
+    written = sum(len(t) for ts in res.splits.values() for t in ts)
+    assert written > 0 and sum(len(t) for ts in splits.values() for t in ts) == written

@@ -163,3 +163,69 @@ def test_unwritable_output_is_one_line(tmp_path):
     code, _, err = run("convert", "--from", "spancsv", "--to", "zipkin", sample, "--out", blocker / "x.json")
     assert code == ExitStatus.ERROR
     assert err.startswith("otel-tracegen: error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_build_from_the_wrong_format_is_an_error_not_an_empty_corpus(tmp_path):
+    wrong = TESTDATA / "zipkin" / "yelp.json"
+    code, _, err = run("data", "build", "--format", "spancsv", wrong, "--out", tmp_path / "c")
+    assert code == ExitStatus.ERROR and "no traces could be read as spancsv" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_empty_file_is_named_and_validate_of_nothing_fails(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    code, _, err = run("validate", empty)
+    assert code == ExitStatus.ERROR and "empty file" in err
+    (tmp_path / "empty.json").write_text("[]")
+    code, _, err = run("validate", "--format", "zipkin", tmp_path / "empty.json")
+    assert code == ExitStatus.INVALID and "no traces found" in err
+
+
+@pytest.mark.parametrize("value", ["inf", "-1", "nan", "abc"])
+def test_tolerance_must_be_finite_and_non_negative(value):
+    code, _, _ = run("validate", "--tolerance-us", value, TESTDATA / "zipkin" / "yelp.json")
+    assert code == ExitStatus.USAGE
+
+
+def test_damaged_corpus_is_named(tmp_path):
+    sample = HERE.parent / "examples" / "trainticket"
+    corpus = tmp_path / "c"
+    assert run("data", "build", "--format", "spancsv", sample, "--out", corpus)[0] == 0
+    (corpus / "validation.otlp.jsonl.gz").unlink()
+    code, _, err = run("data", "stats", corpus)
+    assert code == ExitStatus.ERROR and "validation.otlp.jsonl.gz: missing" in err
+    for garbage in ("garbage", "[]"):
+        (corpus / "manifest.json").write_text(garbage)
+        code, _, err = run("data", "stats", corpus)
+        assert code == ExitStatus.ERROR and "not a valid manifest" in err
+
+
+def test_a_single_trace_goes_to_train(tmp_path):
+    code, out, _ = run("data", "build", "--format", "zipkin", TESTDATA / "zipkin" / "yelp.json", "--out", tmp_path / "c")
+    assert code == 0 and "train 1 traces" in out
+
+
+def test_a_trace_split_across_formats_is_one_trace(tmp_path):
+    from otel_tracegen.formats import otlp_json, otlp_proto
+    from otel_tracegen.trace import Span, Trace
+
+    tid = "ab" * 16
+    root = Span(tid, "01" * 8, None, "front", "GET /", 0, 100)
+    child = Span(tid, "02" * 8, "01" * 8, "db", "query", 10, 20)
+    otlp_proto.write([Trace([root])], tmp_path / "part.pb")
+    otlp_json.write([Trace([child])], tmp_path / "part.jsonl")
+    code, out, _ = run("validate", tmp_path / "part.pb", tmp_path / "part.jsonl")
+    assert code == 0 and "1 traces, 0 invalid" in out
+
+
+def test_broken_pipe_is_quiet():
+    """`otel-tracegen ... | head`: the reader is gone before we write; no traceback, no error line."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "otel_tracegen", "formats"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    p.stdout.close()  # closed before the interpreter has even started: every write hits EPIPE
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    assert "Traceback" not in err and "error" not in err
+    assert p.returncode == 0

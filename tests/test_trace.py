@@ -61,3 +61,9 @@ def test_hex_id_pads_short_hex_and_hashes_anything_else():
     assert hex_id("ABCDEF0123456789", 16) == "0000000000000000abcdef0123456789"
     assert hex_id("0.1.3", 8) == hex_id("0.1.3", 8) != hex_id("0.1.4", 8)
     assert len(hex_id("T_10000326734", 16)) == 32
+
+
+def test_hex_id_does_not_pad_a_short_id_into_the_invalid_all_zero_id():
+    assert hex_id("0", 8) != "0" * 16 and hex_id("000", 16) != "0" * 32
+    assert hex_id("0", 8) == hex_id("0", 8)
+    assert hex_id("0" * 16, 8) == "0" * 16  # a full-length id is the format's own: kept, and judged by readers

@@ -114,13 +114,15 @@ def detect_format(path: str | Path) -> str:
     except OSError as e:
         raise UserError(f"cannot read {p}: {e.strerror or e}") from None
     stripped = head.lstrip("\ufeff \t\r\n")
+    if not stripped:
+        raise UserError(f"{p}: empty file")
     if name.endswith(".csv") or (stripped and stripped[0] not in "[{"):
         first = stripped.splitlines()[0].lower() if stripped else ""
         if "traceid" in first and "spanid" in first:
             return "spancsv"
         if "rpcid" in first or "rpc_id" in first:
             return "alibaba"
-        if "\x00" in head or not stripped:
+        if "\x00" in head:
             return "otlp-proto"
         raise UserError(f"{p}: cannot tell the format from its header; pass --format")
     otlp_keys = ('"resourceSpans"', '"resource_spans"', '"scopeSpans"', '"instrumentationLibrarySpans"', '"batches"')
