@@ -92,7 +92,23 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-shown", type=int, default=50, help="invalid traces printed in full (default 50)")
 
     sub.add_parser("formats", help="list the trace formats")
+
+    t = sub.add_parser("train", help="train the trace language model (pretrain, then instruct and infill LoRA)")
+    _add_train_arguments(t)
+
+    mdl = sub.add_parser("model", help="describe trained models")
+    msub = mdl.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
+    mi = msub.add_parser("info", help="parameters, size, vocabulary, adapters and training data of a model")
+    mi.add_argument("path", nargs="?", type=Path, help="model directory (default: the shipped model/)")
+    mi.add_argument("--json", action="store_true", help="print the description as JSON")
     return p
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Declared by the training module itself (one option per TrainConfig field); torch is not imported here."""
+    from .lm.train import add_arguments
+
+    add_arguments(p)
 
 
 def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
@@ -108,6 +124,8 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "convert": lambda: cmd_convert(args, env),
             "validate": lambda: cmd_validate(args, env),
             "formats": lambda: cmd_formats(args, env),
+            "train": lambda: cmd_train(args, env),
+            "model": lambda: _MODEL[args.model_command](args, env),
         }[args.command]
         return int(handler())
     except UserError as e:
@@ -314,6 +332,51 @@ def cmd_formats(args, env: Environment) -> ExitStatus:
         rw = "read/write" if info.writable else "read     "
         print(f"{info.name:11s} {rw}  {info.description}", file=env.stdout)
     return ExitStatus.SUCCESS
+
+
+# --- train / model ----------------------------------------------------------------------------------------
+
+
+def cmd_train(args, env: Environment) -> ExitStatus:
+    from .lm.train import config_from_args, train
+
+    train(config_from_args(args), log=lambda line: print(line, file=env.stderr))
+    return ExitStatus.SUCCESS
+
+
+def cmd_model_info(args, env: Environment) -> ExitStatus:
+    from .lm.model import describe_model
+
+    info = describe_model(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True), file=env.stdout)
+        return ExitStatus.SUCCESS
+    out = env.stdout
+    print(f"model       {info['path']}", file=out)
+    if info["base_model"]:
+        print(f"base model  {info['base_model']}", file=out)
+    print(f"parameters  {info['parameters']:,}", file=out)
+    if info["adapter_parameters"]:
+        print(f"adapters    {', '.join(info['adapters'])} ({info['adapter_parameters']:,} LoRA parameters)", file=out)
+    else:
+        print("adapters    none", file=out)
+    print(f"size        {info['size_bytes'] / 1e6:.2f} MB on disk", file=out)
+    print(f"vocabulary  {info['vocab_size']:,} tokens", file=out)
+    data = info["data"] or {}
+    if data:
+        splits = data.get("splits") or {}
+        sizes = ", ".join(f"{name} {s.get('traces')} traces" for name, s in splits.items())
+        print(f"data        {', '.join(map(str, data.get('inputs') or [data.get('corpus')]))} ({sizes})", file=out)
+    else:
+        print("data        not recorded (no training.json)", file=out)
+    for name, s in info["stages"].items():
+        val = f"{s['val_loss']:.4f}" if isinstance(s.get("val_loss"), float) else "n/a"
+        print(f"stage       {name}: {s.get('steps')} steps, val loss {val}, {s.get('wall_s')} s on {s.get('device')}",
+              file=out)
+    return ExitStatus.SUCCESS
+
+
+_MODEL = {"info": cmd_model_info}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,339 @@
+"""Training examples for the three stages, as text, and their token tensors.
+
+- **pretrain** (:func:`pretrain_texts`): one text per step, the paper's p(c^{k+1}, t^k | c^k); condition items
+  shuffled and each dropped with ``drop_prob``, except the parent's service (``svc=``; the root step's
+  ``<client>`` is never dropped).
+- **instruct** (:func:`instruct_examples`): (prompt, answer) per step that carries an instruction. The prompt is
+  the full conditions through ``<layer>``; the answer is everything after it (calls, ``<book>`` bookkeeping,
+  ``<sub>`` conditions, ``<end>``), and only the answer is trained on. Instructions come from
+  :func:`~otel_tracegen.encoding.derive_instructions` with thresholds from :func:`corpus_stats_for_instructions`.
+- **infill** (:func:`infill_examples`):
+
+  * a masked field of one call: the step's text (conditions, layer, bookkeeping, subs; no ``<end>``) with the
+    call's ``key=value`` item for ``svc``, ``op``, ``kind``, ``dur`` or ``status`` replaced by ``<mask>``, then
+    ``<infill>``; the answer is that item and ``<end>``::
+
+        ... <layer> <call> 0 svc=a <mask> kind=SERVER start=3 dur=40 status=UNSET ... <infill>   ->   op=GetCart <end>
+
+  * a missing connecting span: :func:`~otel_tracegen.encoding.encode_span_infill` (the parent's layer with the
+    span masked, its orphaned children after ``<kids>``; the answer is its fields and ``<end>``).
+
+Everything above the torch section is pure Python. Traces the encoding cannot represent (several roots,
+duplicate ids) are skipped; :func:`encodable` says how many.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .. import encoding as enc
+from ..trace import SpanKind, Trace
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .tokenizer import TraceTokenizer
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+HIGH_LATENCY_QUANTILE = 0.9
+UNCOMMON_FRACTION = 0.1
+INFILL_FIELDS: tuple[str, ...] = ("svc", "op", "kind", "dur", "status")
+
+Entry = tuple[str, str]
+"""A trace's entry: the root span's (service, operation)."""
+Edge = tuple[str, str, SpanKind]
+"""A call: (parent service, child service, child kind)."""
+
+
+def _steps(trace: Trace, **kw) -> list[enc.Step] | None:
+    try:
+        return enc.encode_trace(trace, **kw)
+    except enc.EncodingError:
+        return None
+
+
+def encodable(traces: Iterable[Trace]) -> tuple[list[Trace], int]:
+    """The traces the encoding can represent, and how many others were left out."""
+    ok, bad = [], 0
+    for t in traces:
+        if _steps(t) is None:
+            bad += 1
+        else:
+            ok.append(t)
+    return ok, bad
+
+
+def step_texts(traces: Iterable[Trace]) -> Iterator[str]:
+    """Every step of every encodable trace, default options (what to build a tokenizer from)."""
+    for t in traces:
+        for s in _steps(t) or ():
+            yield s.text()
+
+
+# --- pretrain -------------------------------------------------------------------------------------------------
+
+
+def pretrain_texts(traces: Iterable[Trace], rng: random.Random, drop_prob: float = 0.9) -> Iterator[str]:
+    """One text per step of each trace, condition items shuffled and dropped with ``drop_prob`` (``svc`` kept)."""
+    options = enc.ConditionOptions(shuffle=True, drop_prob=drop_prob, keep=frozenset({"svc"}))
+    for t in traces:
+        for s in _steps(t, options=options, rng=rng) or ():
+            yield s.text()
+
+
+# --- instruct -------------------------------------------------------------------------------------------------
+
+
+def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    pos = (len(sorted_xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def trace_edges(trace: Trace) -> set[Edge]:
+    """The (parent service, child service, child kind) calls of a trace."""
+    by_id = trace.by_id
+    return {(by_id[s.parent_id].service, s.service, s.kind) for s in trace.spans if s.parent_id in by_id}
+
+
+@dataclass
+class InstructionStats:
+    """Per entry (root service, operation): the latency p90 in µs, the uncommon calls, the trace count."""
+
+    p90_us: dict[Entry, float] = field(default_factory=dict)
+    uncommon: dict[Entry, frozenset[Edge]] = field(default_factory=dict)
+    traces: dict[Entry, int] = field(default_factory=dict)
+
+    def instructions(self, trace: Trace, rng: random.Random | None = None) -> enc.Instructions:
+        """What ``trace`` satisfies: high latency above its entry's p90, an include for one uncommon call."""
+        root = trace.root
+        if root is None:
+            return enc.Instructions()
+        entry = (root.service, root.name)
+        return enc.derive_instructions(
+            trace,
+            self.p90_us.get(entry),
+            self.uncommon.get(entry, frozenset()),
+            rng=rng,
+        )
+
+
+def corpus_stats_for_instructions(
+    traces: Iterable[Trace],
+    *,
+    quantile: float = HIGH_LATENCY_QUANTILE,
+    uncommon_fraction: float = UNCOMMON_FRACTION,
+) -> InstructionStats:
+    """Latency p90s and uncommon calls (seen in under ``uncommon_fraction`` of the entry's traces), computed
+    once over ``traces`` (encodable ones only)."""
+    latencies: dict[Entry, list[int]] = defaultdict(list)
+    edge_counts: dict[Entry, Counter[Edge]] = defaultdict(Counter)
+    for t in traces:
+        root = t.root
+        if root is None:
+            continue
+        try:
+            lat = enc.trace_latency_us(t)
+        except enc.EncodingError:
+            continue
+        entry = (root.service, root.name)
+        latencies[entry].append(lat)
+        edge_counts[entry].update(trace_edges(t))
+    stats = InstructionStats()
+    for entry, lats in latencies.items():
+        n = len(lats)
+        stats.traces[entry] = n
+        stats.p90_us[entry] = _quantile(sorted(lats), quantile)
+        stats.uncommon[entry] = frozenset(e for e, c in edge_counts[entry].items() if c / n < uncommon_fraction)
+    return stats
+
+
+def _variants(ins: enc.Instructions) -> list[enc.Instructions]:
+    """Each instruction alone, and combined when there are both."""
+    out = []
+    if ins.high_latency:
+        out.append(enc.Instructions(high_latency=True))
+    if ins.includes:
+        out.append(enc.Instructions(includes=ins.includes))
+    if ins.high_latency and ins.includes:
+        out.append(ins)
+    return out
+
+
+def _instructed(c: enc.Conditions) -> bool:
+    return c.high_latency or bool(c.includes)
+
+
+def instruct_examples(
+    traces: Iterable[Trace],
+    rng: random.Random,
+    *,
+    stats: InstructionStats | None = None,
+    plain_prob: float = 0.0,
+) -> Iterator[tuple[str, str]]:
+    """(prompt, answer) for each step carrying an instruction, for every instruction variant a trace satisfies
+    (high latency alone, include alone, both). ``stats`` defaults to :func:`corpus_stats_for_instructions` over
+    ``traces``. With ``plain_prob``, a trace satisfying no instruction gives its plain steps with that
+    probability (to keep unconditioned generation in the mix)."""
+    traces = list(traces)
+    if stats is None:
+        stats = corpus_stats_for_instructions(traces)
+    for t in traces:
+        try:
+            ins = stats.instructions(t, rng)
+        except enc.EncodingError:
+            continue
+        variants = _variants(ins)
+        if not variants:
+            if plain_prob > 0 and rng.random() < plain_prob:
+                for s in _steps(t) or ():
+                    yield s.prompt_text(), s.completion_text()
+            continue
+        for v in variants:
+            for s in _steps(t, instructions=v) or ():
+                if _instructed(s.conditions):
+                    yield s.prompt_text(), s.completion_text()
+
+
+# --- infill ---------------------------------------------------------------------------------------------------
+
+
+def call_field_items(call: enc.Call) -> list[tuple[str, str]]:
+    """A call's (key, ``key=value``) items in the order the encoding writes them."""
+    return [
+        ("svc", f"svc={enc.render_str(call.service)}"),
+        ("op", f"op={enc.render_str(call.operation)}"),
+        ("kind", f"kind={call.kind.name}"),
+        ("start", f"start={call.start}"),
+        ("dur", f"dur={call.duration}"),
+        ("status", f"status={call.status.name}"),
+    ]
+
+
+def field_infill_example(step: enc.Step, index: int, key: str) -> tuple[str, str]:
+    """Call ``index`` of ``step`` with its ``key`` item written ``<mask>``: (prompt, ``key=value <end>``)."""
+    if key not in dict(call_field_items(step.calls[0])):
+        raise ValueError(f"cannot mask {key!r}; choose from svc, op, kind, start, dur, status")
+    parts = [step.prompt_text()]
+    answer = ""
+    for c in step.calls:
+        if c.index == index:
+            items = []
+            for k, item in call_field_items(c):
+                if k == key:
+                    items.append("<mask>")
+                    answer = item
+                else:
+                    items.append(item)
+            parts.append(f"<call> {c.index} " + " ".join(items))
+        else:
+            parts.append(c.text())
+    parts += [step.book.text()] + [s.text() for s in step.subs] + ["<infill>"]
+    return " ".join(parts), answer + " <end>"
+
+
+def infill_examples(
+    traces: Iterable[Trace],
+    rng: random.Random,
+    *,
+    fields: Sequence[str] = INFILL_FIELDS,
+    field_per_trace: int = 1,
+    span_per_trace: int = 1,
+) -> Iterator[tuple[str, str]]:
+    """Per encodable trace: ``field_per_trace`` masked-field examples (a random step, call and field) and
+    ``span_per_trace`` missing-span examples (a random span, preferring connecting ones: a parent and children)."""
+    for t in traces:
+        steps = _steps(t)
+        if steps is None:
+            continue
+        for _ in range(field_per_trace):
+            step = rng.choice(steps)
+            call = rng.choice(step.calls)
+            yield field_infill_example(step, call.index, rng.choice(list(fields)))  # type: ignore[arg-type]
+        if span_per_trace:
+            connecting = [s for s in t.spans if s.parent_id is not None and t.children(s)]
+            pool = connecting or [s for s in t.spans if s.parent_id is not None] or list(t.spans)
+            for _ in range(span_per_trace):
+                ex = enc.encode_span_infill(t, rng.choice(pool))
+                yield ex.prompt, ex.target
+
+
+# --- tensors (torch imported lazily) --------------------------------------------------------------------------
+
+
+def pack_pretrain(tokenizer: TraceTokenizer, texts: Iterable[str], block_size: int) -> torch.Tensor:
+    """``<bos> text <eos>`` for each text, concatenated and cut into ``[n_blocks, block_size]`` (a LongTensor);
+    the last partial block is dropped. Raises ValueError when there is not one whole block."""
+    import torch
+
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    stream: list[int] = []
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    for text in texts:
+        stream.append(bos)
+        stream += tokenizer.encode(text).ids
+        stream.append(eos)
+    n = len(stream) // block_size
+    if n == 0:
+        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def pad_supervised(
+    tokenizer: TraceTokenizer,
+    pairs: Iterable[tuple[str, str]],
+    max_len: int,
+    *,
+    stats: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``<bos> prompt answer <eos>``, right-padded to the longest (at most ``max_len``).
+
+    Returns (input_ids, labels, attention_mask); labels are -100 on ``<bos>``, the prompt and the padding. An
+    example longer than ``max_len`` loses the left of its prompt (the answer is kept whole); one whose answer
+    alone does not fit is left out. ``stats``, when given, receives ``examples``, ``truncated`` and ``dropped``.
+    """
+    import torch
+
+    rows: list[tuple[list[int], int]] = []  # (ids, prompt length incl. <bos>)
+    truncated = dropped = 0
+    for prompt, answer in pairs:
+        p = tokenizer.encode(prompt).ids
+        a = tokenizer.encode(answer).ids + [tokenizer.eos_id]
+        room = max_len - 1 - len(a)
+        if room < 0:
+            dropped += 1
+            continue
+        if len(p) > room:
+            p = p[len(p) - room :]
+            truncated += 1
+        rows.append(([tokenizer.bos_id] + p + a, 1 + len(p)))
+    if truncated or dropped:
+        log.info(
+            "pad_supervised: %d examples truncated, %d dropped (max_len %d)",
+            truncated,
+            dropped,
+            max_len,
+        )
+    if stats is not None:
+        stats.update(examples=len(rows), truncated=truncated, dropped=dropped)
+    width = max((len(ids) for ids, _ in rows), default=0)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, plen) in enumerate(rows):
+        row = torch.tensor(ids, dtype=torch.long)
+        input_ids[r, : len(ids)] = row
+        labels[r, plen : len(ids)] = row[plen:]
+        mask[r, : len(ids)] = 1
+    return input_ids, labels, mask

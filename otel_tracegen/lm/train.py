@@ -1,0 +1,504 @@
+"""Train the trace language model: pre-train from scratch, then tune LoRA adapters for instructions and infill.
+
+Commands (a corpus comes from ``otel-tracegen data build``)::
+
+    # seconds on a CPU: the tiny config
+    otel-tracegen data build --format spancsv examples/trainticket --out /tmp/corpus
+    otel-tracegen train --stage pretrain --corpus /tmp/corpus --out /tmp/tracelm --config tiny --max-steps 200
+    otel-tracegen train --stage instruct --corpus /tmp/corpus --out /tmp/tracelm --max-steps 100
+    otel-tracegen train --stage infill   --corpus /tmp/corpus --out /tmp/tracelm --max-steps 100
+    otel-tracegen model info /tmp/tracelm
+
+    # one GPU (bf16 autocast), the shipped default size
+    otel-tracegen train --stage pretrain --corpus corpus/ --out model/ --config small --max-steps 5000
+
+    # DDP on the GPUs of one node (only rank 0 logs and saves)
+    torchrun --standalone --nproc_per_node=4 -m otel_tracegen train --stage pretrain --corpus corpus/ --out model/
+
+    # continue an interrupted run from <out>/checkpoint/<stage>/ (pass the same --max-steps or a larger one)
+    otel-tracegen train --stage pretrain --corpus corpus/ --out model/ --config small --max-steps 5000 --resume
+
+    # LoRA-tune any local Hugging Face causal LM with its own tokenizer (nothing is downloaded)
+    otel-tracegen train --stage instruct --corpus corpus/ --out runs/smol --base-model /models/SmolLM2-135M
+
+Output: pretrain writes ``<out>/`` in the ``save_pretrained`` layout (safetensors) with the tokenizer; instruct and
+infill write ``<out>/adapters/<stage>/adapter_model.safetensors``. Every stage records its steps, tokens, tokens/s,
+losses, wall time and hardware in ``<out>/training.json``. Resumable checkpoints live in ``<out>/checkpoint/<stage>/``:
+the trainable weights as safetensors, the optimizer and RNG state as a tensors-only ``torch.save`` (read back
+with ``weights_only=True``, so no pickle code runs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..report import UserError
+from . import model as lm
+
+STAGES = ("pretrain", "instruct", "infill")
+
+
+# --- config -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Every field is also a ``otel-tracegen train`` option (``--max-steps`` for ``max_steps``)."""
+
+    stage: str = field(default="pretrain", metadata={"help": "pretrain | instruct | infill"})
+    corpus: str = field(default="", metadata={"help": "corpus directory (otel-tracegen data build)"})
+    out: str = field(default="", metadata={"help": "model directory to write"})
+    config: str = field(default="tiny", metadata={"help": "architecture preset for pretrain: tiny | small"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps in total (a resumed run counts on)"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per step and per process"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * this"})
+    warmup_steps: int = field(default=-1, metadata={"help": "linear warm-up steps; -1 = 5 % of max_steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (2-D weights only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off"})
+    eval_every: int = field(default=100, metadata={"help": "validation loss and checkpoint every N steps"})
+    eval_batches: int = field(default=8, metadata={"help": "batches per loss estimate"})
+    block_size: int = field(default=0, metadata={"help": "tokens per sequence; 0 = the model's context"})
+    drop_prob: float = field(default=0.9, metadata={"help": "pretrain: probability of dropping each condition"})
+    text_passes: int = field(default=1, metadata={"help": "pretrain: re-render the corpus this often (new shuffles)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    seed: int = field(default=1337, metadata={"help": "seeds data rendering, initialisation and batches"})
+    resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint/<stage>/"})
+    init: str = field(default="", metadata={"help": "instruct/infill: pre-trained model dir (default: --out, else model/)"})
+    base_model: str = field(default="", metadata={"help": "a local HF causal LM to LoRA-tune instead of ours"})
+    device: str = field(default="", metadata={"help": "cpu | cuda | cuda:N; default: cuda if available"})
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"TrainConfig.stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.config not in lm.PRESETS:
+            raise ValueError(f"TrainConfig.config must be one of {', '.join(lm.PRESETS)}, got {self.config!r}")
+        for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "text_passes", "lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not (self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not (0.0 <= self.drop_prob <= 1.0):
+            raise ValueError(f"TrainConfig.drop_prob must be in [0, 1], got {self.drop_prob!r}")
+        if self.block_size < 0:
+            raise ValueError(f"TrainConfig.block_size must be >= 0, got {self.block_size!r}")
+        if not self.corpus or not self.out:
+            raise ValueError("TrainConfig.corpus and TrainConfig.out are required")
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, cfg.max_steps // 20)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    # 1) linear warm-up
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    # 2) past the end, hold the minimum (a resumed run with a larger --max-steps restarts the schedule's tail)
+    if step >= cfg.max_steps:
+        return min_lr
+    # 3) in between, cosine from lr down to min_lr
+    ratio = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
+
+
+@dataclass
+class Split:
+    """Rows of equal-length token tensors; ``labels`` is -100 where no loss is taken (prompt, padding)."""
+
+    input_ids: torch.Tensor  # noqa: F821
+    labels: torch.Tensor  # noqa: F821
+    attention_mask: torch.Tensor  # noqa: F821
+    stats: dict = field(default_factory=dict)  # supervised: examples kept, truncated (prompt cut), dropped
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def shard(self, rank: int, world: int) -> Split:  # DistributedSampler-like: every world-th row
+        return Split(self.input_ids[rank::world], self.labels[rank::world], self.attention_mask[rank::world],
+                     self.stats)
+
+    def rows(self, idx) -> tuple:
+        return self.input_ids[idx], self.labels[idx], self.attention_mask[idx]
+
+
+def _hf_pack(tok, texts, block: int) -> Split:
+    """Pack plain texts, EOS-separated, into full blocks with a Hugging Face tokenizer."""
+    import torch
+
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tok(t, add_special_tokens=False)["input_ids"])
+        ids.append(tok.eos_token_id)
+    n = len(ids) // block
+    x = torch.tensor(ids[: n * block], dtype=torch.long).view(n, block)
+    return Split(x, x.clone(), torch.ones_like(x))
+
+
+def _hf_supervised(tok, pairs, max_len: int) -> Split:
+    """Prompt + answer + EOS, right-padded; loss only on the answer."""
+    import torch
+
+    rows = []
+    for prompt, answer in pairs:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = (p + a)[:max_len]
+        rows.append((ids, ([-100] * len(p) + a)[:max_len]))
+    width = max((len(r[0]) for r in rows), default=1)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    y = torch.full((len(rows), width), -100, dtype=torch.long)
+    m = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        x[i, : len(ids)], y[i, : len(ids)], m[i, : len(ids)] = torch.tensor(ids), torch.tensor(labels), 1
+    return Split(x, y, m)
+
+
+def make_split(stage: str, traces, tokenizer, block: int, cfg: TrainConfig, rng: random.Random, hf: bool) -> Split:
+    """Render a split's traces as the stage's texts and turn them into tensors."""
+    import torch
+
+    from . import data
+
+    if stage == "pretrain":
+        texts = [t for _ in range(cfg.text_passes) for t in data.pretrain_texts(traces, rng, drop_prob=cfg.drop_prob)]
+        if hf:
+            return _hf_pack(tokenizer, texts, block)
+        x = data.pack_pretrain(tokenizer, texts, block)
+        return Split(x, x.clone(), torch.ones_like(x))
+    examples = data.instruct_examples if stage == "instruct" else data.infill_examples
+    pairs = list(examples(traces, rng))
+    if hf:
+        return _hf_supervised(tokenizer, pairs, block)
+    if not pairs:
+        empty = torch.zeros((0, 1), dtype=torch.long)
+        return Split(empty, empty.clone(), empty.clone())
+    stats: dict = {}
+    x, y, m = data.pad_supervised(tokenizer, pairs, block, stats=stats)
+    return Split(x, y, m, stats)
+
+
+def hardware(device: str) -> dict:
+    import torch
+
+    info = {"device": device, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def lora_targets(model) -> list[str] | str:
+    """Attention and MLP projections of a Llama-style model; any other architecture: every linear layer."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    llama = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    found = [n for n in llama if n in names]
+    return found if {"q_proj", "v_proj"} <= set(found) else "all-linear"
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out) / "checkpoint" / cfg.stage
+
+
+def save_checkpoint(cfg, raw_model, optimizer, state: dict, gen, lora: bool) -> None:
+    import torch
+    from safetensors.torch import save_file, save_model
+
+    d = checkpoint_dir(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(raw_model).items()},
+                  str(d / "model.safetensors"))
+    else:
+        save_model(raw_model, str(d / "model.safetensors"))  # handles the tied embedding
+    rng = {"torch": torch.get_rng_state(), "batches": gen.get_state()}
+    torch.save({**state, "optimizer": optimizer.state_dict(), "rng": rng, "train_config": asdict(cfg)},
+               d / "state.pt")
+
+
+def load_checkpoint(cfg, raw_model, lora: bool) -> dict:
+    import torch
+    from safetensors.torch import load_file, load_model
+
+    d = checkpoint_dir(cfg)
+    if not (d / "state.pt").is_file():
+        raise UserError(f"--resume: no checkpoint in {d}")
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(raw_model, load_file(str(d / "model.safetensors")))
+    else:
+        load_model(raw_model, str(d / "model.safetensors"))
+    return torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Run one stage; returns the stage's record as written to ``training.json``."""
+    import torch
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from ..dataset import load_corpus
+
+    # -- processes and device ---------------------------------------------------------------------------------
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    ddp = world > 1
+    device = cfg.device or lm.default_device()
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+    master = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    on_cuda = device.startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()  # bf16 on GPU, fp32 on CPU
+    lora = cfg.stage != "pretrain" or bool(cfg.base_model)
+    hf = bool(cfg.base_model)
+    out = Path(cfg.out)
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    manifest, splits = load_corpus(cfg.corpus)
+    if not splits["train"]:
+        raise UserError(f"{cfg.corpus}: the train split is empty")
+
+    # -- model and tokenizer ------------------------------------------------------------------------------------
+    model_config = None
+    if hf:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = lm.load_base(cfg.base_model, device)
+        block = cfg.block_size or min(1024, int(getattr(model.config, "max_position_embeddings", 1024)))
+    elif cfg.stage == "pretrain":
+        from .tokenizer import TraceTokenizer
+
+        if cfg.resume:
+            if not (checkpoint_dir(cfg) / "state.pt").is_file():
+                raise UserError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}")
+            tokenizer = TraceTokenizer.from_pretrained(checkpoint_dir(cfg))
+            state = torch.load(checkpoint_dir(cfg) / "state.pt", map_location="cpu", weights_only=True)
+            model_config = lm.TraceLMConfig.from_dict(state["model_config"])
+        else:
+            # The vocabulary covers every stage's texts, so instruct/infill prompts need no unknown tokens.
+            from . import data
+
+            trng = random.Random(cfg.seed)
+            texts = list(data.pretrain_texts(splits["train"], trng, drop_prob=0.0))
+            texts += [s for pair in data.instruct_examples(splits["train"], trng) for s in pair]
+            texts += [s for pair in data.infill_examples(splits["train"], trng) for s in pair]
+            tokenizer = TraceTokenizer.build(texts)
+            model_config = lm.preset(cfg.config)
+            model_config.vocab_size = tokenizer.vocab_size
+        model = lm.build_model(model_config, tokenizer).to(device)
+        block = cfg.block_size or model_config.max_position_embeddings
+    else:
+        init = Path(cfg.init) if cfg.init else (out if (out / "config.json").is_file() else lm.DEFAULT_MODEL_DIR)
+        if not (init / "config.json").is_file():
+            raise UserError(f"{init}: no pre-trained model to tune (run --stage pretrain first, or pass --init DIR)")
+        # The plain pre-trained weights: a previous stage's adapter is not stacked under this one.
+        training = lm.read_training_json(init)
+        model, tokenizer = lm.load_base(init, device), lm.load_tokenizer(init, training)
+        model_config = lm.TraceLMConfig.from_dict(training["config"]) if training.get("config") else None
+        block = cfg.block_size or int(model.config.max_position_embeddings)
+        if master and not (out / "config.json").is_file():  # make <out> a whole model: base weights beside adapters
+            lm.save_model(model, tokenizer, out, dict(training))
+
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, target_modules=lora_targets(model))
+        model = get_peft_model(model, peft_config)
+    model.train()
+
+    data_rng = random.Random(cfg.seed)
+    train_split = make_split(cfg.stage, splits["train"], tokenizer, block, cfg, data_rng, hf).shard(rank, world)
+    val_split = make_split(cfg.stage, splits["validation"], tokenizer, block, cfg, random.Random(cfg.seed + 1), hf)
+    if len(train_split) == 0:
+        raise UserError(f"{cfg.corpus}: no {cfg.stage} training examples of {block} tokens could be made")
+
+    # -- optimizer: decay 2-D weights only, as nanoGPT ------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=on_cuda)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+
+    step, best_val, history, tokens_seen, train_seconds, resumed_from = 0, float("inf"), [], 0, 0.0, None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg, model, lora)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        gen.set_state(ckpt["rng"]["batches"])
+        step, best_val, history = int(ckpt["step"]), float(ckpt["best_val_loss"]), list(ckpt.get("history", []))
+        tokens_seen, train_seconds, resumed_from = int(ckpt["tokens_seen"]), float(ckpt["train_seconds"]), step
+        if master:
+            log(f"resumed {cfg.stage} from step {step} (best val loss {best_val:.4f})")
+    raw_model = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if on_cuda else None)
+
+    def forward_loss(x, y, m):
+        with autocast:
+            return model(input_ids=x.to(device), attention_mask=m.to(device), labels=y.to(device)).loss
+
+    @torch.no_grad()
+    def estimate_loss() -> dict:
+        """Mean loss over the first eval_batches of each split (fixed rows, so estimates are comparable)."""
+        model.eval()
+        outl = {}
+        for name, split in (("train", train_split), ("val", val_split)):
+            losses = []
+            for i in range(cfg.eval_batches):
+                if i * cfg.batch_size >= len(split):
+                    break
+                idx = torch.arange(i * cfg.batch_size, min(len(split), (i + 1) * cfg.batch_size))
+                losses.append(forward_loss(*split.rows(idx)).item())
+            outl[name] = sum(losses) / len(losses) if losses else None
+        model.train()
+        return outl
+
+    def checkpoint_state() -> dict:
+        return {"step": step, "best_val_loss": best_val, "history": history, "tokens_seen": tokens_seen,
+                "train_seconds": train_seconds, "model_config": model_config.to_dict() if model_config else {}}
+
+    if master and cfg.stage == "pretrain" and not hf:
+        checkpoint_dir(cfg).mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(checkpoint_dir(cfg))
+        log(f"pretrain {cfg.config}: {lm.count_parameters(raw_model):,} parameters, vocab {tokenizer.vocab_size}, "
+            f"{len(train_split)} train / {len(val_split)} val blocks of {block} tokens, device {device}")
+    elif master:
+        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        log(f"{cfg.stage}: LoRA r={cfg.lora_r}, {trainable:,} trainable parameters, "
+            f"{len(train_split)} train / {len(val_split)} val examples, device {device}")
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    recent: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, desc=cfg.stage, unit="step")
+    while True:
+        if (step % cfg.eval_every == 0 and step != resumed_from) or step >= cfg.max_steps:
+            losses = estimate_loss()
+            history.append({"step": step, **losses})
+            if losses["val"] is not None and losses["val"] < best_val:
+                best_val = losses["val"]
+            if master:
+                with tqdm.external_write_mode():  # the line goes where log sends it, the bar redraws below
+                    log(f"step {step}: train loss {losses['train']:.4f}, val loss "
+                        + (f"{losses['val']:.4f}" if losses["val"] is not None else "n/a (empty validation split)"))
+                train_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_checkpoint(cfg, raw_model, optimizer, checkpoint_state(), gen, lora)
+        if step >= cfg.max_steps:
+            break
+        lr = get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(train_split), (min(cfg.batch_size, len(train_split)),), generator=gen)
+        x, y, m = train_split.rows(idx)
+        loss = forward_loss(x, y, m)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += int(m.sum()) * world
+        recent = (recent + [loss.item()])[-20:]
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{recent[-1]:.4f}", lr=f"{lr:.2e}")
+    bar.close()
+    train_seconds += time.perf_counter() - t0
+
+    # -- save (rank 0 only) -------------------------------------------------------------------------------------
+    final = history[-1]
+    record = {
+        "steps": step,
+        "resumed_from": resumed_from,
+        "tokens_seen": tokens_seen,
+        "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
+        "train_loss": final["train"],
+        "train_loss_recent": sum(recent) / len(recent) if recent else None,
+        "val_loss": final["val"],
+        "best_val_loss": best_val if best_val < float("inf") else None,
+        "history": history,
+        "wall_s": round(train_seconds, 3),
+        "device": device,
+        "world_size": world,
+        "hardware": hardware(device),
+        "examples": {"train": len(train_split) * world, "validation": len(val_split)},
+        "example_stats": {"train": train_split.stats, "validation": val_split.stats},
+        "block_size": block,
+        "corpus": str(cfg.corpus),
+        "args": asdict(cfg),
+    }
+    if master:
+        card = {"stages": {cfg.stage: record}}
+        data_info = {"corpus": str(cfg.corpus), "inputs": manifest.get("inputs"), "splits": manifest.get("splits"),
+                     "validation_cut_unix_nano": manifest.get("validation_cut_unix_nano")}
+        if hf:
+            card.update(base_model=str(Path(cfg.base_model).resolve()), tokenizer="auto", data=data_info)
+        if cfg.stage == "pretrain" and not hf:
+            card.update(config=model_config.to_dict(), parameters=lm.count_parameters(raw_model), tokenizer="trace",
+                        data=data_info, base_model=None)
+            lm.save_model(raw_model, tokenizer, out, card)
+        else:
+            raw_model.save_pretrained(str(out / lm.ADAPTERS_DIR / cfg.stage), safe_serialization=True)
+            lm.write_training_json(out, card)
+        log(f"{cfg.stage}: {step} steps, {tokens_seen:,} tokens, {record['tokens_per_s']} tokens/s, train loss "
+            f"{record['train_loss']:.4f}, val loss {record['val_loss']}, {record['wall_s']} s on {device}; "
+            f"saved to {out}")
+    if ddp:
+        dist.destroy_process_group()
+    return record
+
+
+def config_from_args(args) -> TrainConfig:
+    """The argparse namespace of ``otel-tracegen train`` as a ``TrainConfig``."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                          if k in names and v is not None})
+
+
+def add_arguments(p) -> None:
+    """``otel-tracegen train`` options, one per ``TrainConfig`` field, help from the field's metadata."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "").replace("%", "%%")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", default=None, help=help_)
+        elif f.name == "stage":
+            p.add_argument(flag, required=True, choices=STAGES, help=help_)
+        elif f.name in ("corpus", "out"):
+            p.add_argument(flag, required=True, help=help_)
+        elif f.name == "config":
+            p.add_argument(flag, choices=sorted(lm.PRESETS), default=None, help=help_ + f" (default {f.default})")
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            p.add_argument(flag, type=kind, default=None, help=f"{help_} (default {f.default!r})")

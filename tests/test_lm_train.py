@@ -1,0 +1,243 @@
+"""Training stages on the CPU with the tiny config: pretrain, resume, instruct and infill LoRA, --base-model,
+saving as safetensors, loading back, and ``model info``. The whole file runs in well under a minute."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("otel_tracegen.lm.tokenizer")
+pytest.importorskip("otel_tracegen.lm.data")
+
+from otel_tracegen.cli import Environment, ExitStatus, main
+from otel_tracegen.lm import model as lm
+from otel_tracegen.lm.train import TrainConfig, get_lr
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trainticket"
+FAST = ["--batch-size", "8", "--eval-batches", "2", "--seed", "7"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy CI box (another pytest beside this one) torch's
+    intra-op threads oversubscribe the cores: 20 steps went from 0.5 s to 20 s. One thread keeps it in seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    env = Environment(stdout=io.StringIO(), stderr=io.StringIO())
+    rc = main(list(argv), env)
+    return rc, env.stdout.getvalue(), env.stderr.getvalue()
+
+
+def stage(out: Path, name: str) -> dict:
+    return json.loads((out / lm.TRAINING_JSON).read_text())["stages"][name]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from otel_tracegen.dataset import build_corpus
+
+    out = tmp_path_factory.mktemp("lm") / "corpus"
+    build_corpus("spancsv", [EXAMPLES], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lm") / "model"
+    rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(corpus), "--out", str(out), "--config", "tiny",
+                     "--max-steps", "20", "--eval-every", "10", "--lr", "3e-3", *FAST)
+    assert rc == ExitStatus.SUCCESS, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned(corpus, pretrained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lm") / "tuned"
+    shutil.copytree(pretrained, out)
+    for name in ("instruct", "infill"):
+        rc, _, err = run("train", "--stage", name, "--corpus", str(corpus), "--out", str(out), "--max-steps", "4",
+                         "--eval-every", "2", *FAST)
+        assert rc == ExitStatus.SUCCESS, err
+    return out
+
+
+# --- pretrain -----------------------------------------------------------------------------------------------
+
+
+def test_pretrain_loss_decreases_and_validation_is_recorded(pretrained):
+    s = stage(pretrained, "pretrain")
+    assert s["steps"] == 20 and s["device"] == "cpu" and s["tokens_seen"] > 0 and s["tokens_per_s"] > 0
+    assert [h["step"] for h in s["history"]] == [0, 10, 20]
+    first, last = s["history"][0], s["history"][-1]
+    assert last["train"] < first["train"] - 0.5, s["history"]
+    assert last["val"] is not None and last["val"] < first["val"], s["history"]
+    assert s["val_loss"] == last["val"] and s["best_val_loss"] <= s["val_loss"]
+    card = json.loads((pretrained / lm.TRAINING_JSON).read_text())
+    assert card["config"]["hidden_size"] == lm.PRESETS["tiny"].hidden_size
+    assert card["data"]["splits"]["train"]["traces"] > 0 and card["tokenizer"] == "trace"
+
+
+def test_pretrain_saves_safetensors_and_loads_the_same_logits(pretrained):
+    from safetensors.torch import load_model as load_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert (pretrained / "model.safetensors").is_file()
+    assert not list(pretrained.glob("*.bin")) and not list(pretrained.glob("*.pt"))
+    loaded = lm.load_model(pretrained, device="cpu")
+    assert loaded.adapters == [] and loaded.device == "cpu"
+    # The same weights by another road: the final checkpoint, read into a fresh model.
+    fresh = LlamaForCausalLM(LlamaConfig.from_pretrained(pretrained)).eval()
+    load_weights(fresh, str(pretrained / "checkpoint" / "pretrain" / "model.safetensors"))
+    ids = torch.tensor([loaded.tokenizer.encode("<layer>").ids * 3 + [loaded.tokenizer.eos_id]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, fresh(ids).logits, atol=1e-5)
+    assert 50_000 < lm.count_parameters(loaded.model) < 200_000  # "tiny" means ~100k
+
+
+def test_resume_continues_from_the_checkpoint_step(corpus, pretrained, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(pretrained, out)
+    rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(corpus), "--out", str(out), "--config", "tiny",
+                     "--max-steps", "25", "--eval-every", "10", "--lr", "3e-3", "--resume", *FAST)
+    assert rc == ExitStatus.SUCCESS, err
+    assert "resumed pretrain from step 20" in err
+    s = stage(out, "pretrain")
+    assert s["resumed_from"] == 20 and s["steps"] == 25
+    assert [h["step"] for h in s["history"]] == [0, 10, 20, 25]
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(corpus, tmp_path):
+    rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "m"),
+                     "--max-steps", "2", "--resume", *FAST)
+    assert rc == ExitStatus.ERROR and "no checkpoint" in err and "Traceback" not in err
+
+
+# --- LoRA stages --------------------------------------------------------------------------------------------
+
+
+def test_instruct_and_infill_write_adapters_that_load_back(tuned):
+    for name in ("instruct", "infill"):
+        d = tuned / lm.ADAPTERS_DIR / name
+        assert (d / lm.ADAPTER_WEIGHTS).is_file() and (d / lm.ADAPTER_CONFIG).is_file()
+        s = stage(tuned, name)
+        assert s["steps"] == 4 and s["val_loss"] is not None and s["tokens_seen"] > 0
+    loaded = lm.load_model(tuned, device="cpu")
+    assert loaded.adapters == ["infill", "instruct"]
+    ids = torch.tensor([[loaded.tokenizer.bos_id] + loaded.tokenizer.encode("<layer>").ids])
+    with torch.no_grad():
+        loaded.model.set_adapter("instruct")
+        a = loaded.model(ids).logits
+        with loaded.model.disable_adapter():
+            base = loaded.model(ids).logits
+    assert a.shape == base.shape == (1, ids.shape[1], loaded.tokenizer.vocab_size)
+    assert stage(tuned, "pretrain")["steps"] == 20  # the earlier stage's record is kept
+
+
+def test_model_info_prints_parameters_adapters_and_data(tuned):
+    rc, out, err = run("model", "info", str(tuned))
+    assert rc == ExitStatus.SUCCESS, err
+    assert "parameters" in out and "infill, instruct" in out and "trainticket" in out and "vocabulary" in out
+    rc, out, _ = run("model", "info", str(tuned), "--json")
+    info = json.loads(out)
+    assert info["parameters"] > 0 and info["adapter_parameters"] > 0 and info["size_bytes"] > 0
+
+
+def test_model_info_without_a_model_is_a_one_line_error(tmp_path):
+    rc, _, err = run("model", "info", str(tmp_path / "nothing"))
+    assert rc == ExitStatus.ERROR and "no model directory" in err
+
+
+def test_lora_stage_resumes_from_its_checkpoint(corpus, tuned, tmp_path):
+    out = tmp_path / "tuned"
+    shutil.copytree(tuned, out)
+    rc, _, err = run("train", "--stage", "instruct", "--corpus", str(corpus), "--out", str(out), "--max-steps", "6",
+                     "--eval-every", "2", "--resume", *FAST)
+    assert rc == ExitStatus.SUCCESS, err
+    assert "resumed instruct from step 4" in err
+    s = stage(out, "instruct")
+    assert s["resumed_from"] == 4 and s["steps"] == 6 and [h["step"] for h in s["history"]] == [0, 2, 4, 6]
+
+
+# --- --base-model -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_hf_model(tmp_path_factory, corpus) -> Path:
+    """A tiny Llama with its own byte-level BPE tokenizer, saved locally: stands in for SmolLM2."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("lm") / "hf-base"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["<layer> svc= op= kind= dur= <end> 0123456789"] * 4, vocab_size=300,
+                            special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.save_pretrained(d)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def test_base_model_is_lora_tuned_with_its_own_tokenizer(corpus, local_hf_model, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = run("train", "--stage", "infill", "--corpus", str(corpus), "--out", str(out),
+                     "--base-model", str(local_hf_model), "--max-steps", "2", "--block-size", "128", *FAST)
+    assert rc == ExitStatus.SUCCESS, err
+    assert (out / lm.ADAPTERS_DIR / "infill" / lm.ADAPTER_WEIGHTS).is_file()
+    assert not (out / "model.safetensors").exists()  # the base is named, not copied
+    card = json.loads((out / lm.TRAINING_JSON).read_text())
+    assert card["tokenizer"] == "auto" and Path(card["base_model"]) == local_hf_model.resolve()
+    loaded = lm.load_model(out, device="cpu")
+    assert loaded.adapters == ["infill"] and loaded.tokenizer.eos_token == "<|endoftext|>"
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_field_and_value():
+    with pytest.raises(ValueError, match=r"n_heads=3 must divide hidden_size=64"):
+        lm.TraceLMConfig(hidden_size=64, n_heads=3, n_kv_heads=1)
+    with pytest.raises(ValueError, match=r"dropout .* got 1.5"):
+        lm.TraceLMConfig(dropout=1.5)
+    with pytest.raises(ValueError, match=r"stage .* got 'finetune'"):
+        TrainConfig(stage="finetune", corpus="c", out="o")
+    assert lm.TraceLMConfig.from_dict({**lm.PRESETS["small"].to_dict(), "from_the_future": 1}) == lm.PRESETS["small"]
+
+
+def test_small_preset_fits_the_size_budget():
+    from transformers import LlamaForCausalLM
+
+    cfg = lm.preset("small")
+    cfg.vocab_size = 4000  # generous for a trace vocabulary
+    with torch.device("meta"):
+        n = lm.count_parameters(LlamaForCausalLM(cfg.llama_config()))
+    assert 5e6 < n and n * 4 < 50e6, n  # fp32 safetensors under 50 MB
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(corpus="c", out="o", max_steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [get_lr(s, cfg) for s in range(101)]
+    assert lrs[0] < lrs[9] <= 1e-3 and max(lrs) <= 1e-3
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[100] == pytest.approx(1e-4)
+
+
+def test_load_model_without_the_default_directory_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(lm, "DEFAULT_MODEL_DIR", tmp_path / "model")
+    with pytest.raises(Exception, match="no model directory"):
+        lm.load_model()
