@@ -132,6 +132,8 @@ def test_instruct_and_infill_write_adapters_that_load_back(tuned):
     for name in ("instruct", "infill"):
         d = tuned / lm.ADAPTERS_DIR / name
         assert (d / lm.ADAPTER_WEIGHTS).is_file() and (d / lm.ADAPTER_CONFIG).is_file()
+        # The base is the model directory itself, named relatively so a copied model/ stays self-contained.
+        assert json.loads((d / lm.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "."
         s = stage(tuned, name)
         assert s["steps"] == 4 and s["val_loss"] is not None and s["tokens_seen"] > 0
     loaded = lm.load_model(tuned, device="cpu")

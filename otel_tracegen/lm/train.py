@@ -469,7 +469,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                         data=data_info, base_model=None)
             lm.save_model(raw_model, tokenizer, out, card)
         else:
-            raw_model.save_pretrained(str(out / lm.ADAPTERS_DIR / cfg.stage), safe_serialization=True)
+            adapter_dir = out / lm.ADAPTERS_DIR / cfg.stage
+            if not hf:
+                # The base is the model directory itself: "." keeps the adapter valid wherever the directory is
+                # copied, where the absolute training path would name a machine that no longer exists.
+                for peft_cfg in raw_model.peft_config.values():
+                    peft_cfg.base_model_name_or_path = "."
+            raw_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+            (adapter_dir / "README.md").unlink(missing_ok=True)  # peft's boilerplate; the model card is ours
             lm.write_training_json(out, card)
         log(f"{cfg.stage}: {step} steps, {tokens_seen:,} tokens, {record['tokens_per_s']} tokens/s, train loss "
             f"{record['train_loss']:.4f}, val loss {record['val_loss']}, {record['wall_s']} s on {device}; "
