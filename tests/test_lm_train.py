@@ -243,3 +243,12 @@ def test_load_model_without_the_default_directory_says_so(monkeypatch, tmp_path)
     monkeypatch.setattr(lm, "DEFAULT_MODEL_DIR", tmp_path / "model")
     with pytest.raises(Exception, match="no model directory"):
         lm.load_model()
+
+
+def test_free_running_samples_are_all_accounted_for(tuned):
+    """Plain sampling of whole traces: every sample is either valid or counted under a named failure."""
+    from otel_tracegen.lm.sample import free_run
+
+    r = free_run(lm.load_model(tuned, device="cpu"), 3, seed=1, max_new_tokens=48, batch_size=3)
+    assert r.traces == 3 and r.valid + sum(r.failures.values()) == 3
+    assert all(isinstance(reason, str) and reason for reason in r.failures)
