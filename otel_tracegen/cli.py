@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from . import __version__
-from .formats import FORMATS, detect_format, expand_paths, get_format, writable_formats
+from .formats import FORMATS, detect_format, expand_paths, get_format, read_traces, writable_formats
 from .report import ReadReport, UserError
 
 
@@ -168,7 +168,7 @@ def _print_report(report: ReadReport, env: Environment, shown: int = 20) -> None
 def _read(fmt: str | None, inputs: Sequence[str | Path], report: ReadReport):
     """Read inputs, guessing the format per file when none is given."""
     if fmt is not None:
-        return get_format(fmt).read(expand_paths(inputs, FORMATS[fmt].suffixes), report)
+        return read_traces(fmt, inputs, report)
     files = expand_paths(inputs)
     by_format: dict[str, list[Path]] = {}
     for f in files:

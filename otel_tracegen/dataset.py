@@ -155,20 +155,21 @@ def adjust_clock_skew(trace: Trace) -> int:
     return adjusted
 
 
+def _drop_trace(report: ReadReport, label: str, reason: str, detail: str = "") -> bool:
+    """Name the dropped trace in the problems and count it (a trace, not spans) under its reason; False."""
+    report.problem(label, reason, detail, dropped=0)
+    report.dropped["traces: " + reason] += 1
+    return False
+
+
 def clean_trace(trace: Trace, config: BuildConfig, report: ReadReport, where: str = "") -> bool:
     """Repair ``trace`` in place; False (with the reason counted) when it cannot join the corpus."""
     label = where or f"trace {trace.trace_id}"
     if not merge_duplicate_spans(trace, report):
-        report.problem(label, _UNREPAIRABLE[ViolationKind.DUPLICATE_SPAN_ID], dropped=0)
-        report.dropped["traces: " + _UNREPAIRABLE[ViolationKind.DUPLICATE_SPAN_ID]] += 1
-        return False
-    violations = validate(trace, check_time_window=False)
-    fatal = [v for v in violations if v.kind in _UNREPAIRABLE]
+        return _drop_trace(report, label, _UNREPAIRABLE[ViolationKind.DUPLICATE_SPAN_ID])
+    fatal = [v for v in validate(trace, check_time_window=False) if v.kind in _UNREPAIRABLE]
     if fatal:
-        reason = _UNREPAIRABLE[fatal[0].kind]
-        report.problem(label, reason, str(fatal[0]), dropped=0)
-        report.dropped["traces: " + reason] += 1
-        return False
+        return _drop_trace(report, label, _UNREPAIRABLE[fatal[0].kind], str(fatal[0]))
     if config.adjust_clock_skew:
         n = adjust_clock_skew(trace)
         if n:

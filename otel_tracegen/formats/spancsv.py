@@ -177,6 +177,10 @@ class _Reader:
         root = ROOT_PARENT
         n_rows = n_spans = mismatched = nan_durations = empty_parents = backwards = 0
         line_no = first_line - 1
+
+        def where(line: int) -> str:  # the csv reader knows physical lines (quoted newlines); splitting counts them
+            return f"{name}:{first_line - 1 + reader.line_num if reader is not None else line}"
+
         for row in rows:
             line_no += 1
             try:
@@ -185,20 +189,17 @@ class _Reader:
                 if row == [] or row == [""]:  # blank line (csv gives [], split gives [''])
                     continue
                 n_rows += 1
-                where = f"{name}:{first_line - 1 + reader.line_num if reader is not None else line_no}"
-                report.problem(where, BAD_COLUMNS, f"{len(row)} columns, expected {N_COLUMNS}")
+                report.problem(where(line_no), BAD_COLUMNS, f"{len(row)} columns, expected {N_COLUMNS}")
                 continue
             n_rows += 1
             try:
                 start = int(start)
                 end = int(end)
             except ValueError:
-                where = f"{name}:{first_line - 1 + reader.line_num if reader is not None else line_no}"
-                report.problem(where, BAD_TIME, f"start {start!r}, end {end!r}")
+                report.problem(where(line_no), BAD_TIME, f"start {start!r}, end {end!r}")
                 continue
             if not trace_id or not span_id:
-                where = f"{name}:{first_line - 1 + reader.line_num if reader is not None else line_no}"
-                report.problem(where, BAD_IDS, f"TraceID {trace_id!r}, SpanID {span_id!r}")
+                report.problem(where(line_no), BAD_IDS, f"TraceID {trace_id!r}, SpanID {span_id!r}")
                 continue
             # Duration is redundant (µs); any rounding of (end - start) / 1000 agrees within 1000 ns.
             try:
