@@ -35,9 +35,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "nezha-trainticket" / "traces"
@@ -126,7 +126,9 @@ def bench_spancsv(files: list[Path], repeat: int) -> tuple[Row, list]:
 
 
 def bench_otlp(traces: list, repeat: int, batch_spans: int, workdir: Path) -> list[Row]:
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
 
     from otel_tracegen.formats import otlp_proto
 

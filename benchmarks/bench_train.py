@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     from otel_tracegen.lm import data
     from otel_tracegen.lm import model as lm
     from otel_tracegen.lm.tokenizer import TraceTokenizer
-    from otel_tracegen.lm.train import Split
 
     device = args.device or lm.default_device()
     on_cuda = device.startswith("cuda")
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     config = lm.preset(args.config)
     block = config.max_position_embeddings
     packed = data.pack_pretrain(tokenizer, texts, block)
-    split = Split(packed, packed.clone(), torch.ones_like(packed))
+    split = data.Split(blocks=packed)
     tokens_per_step = args.batch_size * block
 
     def fresh_model():

@@ -77,6 +77,12 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the distributions with matplotlib")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    j = dsub.add_parser("join", help="concatenate corpora split by split into one corpus")
+    j.add_argument("corpus", nargs="+", metavar="DIR", help="corpus directories (otel-tracegen data build)")
+    j.add_argument("--out", required=True, type=Path, help="corpus directory to write")
+    j.add_argument("--model-view", action="store_true",
+                   help="keep only what the trace model reads (several times smaller; no attributes)")
+
     c = sub.add_parser("convert", help="convert trace files between formats")
     c.add_argument("--from", dest="src", required=True, choices=readable)
     c.add_argument("--to", dest="dst", required=True, choices=writable_formats())
@@ -271,7 +277,16 @@ def _print_stats(stats, summary: dict, title: str, env: Environment) -> None:
     console.print(svc)
 
 
-_DATA = {"build": cmd_data_build, "stats": cmd_data_stats}
+def cmd_data_join(args, env: Environment) -> ExitStatus:
+    from .dataset import join_corpora
+
+    manifest = join_corpora(args.corpus, args.out, model_view_only=args.model_view)
+    sizes = ", ".join(f"{name} {s['traces']:,} traces / {s['spans']:,} spans" for name, s in manifest["splits"].items())
+    print(f"joined {len(args.corpus)} corpora into {args.out}: {sizes}", file=env.stdout)
+    return ExitStatus.SUCCESS
+
+
+_DATA = {"build": cmd_data_build, "stats": cmd_data_stats, "join": cmd_data_join}
 
 
 # --- convert / validate / formats -------------------------------------------------------------------------

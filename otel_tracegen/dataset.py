@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -304,6 +305,72 @@ def write_corpus(out_dir: Path, splits: dict[str, list[Trace]], manifest: dict) 
     for name, traces in splits.items():
         otlp_json.write(traces, split_path(out_dir, name))
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _renumbered(trace: Trace) -> Trace:
+    """The same trace with span ids 1, 2, 3, ... in span order: random 64-bit ids are most of a model-view corpus's
+    compressed size, and the model never reads them."""
+    new_id = {s.span_id: f"{i:016x}" for i, s in enumerate(trace.spans, 1)}
+    spans = []
+    for s in trace.spans:
+        s = copy.copy(s)
+        s.span_id, s.parent_id = new_id[s.span_id], new_id.get(s.parent_id) if s.parent_id else None
+        spans.append(s)
+    return Trace(spans, trace.trace_id)
+
+
+def join_corpora(
+    corpus_dirs: Sequence[str | Path], out_dir: str | Path, *, model_view_only: bool = False
+) -> dict:
+    """Concatenate corpora split by split (each keeps its own time split) into ``out_dir``; returns the manifest.
+
+    ``model_view_only`` keeps only what the trace model reads (:func:`otel_tracegen.encoding.quantize`: ids,
+    structure, service, operation, kind, status code, µs times): several times smaller, for carrying a corpus to a
+    training machine. Attribute infill cannot be trained from such a corpus (it has no attributes).
+    """
+    from .encoding import EncodingError, quantize
+
+    if not corpus_dirs:
+        raise UserError("give at least one corpus directory to join")
+    joined: dict[str, list[Trace]] = {name: [] for name in SPLITS}
+    parts = []
+    seen: dict[str, str] = {}  # trace id -> the corpus it came from
+    for d in corpus_dirs:
+        manifest, splits = load_corpus(d)
+        for name, traces in splits.items():
+            for t in traces:
+                if t.trace_id in seen:  # one file would merge the two traces' spans into one trace
+                    raise UserError(f"trace {t.trace_id} is in both {seen[t.trace_id]} and {d}; "
+                                    "joined corpora must not share trace ids")
+                seen[t.trace_id] = str(d)
+            if model_view_only:
+                kept = []
+                for t in traces:
+                    try:
+                        kept.append(_renumbered(quantize(t)))
+                    except EncodingError:  # not encodable: the model never trains on it either
+                        continue
+                traces = kept
+            joined[name].extend(traces)
+        parts.append({"corpus": str(d), "inputs": manifest.get("inputs"), "splits": manifest.get("splits"),
+                      "validation_cut_unix_nano": manifest.get("validation_cut_unix_nano"),
+                      "input_format": manifest.get("input_format"), "report": manifest.get("report")})
+    manifest = {
+        "corpus_format_version": CORPUS_FORMAT_VERSION,
+        "otel_tracegen_version": __version__,
+        "created_unix": int(time.time()),
+        "input_format": "corpora",
+        "inputs": [i for part in parts for i in (part["inputs"] or [part["corpus"]])],
+        "joined": parts,
+        "model_view_only": model_view_only,
+        "validation_cut_unix_nano": None,  # each part keeps its own; see "joined"
+        "splits": {
+            name: {"file": split_path(Path("."), name).name, "traces": len(ts), "spans": sum(len(t) for t in ts)}
+            for name, ts in joined.items()
+        },
+    }
+    write_corpus(Path(out_dir), joined, manifest)
+    return manifest
 
 
 def load_corpus(corpus_dir: str | Path, splits: Sequence[str] = SPLITS) -> tuple[dict, dict[str, list[Trace]]]:

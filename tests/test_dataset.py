@@ -174,3 +174,44 @@ def test_model_view_agrees_with_the_encoding_text():
         by_text.setdefault(trace_to_text(t), []).append(i)
     assert sorted(by_view.values()) == sorted(by_text.values())
     assert len(by_view) < len(everything)  # the whole-µs copies did collapse
+
+
+def test_join_concatenates_corpora_and_the_model_view_encodes_the_same(tmp_path):
+    """`data join` two corpora into one (each keeps its own split); --model-view keeps only what the model reads,
+    renumbers span ids, and every trace still encodes to exactly the same text."""
+    from otel_tracegen.cli import main
+    from otel_tracegen.encoding import trace_to_text
+    from otel_tracegen.formats import otlp_json
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "trainticket"
+    src, other = tmp_path / "tt", tmp_path / "other"
+    build_corpus("spancsv", [examples], src)
+    small = [Trace([sp(f"{1:016x}", None, i * 10**9, i * 10**9 + 5_000, trace=f"{i + 1:032x}")]) for i in range(10)]
+    otlp_json.write(small, tmp_path / "small.jsonl")
+    build_corpus("otlp-json", [tmp_path / "small.jsonl"], other)
+    assert main(["data", "join", str(src), str(other), "--out", str(tmp_path / "both")]) == 0
+    assert main(["data", "join", str(src), "--out", str(tmp_path / "view"), "--model-view"]) == 0
+    m_src, s_src = load_corpus(src)
+    m_other, _ = load_corpus(other)
+    m_both, s_both = load_corpus(tmp_path / "both")
+    m_view, s_view = load_corpus(tmp_path / "view")
+    for name in ("train", "validation"):
+        want = m_src["splits"][name]["traces"] + m_other["splits"][name]["traces"]
+        assert m_both["splits"][name]["traces"] == want == len(s_both[name])
+        assert [trace_to_text(t) for t in s_view[name]] == [trace_to_text(t) for t in s_src[name]]
+    assert m_both["inputs"] == m_src["inputs"] + m_other["inputs"] and len(m_both["joined"]) == 2
+    assert m_view["model_view_only"]
+    first = s_view["train"][0]
+    assert first.spans[0].span_id == f"{1:016x}" and not first.spans[0].attributes
+    assert (tmp_path / "view" / "train.otlp.jsonl.gz").stat().st_size < 0.6 * (src / "train.otlp.jsonl.gz").stat().st_size
+
+
+def test_join_refuses_what_it_cannot_join_and_says_why(tmp_path, capsys):
+    from otel_tracegen.cli import main
+
+    assert main(["data", "join", str(tmp_path), "--out", str(tmp_path / "o")]) != 0
+    assert "not a corpus directory" in capsys.readouterr().err
+    examples = Path(__file__).resolve().parents[1] / "examples" / "trainticket"
+    build_corpus("spancsv", [examples], tmp_path / "tt")
+    assert main(["data", "join", str(tmp_path / "tt"), str(tmp_path / "tt"), "--out", str(tmp_path / "o")]) != 0
+    assert "must not share trace ids" in capsys.readouterr().err

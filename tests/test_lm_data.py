@@ -254,3 +254,62 @@ def test_pad_supervised_truncates_prompt_from_the_left(real, tok):
     row = ids[0].tolist()
     assert row[0] == tok.bos_id and row[1:10] == tok.encode(prompt).ids[-9:]
     assert tok.decode(labels[0][labels[0] != -100].tolist()) == answer
+
+
+# --- rendering a split in parallel ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "instruct", "infill"])
+def test_render_is_the_same_for_any_number_of_workers(real, stage):
+    job = D.StageRender(stage, seed=7, passes=2 if stage == "pretrain" else 1,
+                        stats=D.corpus_stats_for_instructions(real), plain_prob=0.5)
+    one = D.render(job, real, workers=1)
+    forked = D.render(job, real, workers=3)
+    assert one == forked and len(one) > len(real)
+    # A different seed draws other shuffles and drops (pre-training) or other masks (infill).
+    if stage != "instruct":
+        assert D.render(D.StageRender(stage, seed=8), real, workers=1) != D.render(D.StageRender(stage, seed=7), real, workers=1)
+
+
+def test_render_passes_give_new_shuffles_of_the_same_steps(real):
+    once = D.render(D.StageRender("pretrain", seed=1), real, workers=1)
+    twice = D.render(D.StageRender("pretrain", seed=1, passes=2), real, workers=1)
+    assert len(twice) == 2 * len(once) and twice[: len(once)] == once and twice[len(once) :] != once
+
+
+def test_instruct_plain_prob_adds_uninstructed_steps_with_full_conditions(real):
+    stats = D.corpus_stats_for_instructions(real)
+    only = D.render(D.StageRender("instruct", stats=stats), real, workers=1)
+    mixed = D.render(D.StageRender("instruct", stats=stats, plain_prob=1.0), real, workers=1)
+    plain = [p for p, _ in mixed if "<high_latency>" not in p and "<include>" not in p]
+    assert len(mixed) > len(only) and plain
+    assert all(" calls=" in p and " depth=" in p for p in plain)  # nothing dropped: the adapter learns to copy them
+
+
+def test_tokenized_render_matches_tokenizing_afterwards(real, tok):
+    job = D.StageRender("infill", seed=3)
+    pairs = D.render(job, real, workers=1)
+    ids = D.render(job, real, finish=D.TokenizePair(tok), workers=2)
+    assert [(list(p), list(a)) for p, a in ids] == [
+        ([tok.bos_id, *tok.encode(p).ids], [*tok.encode(a).ids, tok.eos_id]) for p, a in pairs
+    ]
+
+
+def test_tokenizer_from_counts_equals_building_from_texts(real):
+    texts = list(D.step_texts(real))
+    halves = TraceTokenizer.count_strings(texts[::2]) + TraceTokenizer.count_strings(texts[1::2])
+    assert TraceTokenizer.from_string_counts(halves).token_to_id == TraceTokenizer.build(texts).token_to_id
+
+
+def test_supervised_split_pads_per_batch_and_trains_on_answers_only(real, tok):
+    pairs = D.render(D.StageRender("infill", seed=0), real, finish=D.TokenizePair(tok), workers=1)
+    split = D.Split.supervised(pairs, 4096, tok.pad_id)
+    assert len(split) == len(pairs) and split.stats == {"examples": len(pairs), "truncated": 0, "dropped": 0}
+    x, y, m = split.rows([0, 3])
+    assert x.shape[1] == max(len(split.sequences[0]), len(split.sequences[3]))
+    for r, i in enumerate([0, 3]):
+        p, a = pairs[i]
+        assert y[r][y[r] != D.IGNORE_INDEX].tolist() == list(a)  # the answer and <eos>, nothing else
+        assert int(m[r].sum()) == len(p) + len(a)
+    # Sharding keeps every world-th row from the rank.
+    assert len(split.shard(1, 2)) == len(pairs) // 2

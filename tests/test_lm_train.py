@@ -96,14 +96,16 @@ def test_pretrain_saves_safetensors_and_loads_the_same_logits(pretrained):
 
     assert (pretrained / "model.safetensors").is_file()
     assert not list(pretrained.glob("*.bin")) and not list(pretrained.glob("*.pt"))
-    loaded = lm.load_model(pretrained, device="cpu")
-    assert loaded.adapters == [] and loaded.device == "cpu"
+    loaded = lm.load_model(pretrained, device="cpu", backend="transformers")
+    runtime = lm.load_model(pretrained, device="cpu")
+    assert loaded.adapters == runtime.adapters == [] and loaded.device == "cpu" and runtime.backend == "runtime"
     # The same weights by another road: the final checkpoint, read into a fresh model.
     fresh = LlamaForCausalLM(LlamaConfig.from_pretrained(pretrained)).eval()
     load_weights(fresh, str(pretrained / "checkpoint" / "pretrain" / "model.safetensors"))
     ids = torch.tensor([loaded.tokenizer.encode("<layer>").ids * 3 + [loaded.tokenizer.eos_id]])
     with torch.no_grad():
         assert torch.allclose(loaded.model(ids).logits, fresh(ids).logits, atol=1e-5)
+        assert torch.allclose(runtime.model(ids)[0], fresh(ids).logits, atol=1e-5)
     assert 50_000 < lm.count_parameters(loaded.model) < 200_000  # "tiny" means ~100k
 
 
@@ -136,8 +138,9 @@ def test_instruct_and_infill_write_adapters_that_load_back(tuned):
         assert json.loads((d / lm.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "."
         s = stage(tuned, name)
         assert s["steps"] == 4 and s["val_loss"] is not None and s["tokens_seen"] > 0
-    loaded = lm.load_model(tuned, device="cpu")
-    assert loaded.adapters == ["infill", "instruct"]
+    loaded = lm.load_model(tuned, device="cpu", backend="transformers")
+    runtime = lm.load_model(tuned, device="cpu")
+    assert loaded.adapters == runtime.adapters == ["infill", "instruct"]
     ids = torch.tensor([[loaded.tokenizer.bos_id] + loaded.tokenizer.encode("<layer>").ids])
     with torch.no_grad():
         loaded.model.set_adapter("instruct")
@@ -145,6 +148,11 @@ def test_instruct_and_infill_write_adapters_that_load_back(tuned):
         with loaded.model.disable_adapter():
             base = loaded.model(ids).logits
     assert a.shape == base.shape == (1, ids.shape[1], loaded.tokenizer.vocab_size)
+    # Both backends compute the same thing, with and without the adapter.
+    runtime.model.set_adapter("instruct")
+    assert torch.allclose(runtime.model(ids)[0], a, atol=1e-5)
+    runtime.model.set_adapter(None)
+    assert torch.allclose(runtime.model(ids)[0], base, atol=1e-5)
     assert stage(tuned, "pretrain")["steps"] == 20  # the earlier stage's record is kept
 
 
@@ -250,5 +258,74 @@ def test_free_running_samples_are_all_accounted_for(tuned):
     from otel_tracegen.lm.sample import free_run
 
     r = free_run(lm.load_model(tuned, device="cpu"), 3, seed=1, max_new_tokens=48, batch_size=3)
-    assert r.traces == 3 and r.valid + sum(r.failures.values()) == 3
+    assert r.traces == 3 and r.structural + sum(r.failures.values()) - (r.structural - r.valid) == 3
+    assert r.valid <= r.structural == len(r.samples)
+    assert [sum(col) for col in zip(*r.by_entry.values())] == [3, r.structural, r.valid]
     assert all(isinstance(reason, str) and reason for reason in r.failures)
+    r = free_run(lm.load_model(tuned, device="cpu"), 2, seed=1, max_new_tokens=8, batch_size=2, adapter="instruct")
+    assert r.traces == 2
+    with pytest.raises(ValueError, match="no adapter 'nope'"):
+        free_run(lm.load_model(tuned, device="cpu"), 1, adapter="nope")
+
+
+def test_sample_comparison_summarises_services_depth_fanout_and_durations(corpus):
+    from otel_tracegen.dataset import load_corpus
+    from otel_tracegen.lm.sample import compare, validator_pass_rate
+
+    _, splits = load_corpus(corpus)
+    c = compare(splits["train"][:5], splits["validation"])
+    assert c["sampled"]["traces"] == 5 and c["real"]["traces"] == len(splits["validation"])
+    assert 0.0 <= c["service_mix_tv_distance"] <= 1.0 and compare([], splits["validation"])["service_mix_tv_distance"] is None
+    assert c["real"]["depth"]["max"] >= c["real"]["depth"]["median"] >= 1
+    every = compare(splits["train"], splits["train"], min_traces=1)  # a set against itself: no distance anywhere
+    assert every["service_mix_tv_distance"] == every["per_entry_service_mix_tv_distance"] == 0.0
+    assert every["by_entry"] and sum(every["entry_share"]["sampled"].values()) == pytest.approx(1.0)
+    assert c["real"]["duration_us"]["p50"] <= c["real"]["duration_us"]["p99"]
+    assert 0.0 <= validator_pass_rate(splits["train"]) <= validator_pass_rate(splits["train"], tolerance_ns=10**9) <= 1.0
+
+
+def test_pretrain_reads_several_corpora_and_records_each(corpus, tmp_path):
+    """`--corpus A B` trains on both (joined split by split); training.json names each and sums the splits."""
+    out = tmp_path / "m"
+    rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(corpus), str(corpus), "--out", str(out),
+                     "--config", "tiny", "--max-steps", "2", "--eval-every", "2", "--workers", "2", *FAST)
+    assert rc == ExitStatus.SUCCESS, err
+    card = json.loads((out / lm.TRAINING_JSON).read_text())
+    assert card["data"]["corpus"] == [str(corpus)] * 2 and len(card["data"]["corpora"]) == 2
+    one = json.loads((corpus / "manifest.json").read_text())["splits"]["train"]["traces"]
+    assert card["data"]["splits"]["train"]["traces"] == 2 * one
+    assert card["stages"]["pretrain"]["data_prep_s"] >= 0 and card["stages"]["pretrain"]["corpus"] == [str(corpus)] * 2
+
+
+def test_pretrain_without_a_validation_split_trains_and_says_so(tmp_path):
+    from otel_tracegen.dataset import BuildConfig, build_corpus
+
+    corpus = tmp_path / "c"
+    build_corpus("spancsv", [EXAMPLES], corpus, BuildConfig(validation_fraction=0.0))
+    rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "m"),
+                     "--config", "tiny", "--max-steps", "2", "--eval-every", "2", *FAST)
+    assert rc == ExitStatus.SUCCESS, err
+    assert "n/a (empty validation split)" in err and stage(tmp_path / "m", "pretrain")["val_loss"] is None
+
+
+def test_pretrain_packs_steps_in_random_order_unless_told_otherwise(corpus):
+    """Shuffled packing keeps a trace's steps (and the traces before it) out of each step's context, as at
+    generation time; `--pack-order corpus` reproduces the shipped model's packing."""
+    from otel_tracegen.dataset import load_corpus
+    from otel_tracegen.lm.train import make_split
+
+    _, splits = load_corpus(corpus)
+    from otel_tracegen.lm.train import build_tokenizer
+
+    tok = build_tokenizer(splits["train"], workers=1)
+    blocks = {}
+    for order in ("shuffled", "corpus"):
+        cfg = TrainConfig(corpus=str(corpus), out="o", pack_order=order, workers=1)
+        blocks[order] = make_split("pretrain", splits["train"], tok, 128, cfg, 0, False).blocks
+    assert blocks["shuffled"].shape == blocks["corpus"].shape  # the same steps (the same number of blocks)...
+    assert not torch.equal(blocks["shuffled"], blocks["corpus"])  # ...in another order
+    # In corpus order the first block starts with the first trace's client step; shuffled, usually not.
+    client = tok.mark_id("client")
+    assert blocks["corpus"][0, 2].item() == client
+    with pytest.raises(ValueError, match="pack_order"):
+        TrainConfig(corpus="c", out="o", pack_order="sorted")

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import sys
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import encoding as enc
 from ..trace import SpanKind, Trace
@@ -268,26 +271,212 @@ def infill_examples(
                 yield ex.prompt, ex.target
 
 
+# --- a split's examples, rendered in parallel -------------------------------------------------------------------
+
+RENDER_CHUNK = 64
+"""Traces per rendering task. Each chunk draws from its own rng seeded by (seed, pass, chunk), so what is rendered
+never depends on how many processes render it."""
+
+
+@dataclass(frozen=True)
+class StageRender:
+    """What one stage makes of a split: the texts (pretrain) or (prompt, answer) pairs (instruct, infill).
+
+    ``passes`` renders the split that many times (pre-training: new shuffles and drops each time). ``stats`` are
+    the instruct thresholds; pass the train split's to both splits so validation asks the same questions.
+    """
+
+    stage: str
+    seed: int = 0
+    drop_prob: float = 0.9
+    passes: int = 1
+    stats: InstructionStats | None = None
+    plain_prob: float = 0.0  # instruct: share of uninstructed traces whose plain steps join the mix
+
+    def examples(self, traces: Sequence[Trace], rng: random.Random) -> Iterator[Any]:
+        if self.stage == "pretrain":
+            return pretrain_texts(traces, rng, drop_prob=self.drop_prob)
+        if self.stage == "instruct":
+            return instruct_examples(traces, rng, stats=self.stats or InstructionStats(), plain_prob=self.plain_prob)
+        if self.stage == "infill":
+            return infill_examples(traces, rng)
+        if self.stage == "steps":  # the plain steps, for building a vocabulary
+            return step_texts(traces)
+        raise ValueError(f"unknown stage {self.stage!r}; expected pretrain, instruct, infill or steps")
+
+
+# The job of the forked workers: set before the pool starts, inherited by fork (so the traces are never pickled).
+_JOB: tuple[StageRender, Sequence[Trace], Callable[[Any], Any] | None] | None = None
+
+
+def _render_chunk(task: tuple[int, int]) -> Any:
+    job, traces, finish_chunk = _JOB  # type: ignore[misc]
+    pass_, start = task
+    rng = random.Random(f"{job.seed}:{pass_}:{start}")
+    out = list(job.examples(traces[start : start + RENDER_CHUNK], rng))
+    return finish_chunk(out) if finish_chunk else out
+
+
+def default_workers() -> int:
+    """Processes for rendering: the CPUs this process may use, at most 32."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(32, n))
+
+
+def render_chunks(
+    job: StageRender,
+    traces: Sequence[Trace],
+    finish_chunk: Callable[[list], Any] | None = None,
+    *,
+    workers: int = 0,
+) -> list:
+    """The examples ``job`` makes of ``traces``, one list per chunk of :data:`RENDER_CHUNK` traces in a fixed
+    order, each passed through ``finish_chunk`` in the worker that rendered it (tokenizing or counting there keeps
+    the parent free and the results small). ``workers`` > 1 forks that many processes (Linux; elsewhere, and for
+    a single chunk, it renders in this process). The result is the same for any number of workers."""
+    global _JOB
+    tasks = [(p, s) for p in range(job.passes) for s in range(0, len(traces), RENDER_CHUNK)]
+    workers = workers or default_workers()
+    _JOB = (job, traces, finish_chunk)
+    try:
+        if workers > 1 and len(tasks) > 1 and sys.platform == "linux":
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+                return pool.map(_render_chunk, tasks, chunksize=max(1, len(tasks) // (8 * workers)))
+        return [_render_chunk(t) for t in tasks]
+    finally:
+        _JOB = None
+
+
+def render(job: StageRender, traces: Sequence[Trace], *, finish: Callable[[Any], Any] | None = None,
+           workers: int = 0) -> list:
+    """Every example ``job`` makes of ``traces``, in a fixed order, each passed through ``finish`` in the worker
+    (see :func:`render_chunks`)."""
+    chunks = render_chunks(job, traces, (lambda xs: [finish(x) for x in xs]) if finish else None, workers=workers)
+    return [x for chunk in chunks for x in chunk]
+
+
+def _id_array(ids: list[int]) -> array:
+    return array("i", ids)  # 4 bytes a token: pickles compactly out of the workers and views as a tensor
+
+class TokenizeText:
+    """``finish`` for :func:`render`: a pre-training text as ``<bos> ids <eos>`` (a compact array)."""
+
+    def __init__(self, tokenizer: TraceTokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> array:
+        t = self.tokenizer
+        return _id_array([t.bos_id, *t.encode(text).ids, t.eos_id])
+
+
+class TokenizePair:
+    """``finish`` for :func:`render`: a (prompt, answer) pair as (``<bos> prompt`` ids, ``answer <eos>`` ids)."""
+
+    def __init__(self, tokenizer: TraceTokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, pair: tuple[str, str]) -> tuple[array, array]:
+        t = self.tokenizer
+        return _id_array([t.bos_id, *t.encode(pair[0]).ids]), _id_array([*t.encode(pair[1]).ids, t.eos_id])
+
+
 # --- tensors (torch imported lazily) --------------------------------------------------------------------------
+
+
+def pack_blocks(streams: Iterable[Sequence[int]], block_size: int) -> torch.Tensor:
+    """Token streams (each ``<bos> ... <eos>``) concatenated and cut into ``[n_blocks, block_size]`` (a
+    LongTensor); the last partial block is dropped. Raises ValueError when there is not one whole block."""
+    import torch
+
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    flat = array("i")
+    for ids in streams:
+        flat.extend(ids if isinstance(ids, array) and ids.typecode == "i" else array("i", ids))
+    n = len(flat) // block_size
+    if n == 0:
+        raise ValueError(f"the texts hold {len(flat)} tokens, fewer than one block of {block_size}")
+    return torch.frombuffer(flat, dtype=torch.int32)[: n * block_size].long().view(n, block_size)
 
 
 def pack_pretrain(tokenizer: TraceTokenizer, texts: Iterable[str], block_size: int) -> torch.Tensor:
     """``<bos> text <eos>`` for each text, concatenated and cut into ``[n_blocks, block_size]`` (a LongTensor);
     the last partial block is dropped. Raises ValueError when there is not one whole block."""
-    import torch
+    return pack_blocks(map(TokenizeText(tokenizer), texts), block_size)
 
-    if block_size < 2:
-        raise ValueError(f"block_size must be >= 2, got {block_size}")
-    stream: list[int] = []
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    for text in texts:
-        stream.append(bos)
-        stream += tokenizer.encode(text).ids
-        stream.append(eos)
-    n = len(stream) // block_size
-    if n == 0:
-        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one block of {block_size}")
-    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+@dataclass
+class Split:
+    """The training rows of one split.
+
+    Pre-training: ``blocks``, equal rows of packed steps, loss on every token. Instruct and infill: ragged
+    ``sequences`` (``<bos> prompt answer <eos>``) and each one's prompt length; a batch is right-padded to its
+    longest row and the loss is taken on the answers only. ``stats``: examples kept, truncated, dropped.
+    """
+
+    blocks: torch.Tensor | None = None
+    sequences: list[Sequence[int]] = field(default_factory=list)
+    prompt_lens: list[int] = field(default_factory=list)
+    pad_id: int = 0
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def supervised(cls, pairs: Iterable[tuple[Sequence[int], Sequence[int]]], max_len: int, pad_id: int) -> Split:
+        """Rows from (``<bos> prompt``, ``answer <eos>``) id pairs. A row longer than ``max_len`` loses the left of
+        its prompt after ``<bos>`` (the answer is kept whole); one whose answer alone does not fit is left out."""
+        seqs, plens = [], []
+        truncated = dropped = 0
+        for p, a in pairs:
+            room = max_len - len(a) - 1  # the prompt keeps its <bos>
+            if room < 0:
+                dropped += 1
+                continue
+            if len(p) - 1 > room:
+                p = p[:1] + p[len(p) - room :] if room else p[:1]
+                truncated += 1
+            seq = array("i", p)
+            seq.extend(a if isinstance(a, array) and a.typecode == "i" else array("i", a))
+            seqs.append(seq)
+            plens.append(len(p))
+        if truncated or dropped:
+            log.info("supervised rows: %d examples truncated, %d dropped (max_len %d)", truncated, dropped, max_len)
+        return cls(sequences=seqs, prompt_lens=plens, pad_id=pad_id,
+                   stats={"examples": len(seqs), "truncated": truncated, "dropped": dropped})
+
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0]) if self.blocks is not None else len(self.sequences)
+
+    def shard(self, rank: int, world: int) -> Split:
+        """Every ``world``-th row from ``rank`` (as DistributedSampler)."""
+        if self.blocks is not None:
+            return Split(blocks=self.blocks[rank::world], stats=self.stats)
+        return Split(sequences=self.sequences[rank::world], prompt_lens=self.prompt_lens[rank::world],
+                     pad_id=self.pad_id, stats=self.stats)
+
+    def rows(self, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, labels, attention_mask) of rows ``idx`` (a LongTensor or a list of ints)."""
+        import torch
+
+        if self.blocks is not None:
+            x = self.blocks[idx]
+            return x, x.clone(), torch.ones_like(x)
+        picked = [int(i) for i in idx]
+        width = max((len(self.sequences[i]) for i in picked), default=1)
+        x = torch.full((len(picked), width), self.pad_id, dtype=torch.long)
+        y = torch.full((len(picked), width), IGNORE_INDEX, dtype=torch.long)
+        m = torch.zeros((len(picked), width), dtype=torch.long)
+        for r, i in enumerate(picked):
+            seq, plen = self.sequences[i], self.prompt_lens[i]
+            row = torch.tensor(seq, dtype=torch.long)
+            x[r, : len(seq)] = row
+            y[r, plen : len(seq)] = row[plen:]
+            m[r, : len(seq)] = 1
+        return x, y, m
 
 
 def pad_supervised(
@@ -303,37 +492,12 @@ def pad_supervised(
     example longer than ``max_len`` loses the left of its prompt (the answer is kept whole); one whose answer
     alone does not fit is left out. ``stats``, when given, receives ``examples``, ``truncated`` and ``dropped``.
     """
-    import torch
-
-    rows: list[tuple[list[int], int]] = []  # (ids, prompt length incl. <bos>)
-    truncated = dropped = 0
-    for prompt, answer in pairs:
-        p = tokenizer.encode(prompt).ids
-        a = tokenizer.encode(answer).ids + [tokenizer.eos_id]
-        room = max_len - 1 - len(a)
-        if room < 0:
-            dropped += 1
-            continue
-        if len(p) > room:
-            p = p[len(p) - room :]
-            truncated += 1
-        rows.append(([tokenizer.bos_id] + p + a, 1 + len(p)))
-    if truncated or dropped:
-        log.info(
-            "pad_supervised: %d examples truncated, %d dropped (max_len %d)",
-            truncated,
-            dropped,
-            max_len,
-        )
+    split = Split.supervised(map(TokenizePair(tokenizer), pairs), max_len, tokenizer.pad_id)
     if stats is not None:
-        stats.update(examples=len(rows), truncated=truncated, dropped=dropped)
-    width = max((len(ids) for ids, _ in rows), default=0)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (ids, plen) in enumerate(rows):
-        row = torch.tensor(ids, dtype=torch.long)
-        input_ids[r, : len(ids)] = row
-        labels[r, plen : len(ids)] = row[plen:]
-        mask[r, : len(ids)] = 1
-    return input_ids, labels, mask
+        stats.update(split.stats)
+    if not len(split):
+        import torch
+
+        empty = torch.zeros((0, 0), dtype=torch.long)
+        return empty, empty.clone(), empty.clone()
+    return split.rows(list(range(len(split))))

@@ -1,9 +1,11 @@
 """The trace language model: a small Llama-style causal transformer, built from scratch with ``transformers``.
 
-``TraceLMConfig`` holds the few numbers that define the architecture; ``PRESETS`` names two of them:
+``TraceLMConfig`` holds the few numbers that define the architecture; ``PRESETS`` names them:
 
 - ``tiny``: ~100k parameters, trains on a laptop CPU in seconds (tests, documentation examples);
-- ``small``: ~7M parameters, ~30 MB of fp32 safetensors (the shipped default; ≤ 50 MB).
+- ``mini``: ~2.5M parameters (~10 MB), the lower point of the size trade-off in the model card;
+- ``small``: ~6.4M parameters, ~26 MB of fp32 safetensors (the shipped default; ≤ 50 MB);
+- ``medium``: ~12.7M parameters (~51 MB fp32), the upper point of the trade-off.
 
 A model directory is the Hugging Face ``save_pretrained`` layout plus our own files::
 
@@ -14,7 +16,10 @@ A model directory is the Hugging Face ``save_pretrained`` layout plus our own fi
       adapters/instruct/adapter_model.safetensors  adapter_config.json   # LoRA (peft), one folder per stage
       adapters/infill/...
 
-``load_model()`` never runs pickle or remote code: ``use_safetensors=True`` and no ``trust_remote_code``.
+``load_model()`` never runs pickle or remote code: ``use_safetensors=True`` and no ``trust_remote_code``. By default
+it runs our own models on :class:`~otel_tracegen.lm.runtime.TraceLMRuntime` (torch and safetensors only: importing
+transformers and peft alone takes longer than the 3 s a load may take on a CPU); ``backend="transformers"`` gives
+the ``LlamaForCausalLM`` / ``PeftModel`` that training uses.
 """
 
 from __future__ import annotations
@@ -118,9 +123,17 @@ PRESETS: dict[str, TraceLMConfig] = {
     "tiny": TraceLMConfig(
         hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, max_position_embeddings=128
     ),
+    # mini: 6 x (192 wide, 6 heads, GQA 3), SwiGLU 512: ~2.4M, ~10 MB fp32 (the size trade-off's lower point).
+    "mini": TraceLMConfig(
+        hidden_size=192, n_layers=6, n_heads=6, n_kv_heads=3, intermediate_size=512, max_position_embeddings=1024
+    ),
     # small: the shipped default. 8 x (256 wide, 8 heads, GQA 4), SwiGLU 768: ~6.3M + embeddings, ~30 MB fp32.
     "small": TraceLMConfig(
         hidden_size=256, n_layers=8, n_heads=8, n_kv_heads=4, intermediate_size=768, max_position_embeddings=1024
+    ),
+    # medium: 8 x (384 wide, 6 heads, GQA 2), SwiGLU 1024: ~12.7M, ~51 MB fp32 (the size trade-off's upper point).
+    "medium": TraceLMConfig(
+        hidden_size=384, n_layers=8, n_heads=6, n_kv_heads=2, intermediate_size=1024, max_position_embeddings=1024
     ),
 }
 
@@ -187,8 +200,13 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict) -> Path:
 
 @dataclass
 class LoadedModel:
-    """What ``load_model`` returns. ``model`` is a ``PeftModel`` when adapters were found (the first one active;
-    ``model.set_adapter("infill")`` switches, ``with model.disable_adapter():`` runs the plain pre-trained model)."""
+    """What ``load_model`` returns.
+
+    ``backend == "runtime"``: ``model`` is a :class:`~otel_tracegen.lm.runtime.TraceLMRuntime` (``forward`` returns
+    ``(logits, cache)``, ``sample`` generates, ``set_adapter(name | None)`` switches adapters; none is active at
+    first). ``backend == "transformers"``: a ``LlamaForCausalLM``, or a ``PeftModel`` when adapters were found (the
+    first one active; ``with model.disable_adapter():`` runs the plain pre-trained model).
+    """
 
     model: Any
     tokenizer: Any
@@ -196,6 +214,7 @@ class LoadedModel:
     device: str
     adapters: list[str]
     training: dict
+    backend: str = "transformers"
 
     def __iter__(self):  # model, tokenizer = load_model(...)
         return iter((self.model, self.tokenizer))
@@ -219,24 +238,24 @@ def load_tokenizer(path: str | Path, training: dict | None = None):
     """Our ``TraceTokenizer`` for trace models; the base model's own ``AutoTokenizer`` for ``--base-model`` runs."""
     training = training if training is not None else read_training_json(path)
     if training.get("tokenizer") == "auto":
-        from transformers import AutoTokenizer
+        from .base_model import load_base_tokenizer, resolve_base_model
 
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        return load_base_tokenizer(resolve_base_model(str(path)))
     from .tokenizer import TraceTokenizer
 
     return TraceTokenizer.from_pretrained(path)
 
 
 def load_base(path: str | Path, device: str | None = None, dtype=None):
-    """A local Hugging Face causal LM, from safetensors only, never downloaded."""
+    """A local Hugging Face causal LM, from safetensors only, never downloaded. ``path`` may also name a GGUF
+    model: a ``.gguf`` file, a directory holding one, or a package shipping one (see ``base_model``)."""
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise UserError(f"{p}: not a model directory (no config.json)")
+        from .base_model import load_base_model, resolve_base_model
+
+        return load_base_model(resolve_base_model(path), device, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(p), use_safetensors=True, local_files_only=True, trust_remote_code=False, dtype=dtype
@@ -246,23 +265,50 @@ def load_base(path: str | Path, device: str | None = None, dtype=None):
     return model.to(device or default_device())
 
 
-def load_model(path: str | Path | None = None, device: str | None = None) -> LoadedModel:
+BACKENDS = ("auto", "runtime", "transformers")
+
+
+def load_model(path: str | Path | None = None, device: str | None = None, *, backend: str = "auto") -> LoadedModel:
     """Load a model directory (default: the shipped ``model/``) with its tokenizer and any LoRA adapters.
 
     Runs on ``device``, else the GPU if there is one, else the CPU. Safetensors only; no remote code.
+    ``backend``: ``"runtime"`` (our torch-only implementation, for our own trace models), ``"transformers"``
+    (``LlamaForCausalLM`` + peft), or ``"auto"``: the runtime where it applies, else transformers (``--base-model``
+    runs, architectures the runtime does not implement).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     p = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if not p.is_dir():
         hint = " (the shipped default model has not been trained yet; see `otel-tracegen train`)" if path is None else ""
         raise UserError(f"no model directory at {p}{hint}")
     training = read_training_json(p)
     device = device or default_device()
-    # A --base-model run stores only adapters and names the base it was tuned from.
-    base_dir = p if (p / "config.json").is_file() else Path(training.get("base_model") or p)
-    if not (base_dir / "config.json").is_file():
+    ours = (p / "config.json").is_file() and training.get("tokenizer") != "auto"
+    if backend != "transformers" and ours:
+        from .runtime import TraceLMRuntime
+
+        try:
+            model = TraceLMRuntime.from_pretrained(p, device=device)
+        except ValueError as e:
+            if backend == "runtime":
+                raise UserError(f"{p}: the runtime cannot run this model ({e})") from None
+        else:
+            model.set_adapter(None)  # the plain pre-trained model until a task picks its adapter
+            return LoadedModel(model=model, tokenizer=load_tokenizer(p, training), path=p, device=device,
+                               adapters=model.adapters, training=training, backend="runtime")
+    elif backend == "runtime":
+        raise UserError(f"{p}: the runtime runs only our own trace models, not a --base-model run")
+    # A --base-model run stores only adapters and names the base it was tuned from: a model directory, a GGUF
+    # file, or a package shipping one.
+    if (p / "config.json").is_file():
+        base = str(p)
+    elif training.get("base_model"):
+        base = str(training["base_model"])
+    else:
         raise UserError(f"{p}: not a model directory (no config.json, and training.json names no base model)")
-    model = load_base(base_dir, device)
-    tokenizer = load_tokenizer(base_dir if training.get("tokenizer") == "auto" else p, training)
+    model = load_base(base, device)
+    tokenizer = load_tokenizer(base if training.get("tokenizer") == "auto" else p, training)
     adapters = find_adapters(p)
     if adapters:
         from peft import PeftModel
@@ -273,7 +319,8 @@ def load_model(path: str | Path | None = None, device: str | None = None) -> Loa
             model.load_adapter(str(root / name), adapter_name=name)
         model = model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, path=p, device=device, adapters=adapters, training=training)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=p, device=device, adapters=adapters, training=training,
+                       backend="transformers")
 
 
 def describe_model(path: str | Path | None = None) -> dict:
@@ -287,7 +334,7 @@ def describe_model(path: str | Path | None = None) -> dict:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        if "lora_" in name:
+        if "lora_" in name or ".lora." in name:  # peft's names, the runtime's
             adapter += param.numel()
         else:
             base += param.numel()

@@ -147,8 +147,12 @@ class TraceTokenizer:
     @classmethod
     def build(cls, texts: Iterable[str], *, min_count: int = 1) -> TraceTokenizer:
         """A tokenizer whose string values are those seen ``min_count`` times or more in ``texts``."""
-        if min_count < 1:
-            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        return cls.from_string_counts(cls.count_strings(texts), min_count=min_count)
+
+    @staticmethod
+    def count_strings(texts: Iterable[str]) -> Counter[str]:
+        """How often each string value (service, operation, ...) occurs in ``texts``. Counts of parts of a corpus
+        add up (``Counter.update``), so they can be taken in parallel and merged for :meth:`from_string_counts`."""
         chunks: Counter[str] = Counter()
         for text in texts:
             chunks.update(_split(text))
@@ -158,6 +162,13 @@ class TraceTokenizer:
                 for x in enc.lex(chunk):
                     if x.kind == "str":
                         counts[x.value] += n  # type: ignore[index]
+        return counts
+
+    @classmethod
+    def from_string_counts(cls, counts: Counter[str], *, min_count: int = 1) -> TraceTokenizer:
+        """A tokenizer for the string values counted ``min_count`` times or more (most frequent first)."""
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
         enums = set(ENUM_STRINGS)
         strings = sorted(
             (s for s, n in counts.items() if n >= min_count and s not in enums),

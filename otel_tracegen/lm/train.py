@@ -30,6 +30,7 @@ with ``weights_only=True``, so no pickle code runs).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
@@ -54,9 +55,10 @@ class TrainConfig:
     """One training run. Every field is also a ``otel-tracegen train`` option (``--max-steps`` for ``max_steps``)."""
 
     stage: str = field(default="pretrain", metadata={"help": "pretrain | instruct | infill"})
-    corpus: str = field(default="", metadata={"help": "corpus directory (otel-tracegen data build)"})
+    corpus: list[str] = field(default_factory=list,
+                              metadata={"help": "corpus directories (otel-tracegen data build); several are joined"})
     out: str = field(default="", metadata={"help": "model directory to write"})
-    config: str = field(default="tiny", metadata={"help": "architecture preset for pretrain: tiny | small"})
+    config: str = field(default="tiny", metadata={"help": "architecture preset for pretrain: tiny | mini | small | medium"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps in total (a resumed run counts on)"})
     batch_size: int = field(default=32, metadata={"help": "sequences per step and per process"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -69,6 +71,13 @@ class TrainConfig:
     block_size: int = field(default=0, metadata={"help": "tokens per sequence; 0 = the model's context"})
     drop_prob: float = field(default=0.9, metadata={"help": "pretrain: probability of dropping each condition"})
     text_passes: int = field(default=1, metadata={"help": "pretrain: re-render the corpus this often (new shuffles)"})
+    instruct_plain_prob: float = field(default=0.5, metadata={
+        "help": "instruct: share of traces without an instruction whose plain steps (full conditions, bookkeeping) "
+                "are trained on too, so the adapter also follows calls/depth"})
+    pack_order: str = field(default="shuffled", metadata={
+        "help": "pretrain: pack steps in random order (shuffled) or in corpus order (corpus: how the shipped model "
+                "of 2026-11-23 was trained; its blocks leak neighbouring steps into each step's context)"})
+    workers: int = field(default=0, metadata={"help": "processes rendering and tokenizing examples; 0 = one per CPU"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -88,10 +97,19 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if not (self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not (0.0 <= self.instruct_plain_prob <= 1.0):
+            raise ValueError(f"TrainConfig.instruct_plain_prob must be in [0, 1], got {self.instruct_plain_prob!r}")
         if not (0.0 <= self.drop_prob <= 1.0):
             raise ValueError(f"TrainConfig.drop_prob must be in [0, 1], got {self.drop_prob!r}")
         if self.block_size < 0:
             raise ValueError(f"TrainConfig.block_size must be >= 0, got {self.block_size!r}")
+        if isinstance(self.corpus, (str, Path)):  # one directory, as the API and older records give it
+            self.corpus = [str(self.corpus)]
+        self.corpus = [str(c) for c in self.corpus]
+        if self.pack_order not in ("shuffled", "corpus"):
+            raise ValueError(f"TrainConfig.pack_order must be shuffled or corpus, got {self.pack_order!r}")
+        if self.workers < 0:
+            raise ValueError(f"TrainConfig.workers must be >= 0, got {self.workers!r}")
         if not self.corpus or not self.out:
             raise ValueError("TrainConfig.corpus and TrainConfig.out are required")
 
@@ -113,81 +131,96 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
 
-@dataclass
-class Split:
-    """Rows of equal-length token tensors; ``labels`` is -100 where no loss is taken (prompt, padding)."""
-
-    input_ids: torch.Tensor  # noqa: F821
-    labels: torch.Tensor  # noqa: F821
-    attention_mask: torch.Tensor  # noqa: F821
-    stats: dict = field(default_factory=dict)  # supervised: examples kept, truncated (prompt cut), dropped
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def shard(self, rank: int, world: int) -> Split:  # DistributedSampler-like: every world-th row
-        return Split(self.input_ids[rank::world], self.labels[rank::world], self.attention_mask[rank::world],
-                     self.stats)
-
-    def rows(self, idx) -> tuple:
-        return self.input_ids[idx], self.labels[idx], self.attention_mask[idx]
-
-
-def _hf_pack(tok, texts, block: int) -> Split:
-    """Pack plain texts, EOS-separated, into full blocks with a Hugging Face tokenizer."""
-    import torch
-
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tok(t, add_special_tokens=False)["input_ids"])
-        ids.append(tok.eos_token_id)
-    n = len(ids) // block
-    x = torch.tensor(ids[: n * block], dtype=torch.long).view(n, block)
-    return Split(x, x.clone(), torch.ones_like(x))
-
-
-def _hf_supervised(tok, pairs, max_len: int) -> Split:
-    """Prompt + answer + EOS, right-padded; loss only on the answer."""
-    import torch
-
-    rows = []
-    for prompt, answer in pairs:
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = (p + a)[:max_len]
-        rows.append((ids, ([-100] * len(p) + a)[:max_len]))
-    width = max((len(r[0]) for r in rows), default=1)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    x = torch.full((len(rows), width), pad, dtype=torch.long)
-    y = torch.full((len(rows), width), -100, dtype=torch.long)
-    m = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, labels) in enumerate(rows):
-        x[i, : len(ids)], y[i, : len(ids)], m[i, : len(ids)] = torch.tensor(ids), torch.tensor(labels), 1
-    return Split(x, y, m)
-
-
-def make_split(stage: str, traces, tokenizer, block: int, cfg: TrainConfig, rng: random.Random, hf: bool) -> Split:
-    """Render a split's traces as the stage's texts and turn them into tensors."""
-    import torch
-
+def _hf_split(tok, stage: str, items: list, block: int):
+    """A Hugging Face tokenizer's rows: packed EOS-separated texts (pretrain), or ``bos? prompt`` / ``answer eos``
+    pairs with the loss on the answer only."""
     from . import data
 
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     if stage == "pretrain":
-        texts = [t for _ in range(cfg.text_passes) for t in data.pretrain_texts(traces, rng, drop_prob=cfg.drop_prob)]
-        if hf:
-            return _hf_pack(tokenizer, texts, block)
-        x = data.pack_pretrain(tokenizer, texts, block)
-        return Split(x, x.clone(), torch.ones_like(x))
-    examples = data.instruct_examples if stage == "instruct" else data.infill_examples
-    pairs = list(examples(traces, rng))
-    if hf:
-        return _hf_supervised(tokenizer, pairs, block)
-    if not pairs:
-        empty = torch.zeros((0, 1), dtype=torch.long)
-        return Split(empty, empty.clone(), empty.clone())
-    stats: dict = {}
-    x, y, m = data.pad_supervised(tokenizer, pairs, block, stats=stats)
-    return Split(x, y, m, stats)
+        ids = tok(items, add_special_tokens=False)["input_ids"] if items else []
+        try:
+            return data.Split(blocks=data.pack_blocks((x + [eos] for x in ids), block))
+        except ValueError:  # not one whole block: no rows
+            import torch
+
+            return data.Split(blocks=torch.zeros((0, block), dtype=torch.long))
+    if not items:
+        return data.Split(pad_id=pad)
+    prompts = tok([p for p, _ in items], add_special_tokens=False)["input_ids"]
+    answers = tok([a for _, a in items], add_special_tokens=False)["input_ids"]
+    head = [bos] if bos is not None and getattr(tok, "add_bos_token", False) else []  # as the tokenizer itself would
+    return data.Split.supervised(((head + p, a + [eos]) for p, a in zip(prompts, answers)), block, pad)
+
+
+def make_split(stage: str, traces, tokenizer, block: int, cfg: TrainConfig, seed: int, hf: bool, stats=None):
+    """Render a split's traces as the stage's examples, in ``cfg.workers`` processes, and tokenize them."""
+    from . import data
+
+    job = data.StageRender(stage, seed=seed, drop_prob=cfg.drop_prob,
+                           passes=cfg.text_passes if stage == "pretrain" else 1, stats=stats,
+                           plain_prob=cfg.instruct_plain_prob)
+    if hf:  # render in the workers, tokenize here in one batched call of the (Rust) tokenizer
+        items = data.render(job, traces, workers=cfg.workers)
+        if stage == "pretrain" and cfg.pack_order == "shuffled":
+            random.Random(seed).shuffle(items)  # as below
+        return _hf_split(tokenizer, stage, items, block)
+    if stage == "pretrain":
+        streams = data.render(job, traces, finish=data.TokenizeText(tokenizer), workers=cfg.workers)
+        # Steps are packed in random order. In corpus order a step's block also holds its parent's step and the
+        # traces before it, and the model learns to read those instead of its own prompt: it then copies counts
+        # from the wrong place and picks the entry service from the neighbours, while a generated step has
+        # nothing but its own prompt before it.
+        if cfg.pack_order == "shuffled":
+            random.Random(seed).shuffle(streams)
+        try:
+            return data.Split(blocks=data.pack_blocks(streams, block))
+        except ValueError:  # not one whole block (an empty validation split): no rows; train() names the problem
+            import torch
+
+            return data.Split(blocks=torch.zeros((0, block), dtype=torch.long))
+    pairs = data.render(job, traces, finish=data.TokenizePair(tokenizer), workers=cfg.workers)
+    return data.Split.supervised(pairs, block, tokenizer.pad_id)
+
+
+def build_tokenizer(traces, workers: int = 0):
+    """The domain tokenizer of a corpus: every string value of its plain steps (which hold every service,
+    operation, kind and status that the instruct and infill texts can name), counted in parallel."""
+    from collections import Counter
+
+    from . import data
+    from .tokenizer import TraceTokenizer
+
+    counts: Counter[str] = Counter()
+    for part in data.render_chunks(data.StageRender("steps"), traces, TraceTokenizer.count_strings, workers=workers):
+        counts.update(part)
+    return TraceTokenizer.from_string_counts(counts)
+
+
+def load_corpora(dirs: list[str]) -> tuple[dict, dict[str, list]]:
+    """The traces of several corpora, split by split, and a record of what was read (for ``training.json``)."""
+    from ..dataset import load_corpus
+
+    splits: dict[str, list] = {}
+    records = []
+    for d in dirs:
+        manifest, parts = load_corpus(d)
+        for name, traces in parts.items():
+            splits.setdefault(name, []).extend(traces)
+        records.append({"corpus": str(d), "inputs": manifest.get("inputs"), "splits": manifest.get("splits"),
+                        "validation_cut_unix_nano": manifest.get("validation_cut_unix_nano")})
+    totals: dict[str, dict[str, int]] = {}
+    for r in records:
+        for name, counts in (r["splits"] or {}).items():
+            for key, n in counts.items():
+                if isinstance(n, int):
+                    totals.setdefault(name, {}).setdefault(key, 0)
+                    totals[name][key] += n
+    info = {"corpus": [r["corpus"] for r in records],
+            "inputs": [i for r in records for i in (r["inputs"] or [r["corpus"]])],
+            "splits": totals, "corpora": records}
+    return info, splits
 
 
 def hardware(device: str) -> dict:
@@ -258,8 +291,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    from ..dataset import load_corpus
-
     # -- processes and device ---------------------------------------------------------------------------------
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -279,19 +310,22 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
 
     # -- data ---------------------------------------------------------------------------------------------------
-    manifest, splits = load_corpus(cfg.corpus)
-    if not splits["train"]:
-        raise UserError(f"{cfg.corpus}: the train split is empty")
+    data_info, splits = load_corpora(cfg.corpus)
+    if not splits.get("train"):
+        raise UserError(f"{', '.join(cfg.corpus)}: the train split is empty")
+    # Millions of span objects that live to the end: keep the cyclic GC from scanning them again and again while
+    # the examples are rendered (it more than doubles rendering time otherwise).
+    gc.collect()
+    gc.freeze()
 
     # -- model and tokenizer ------------------------------------------------------------------------------------
     model_config = None
     if hf:
-        from transformers import AutoTokenizer
+        from .base_model import load_base_model, load_base_tokenizer, resolve_base_model
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = lm.load_base(cfg.base_model, device)
+        base_source = resolve_base_model(cfg.base_model)  # a model directory, a .gguf file, or a package with one
+        tokenizer = load_base_tokenizer(base_source)
+        model = load_base_model(base_source, device)
         block = cfg.block_size or min(1024, int(getattr(model.config, "max_position_embeddings", 1024)))
     elif cfg.stage == "pretrain":
         from .tokenizer import TraceTokenizer
@@ -303,14 +337,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             state = torch.load(checkpoint_dir(cfg) / "state.pt", map_location="cpu", weights_only=True)
             model_config = lm.TraceLMConfig.from_dict(state["model_config"])
         else:
-            # The vocabulary covers every stage's texts, so instruct/infill prompts need no unknown tokens.
-            from . import data
-
-            trng = random.Random(cfg.seed)
-            texts = list(data.pretrain_texts(splits["train"], trng, drop_prob=0.0))
-            texts += [s for pair in data.instruct_examples(splits["train"], trng) for s in pair]
-            texts += [s for pair in data.infill_examples(splits["train"], trng) for s in pair]
-            tokenizer = TraceTokenizer.build(texts)
+            tokenizer = build_tokenizer(splits["train"], cfg.workers)
             model_config = lm.preset(cfg.config)
             model_config.vocab_size = tokenizer.vocab_size
         model = lm.build_model(model_config, tokenizer).to(device)
@@ -335,9 +362,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         model = get_peft_model(model, peft_config)
     model.train()
 
-    data_rng = random.Random(cfg.seed)
-    train_split = make_split(cfg.stage, splits["train"], tokenizer, block, cfg, data_rng, hf).shard(rank, world)
-    val_split = make_split(cfg.stage, splits["validation"], tokenizer, block, cfg, random.Random(cfg.seed + 1), hf)
+    stats = None
+    if cfg.stage == "instruct":  # thresholds from the train split, asked of both splits
+        from .data import corpus_stats_for_instructions
+
+        stats = corpus_stats_for_instructions(splits["train"])
+    t_data = time.perf_counter()
+    train_split = make_split(cfg.stage, splits["train"], tokenizer, block, cfg, cfg.seed, hf, stats).shard(rank, world)
+    val_split = make_split(cfg.stage, splits.get("validation", []), tokenizer, block, cfg, cfg.seed + 1, hf, stats)
+    data_seconds = time.perf_counter() - t_data
     if len(train_split) == 0:
         raise UserError(f"{cfg.corpus}: no {cfg.stage} training examples of {block} tokens could be made")
 
@@ -455,15 +488,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         "examples": {"train": len(train_split) * world, "validation": len(val_split)},
         "example_stats": {"train": train_split.stats, "validation": val_split.stats},
         "block_size": block,
-        "corpus": str(cfg.corpus),
+        "corpus": list(cfg.corpus),
+        "data_prep_s": round(data_seconds, 3),
         "args": asdict(cfg),
     }
     if master:
         card = {"stages": {cfg.stage: record}}
-        data_info = {"corpus": str(cfg.corpus), "inputs": manifest.get("inputs"), "splits": manifest.get("splits"),
-                     "validation_cut_unix_nano": manifest.get("validation_cut_unix_nano")}
         if hf:
-            card.update(base_model=str(Path(cfg.base_model).resolve()), tokenizer="auto", data=data_info)
+            card.update(base_model=base_source.record, tokenizer="auto", data=data_info)
         if cfg.stage == "pretrain" and not hf:
             card.update(config=model_config.to_dict(), parameters=lm.count_parameters(raw_model), tokenizer="trace",
                         data=data_info, base_model=None)
@@ -502,10 +534,14 @@ def add_arguments(p) -> None:
             p.add_argument(flag, action="store_true", default=None, help=help_)
         elif f.name == "stage":
             p.add_argument(flag, required=True, choices=STAGES, help=help_)
-        elif f.name in ("corpus", "out"):
+        elif f.name == "corpus":
+            p.add_argument(flag, required=True, nargs="+", metavar="DIR", help=help_)
+        elif f.name == "out":
             p.add_argument(flag, required=True, help=help_)
         elif f.name == "config":
             p.add_argument(flag, choices=sorted(lm.PRESETS), default=None, help=help_ + f" (default {f.default})")
+        elif f.name == "pack_order":
+            p.add_argument(flag, choices=("shuffled", "corpus"), default=None, help=help_ + f" (default {f.default})")
         else:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             p.add_argument(flag, type=kind, default=None, help=f"{help_} (default {f.default!r})")

@@ -1,0 +1,554 @@
+"""A small inference runtime for our trace language model that needs only ``torch`` and ``safetensors``.
+
+Why: ``from transformers import LlamaForCausalLM`` alone costs ~2.6 s on a CPU (it pulls in torch._dynamo,
+torch.distributed.tensor, scipy, sympy), on top of ~1 s for torch, and loading must stay within 3 s. The model
+is a plain Llama, so a few dozen lines of PyTorch compute the same logits as transformers 5.x
+``LlamaForCausalLM`` (and peft LoRA) for our configs. Anything this file does not implement (other model
+types, RoPE scaling, biases, DoRA, ...) is refused with a ``ValueError`` naming it, so callers fall back to
+:func:`otel_tracegen.lm.model.load_model`.
+
+It reads the same directory ``save_model`` writes::
+
+    model/config.json  model/model.safetensors                 # LlamaForCausalLM.save_pretrained
+    model/adapters/<name>/adapter_config.json  adapter_model.safetensors   # peft LoRA, one per stage
+
+Inference only: no dropout, no gradients, no training. Safetensors only: nothing is unpickled.
+
+    >>> lm = TraceLMRuntime.from_pretrained("model")            # doctest: +SKIP
+    >>> lm.set_adapter("instruct")                               # doctest: +SKIP
+    >>> lm.sample([[1, 5, 9]], max_new_tokens=50, eos_id=2, pad_id=0, temperature=0)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ADAPTERS_DIR = "adapters"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+# scaled_dot_product_attention(enable_gqa=...) arrived in torch 2.5; before that the key/value heads are repeated.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+LogitsHook = Callable[[list[int], list[list[int]], torch.Tensor], torch.Tensor]
+
+
+# --- configuration -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The numbers of a Hugging Face Llama ``config.json`` that this runtime uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, d: dict) -> RuntimeConfig:
+        """Read a ``LlamaConfig`` dict (transformers 4.x or 5.x spelling); ``ValueError`` names what is unsupported.
+
+        Defaults are those of ``transformers.LlamaConfig`` for the keys ``save_pretrained`` may leave out.
+        """
+        unsupported = []
+        if d.get("model_type") != "llama":
+            unsupported.append(f"model_type={d.get('model_type')!r} (only 'llama')")
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):
+            unsupported.append(f"hidden_act={d.get('hidden_act')!r} (only 'silu')")
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key):
+                unsupported.append(f"{key}=true")
+        if d.get("quantization_config"):
+            unsupported.append("quantization_config")
+        # transformers 5 writes rope_parameters={"rope_type", "rope_theta"}; 4.x wrote rope_theta + rope_scaling.
+        rope = d.get("rope_parameters") or {}
+        for where, spec in (("rope_parameters", rope), ("rope_scaling", d.get("rope_scaling") or {})):
+            rope_type = spec.get("rope_type", spec.get("type", "default"))
+            if rope_type != "default":
+                unsupported.append(f"{where}.rope_type={rope_type!r} (only 'default')")
+            if spec.get("partial_rotary_factor", 1.0) != 1.0:
+                unsupported.append(f"{where}.partial_rotary_factor={spec['partial_rotary_factor']!r}")
+        if unsupported:
+            raise ValueError("TraceLMRuntime does not support this model config: " + "; ".join(unsupported))
+
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if not isinstance(d.get(k), int)]
+        if missing:
+            raise ValueError(f"model config lacks integer {', '.join(missing)}")
+        heads = d["num_attention_heads"]
+        kv_heads = d.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ValueError(f"num_key_value_heads={kv_heads} must divide num_attention_heads={heads}")
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
+
+
+# --- KV cache ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, so that each decoding step only computes its new token.
+
+    ``keys[i]`` / ``values[i]``: layer ``i``'s buffers, (batch, kv_heads, room, head_dim), RoPE already applied;
+    the first ``length`` positions are used. The room doubles when full, so appending a token does not copy the
+    whole cache each step (``torch.cat`` did, and that was most of the decoding time); ``capacity`` sets the
+    initial room when the final length is known.
+    ``mask``: (batch, length) bool, which cached positions are real tokens (False: left padding).
+    ``seen``: (batch,) long, real tokens per row so far, i.e. the position of the row's next token.
+    """
+
+    capacity: int = 0
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Cached positions (padding included)."""
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this call's keys/values of ``layer`` (called before ``mask`` grows); return all of them."""
+        start, end = self.length, self.length + k.shape[2]
+        if layer == len(self.keys):
+            room = max(self.capacity, end)
+            self.keys.append(k.new_empty(*k.shape[:2], room, k.shape[3]))
+            self.values.append(v.new_empty(*v.shape[:2], room, v.shape[3]))
+        elif end > self.keys[layer].shape[2]:
+            room = max(end, 2 * self.keys[layer].shape[2])
+            for bufs in (self.keys, self.values):
+                old = bufs[layer]
+                bufs[layer] = old.new_empty(*old.shape[:2], room, old.shape[3])
+                bufs[layer][:, :, :start] = old[:, :, :start]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (a long tensor), e.g. drop the rows that have finished sampling."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, rows)
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, rows)
+
+
+# --- layers --------------------------------------------------------------------------------------------------
+
+
+class LoRA(nn.Module):
+    """One low-rank adapter of one linear layer: ``delta(x) = ((x A^T) B^T) * scale``, as peft computes it."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.A = nn.Parameter(A, requires_grad=False)  # (r, in)
+        self.B = nn.Parameter(B, requires_grad=False)  # (out, r)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer with any number of LoRA adapters, of which at most one (``active``) is applied."""
+
+    def __init__(self, in_features: int, out_features: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        self.lora = nn.ModuleDict()
+        self.active: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.active is not None and self.active in self.lora:
+            y = y + self.lora[self.active](x)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in float32 like transformers' ``LlamaRMSNorm``."""
+
+    def __init__(self, dim: int, eps: float, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin of shape (batch, 1, T, head_dim) for ``positions`` (batch, T); float32 math as in transformers."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: RuntimeConfig, layer: int, **kw) -> None:
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.head_dim = (
+            layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, **kw)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, **kw)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, **kw)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, **kw)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if self.n_kv == self.n_heads:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif _SDPA_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            rep = self.n_heads // self.n_kv
+            y = F.scaled_dot_product_attention(
+                q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: RuntimeConfig, **kw) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RuntimeConfig, layer: int, **kw) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, layer, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, dim, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class Decoder(nn.Module):
+    """The ``model.`` part of ``LlamaForCausalLM``; module names match its state dict."""
+
+    def __init__(self, cfg: RuntimeConfig, **kw) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nn.ModuleList(Block(cfg, i, **kw) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+
+
+def _adapter_dirs(path: Path) -> list[str]:
+    root = path / ADAPTERS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if (d / ADAPTER_CONFIG).is_file() and (d / ADAPTER_WEIGHTS).is_file())
+
+
+def _lora_scale(name: str, cfg: dict) -> float:
+    """alpha / r from a peft ``adapter_config.json``; ``ValueError`` for the LoRA variants not implemented here."""
+    unsupported = []
+    if cfg.get("peft_type", "LORA") != "LORA":
+        unsupported.append(f"peft_type={cfg.get('peft_type')!r}")
+    for key in ("use_rslora", "use_dora", "use_qalora", "lora_bias", "fan_in_fan_out"):
+        if cfg.get(key):
+            unsupported.append(f"{key}=true")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication", "trainable_token_indices",
+                "alora_invocation_tokens", "target_parameters"):
+        if cfg.get(key):
+            unsupported.append(f"{key}={cfg[key]!r}")
+    if cfg.get("bias", "none") != "none":
+        unsupported.append(f"bias={cfg['bias']!r}")
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not set(targets) <= set(LORA_TARGETS):
+        unsupported.append(f"target_modules={sorted(set(targets) - set(LORA_TARGETS))} (only {list(LORA_TARGETS)})")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        unsupported.append(f"r={r!r}, lora_alpha={alpha!r}")
+    if unsupported:
+        raise ValueError(f"TraceLMRuntime does not support adapter {name!r}: " + "; ".join(unsupported))
+    return alpha / r
+
+
+class TraceLMRuntime(nn.Module):
+    """Inference-only Llama (+ LoRA adapters) that computes what transformers' ``LlamaForCausalLM`` does.
+
+    Build it with :meth:`from_pretrained`. ``forward`` returns ``(logits, cache)``; :meth:`sample` generates.
+    """
+
+    def __init__(self, config: RuntimeConfig, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        kw = {"device": device, "dtype": dtype}
+        self.model = Decoder(config, **kw)
+        if config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)  # a placeholder; shares the embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, **kw)
+        self._adapters: list[str] = []
+        self._active: str | None = None
+        self.eval()
+
+    # --- loading ---
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        adapters: Sequence[str] | None = None) -> TraceLMRuntime:
+        """Load ``path/config.json`` + ``path/model.safetensors`` and the LoRA adapters under ``path/adapters/``.
+
+        ``adapters``: names to load; ``None`` = every one found. The first one loaded (in sorted order when found
+        automatically) is active, as with ``load_model``; ``set_adapter(None)`` runs the plain pre-trained model.
+        Raises ``ValueError`` for an architecture or adapter this runtime does not implement.
+        """
+        p = Path(path)
+        try:
+            hf = json.loads((p / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p / CONFIG_FILE}: cannot read the model config ({e})") from None
+        config = RuntimeConfig.from_hf(hf)
+        model = cls(config, device=device, dtype=dtype)
+        weights = load_file(str(p / WEIGHTS_FILE), device=str(device))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if config.tie_word_embeddings and "lm_head.weight" in missing:
+            missing.remove("lm_head.weight")
+        missing = [k for k in missing if ".lora." not in k]
+        if missing or unexpected:
+            raise ValueError(f"{p / WEIGHTS_FILE}: weights do not fit the config (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        names = _adapter_dirs(p) if adapters is None else list(adapters)
+        for name in names:
+            model.load_adapter(p / ADAPTERS_DIR / name, name)
+        model.set_adapter(names[0] if names else None)
+        return model
+
+    def load_adapter(self, directory: str | Path, name: str) -> None:
+        """Add the peft LoRA adapter saved in ``directory`` under ``name`` (not made active)."""
+        d = Path(directory)
+        if not name or "." in name or name in self._adapters:
+            raise ValueError(f"adapter name {name!r} is empty, holds a '.', or is already loaded")
+        try:
+            cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{d / ADAPTER_CONFIG}: cannot read the adapter config ({e})") from None
+        scale = _lora_scale(name, cfg)
+        ref = self.model.embed_tokens.weight
+        tensors = load_file(str(d / ADAPTER_WEIGHTS), device=str(ref.device))
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            module, dot, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            if not dot or part not in ("A.weight", "B.weight"):
+                raise ValueError(f"{d / ADAPTER_WEIGHTS}: unsupported adapter tensor {key!r}")
+            pairs.setdefault(module, {})[part[0]] = t.to(ref.dtype)
+        layers = []
+        for module, ab in pairs.items():
+            try:
+                linear = self.get_submodule(module)
+            except AttributeError:
+                linear = None
+            if not isinstance(linear, Linear) or module.rpartition(".")[2] not in LORA_TARGETS or set(ab) != {"A", "B"}:
+                raise ValueError(f"{d / ADAPTER_WEIGHTS}: no LoRA A/B pair for a projection at {module!r}")
+            A, B = ab["A"], ab["B"]
+            out_f, in_f = linear.weight.shape
+            if A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape[0] != out_f or A.shape[0] != B.shape[1]:
+                raise ValueError(f"{d / ADAPTER_WEIGHTS}: LoRA shapes {tuple(A.shape)}, {tuple(B.shape)} do not fit "
+                                 f"{module} ({out_f}x{in_f})")
+            layers.append((linear, LoRA(A, B, scale)))
+        for linear, lora in layers:  # only once everything checked out
+            linear.lora[name] = lora
+            linear.active = self._active
+        self._adapters.append(name)
+
+    # --- adapters ---
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return list(self._adapters)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter applied by ``forward``, or None for the plain pre-trained weights."""
+        return self._active
+
+    def set_adapter(self, name: str | None) -> None:
+        """Apply adapter ``name`` from now on (None: none, the pre-trained model)."""
+        if name is not None and name not in self._adapters:
+            raise ValueError(f"no adapter {name!r}; loaded: {self._adapters}")
+        self._active = name
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.active = name
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # --- forward ---
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
+        """Logits (batch, T, vocab) for ``input_ids`` (batch, T), and ``cache`` extended by these tokens.
+
+        ``attention_mask``: 1 for tokens, 0 for (left) padding; either for the T new tokens or, as transformers
+        takes it, for the cached tokens followed by the new ones (only its last T columns are read). A row's
+        positions count its real tokens only (cumsum(mask) - 1, at least 0), as ``generate`` does for left padding.
+        Pass ``cache=KVCache()`` on the first call to get one back; ``None`` keeps nothing.
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        new = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask[:, -T:].bool()
+        past = cache.length if cache is not None else 0
+        seen = cache.seen if cache is not None and cache.seen is not None else torch.zeros(B, dtype=torch.long, device=dev)
+        positions = (seen[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)
+        keys_ok = new if past == 0 else torch.cat([cache.mask, new], dim=1)  # (B, past + T)
+
+        # Query t (absolute index past + t) sees real keys at indices <= past + t, and always itself, so that a
+        # padding query never has an empty row (whose NaNs would reach real tokens through the next layer's values).
+        q_idx = torch.arange(past, past + T, device=dev)[:, None]
+        k_idx = torch.arange(past + T, device=dev)[None, :]
+        mask = ((k_idx <= q_idx) & keys_ok[:, None, :]) | (k_idx == q_idx)
+        mask = mask[:, None]  # (B, 1, T, past + T): the same for every head
+
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        logits = self.lm_head(self.model.norm(x))
+        if cache is not None:
+            cache.mask, cache.seen = keys_ok, seen + new.long().sum(-1)
+        return logits, cache
+
+    # --- sampling ---
+
+    @torch.inference_mode()
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, pad_id: int,
+               temperature: float = 1.0, generator: torch.Generator | None = None,
+               logits_hook: LogitsHook | None = None) -> list[list[int]]:
+        """Continue each prompt by ancestral sampling (full softmax of logits / temperature; 0 = greedy).
+
+        Prompts are batched, left-padded with ``pad_id``. A row stops after ``eos_id`` (which its completion
+        includes) or after ``max_new_tokens``; finished rows leave the batch, and sampling stops when none is left.
+        ``logits_hook(rows, generated, logits) -> logits`` is called before each token is drawn: ``rows`` are the
+        indices into ``prompts`` of the rows still running, ``generated`` their tokens so far (same order) and
+        ``logits`` a float32 (len(rows), vocab) tensor; return it changed, e.g. -inf for banned tokens.
+        ``generator`` must live on the model's device. Returns the new tokens of each prompt.
+        """
+        if max_new_tokens < 0 or not (temperature >= 0):
+            raise ValueError(f"need max_new_tokens >= 0 and temperature >= 0, got {max_new_tokens}, {temperature}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (e.g. bos)")
+        out: list[list[int]] = [[] for _ in prompts]
+        if not prompts or max_new_tokens == 0:
+            return out
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        logits, cache = self(ids.to(dev), mask.to(dev), KVCache(capacity=width + max_new_tokens))
+        rows = list(range(len(prompts)))  # the prompts still running, in batch order
+        for step in range(max_new_tokens):
+            last = logits[:, -1].float()
+            if logits_hook is not None:
+                last = logits_hook(rows, [out[r] for r in rows], last)
+            if temperature == 0:
+                nxt = last.argmax(-1)
+            else:
+                probs = torch.softmax(last / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            keep = []
+            for i, (r, token) in enumerate(zip(rows, nxt.tolist())):
+                out[r].append(token)
+                if token != eos_id:
+                    keep.append(i)
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(rows):
+                idx = torch.tensor(keep, device=dev)
+                cache.select(idx)
+                nxt, rows = nxt[idx], [rows[i] for i in keep]
+            logits, cache = self(nxt[:, None], None, cache)
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"layers={c.num_hidden_layers}, hidden={c.hidden_size}, heads={c.num_attention_heads}/"
+                f"{c.num_key_value_heads}, vocab={c.vocab_size}, adapters={self._adapters}, active={self._active!r}")
+
+
+__all__ = ["KVCache", "RuntimeConfig", "TraceLMRuntime"]
