@@ -3,7 +3,8 @@
 - **pretrain** (:func:`pretrain_texts`): one text per step, the paper's p(c^{k+1}, t^k | c^k); condition items
   shuffled and each dropped with ``drop_prob``, except the parent's service (``svc=``; the root step's
   ``<client>`` is never dropped).
-- **instruct** (:func:`instruct_examples`): (prompt, answer) per step that carries an instruction. The prompt is
+- **instruct** (:func:`instruct_examples`): (prompt, answer) per step that carries an instruction, plus, with
+  ``plain_prob``, the plain steps of some traces that carry none. The prompt is
   the full conditions through ``<layer>``; the answer is everything after it (calls, ``<book>`` bookkeeping,
   ``<sub>`` conditions, ``<end>``), and only the answer is trained on. Instructions come from
   :func:`~otel_tracegen.encoding.derive_instructions` with thresholds from :func:`corpus_stats_for_instructions`.
@@ -17,6 +18,11 @@
 
   * a missing connecting span: :func:`~otel_tracegen.encoding.encode_span_infill` (the parent's layer with the
     span masked, its orphaned children after ``<kids>``; the answer is its fields and ``<end>``).
+
+A whole split is rendered by :func:`render` (one :class:`StageRender` job, chunks of traces in forked worker
+processes, each chunk with its own seeded rng, so the result never depends on the number of workers) and tokenized
+in the workers (:class:`TokenizeText`, :class:`TokenizePair`). :class:`Split` holds the rows: packed blocks for
+pre-training, ragged (prompt, answer) rows padded per batch for instruct and infill.
 
 Everything above the torch section is pure Python. Traces the encoding cannot represent (several roots,
 duplicate ids) are skipped; :func:`encodable` says how many.
