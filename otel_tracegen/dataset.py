@@ -319,6 +319,39 @@ def _renumbered(trace: Trace) -> Trace:
     return Trace(spans, trace.trace_id)
 
 
+def corpus_record(corpus_dir: str | Path, manifest: dict) -> dict:
+    """What a joined corpus or a trained model records of one corpus it was made from."""
+    return {"corpus": str(corpus_dir), "inputs": manifest.get("inputs"), "splits": manifest.get("splits"),
+            "validation_cut_unix_nano": manifest.get("validation_cut_unix_nano")}
+
+
+def _inputs(records: Sequence[dict]) -> list[str]:
+    """The raw inputs behind corpus records (the corpus directory where a manifest names none)."""
+    return [i for r in records for i in (r["inputs"] or [r["corpus"]])]
+
+
+def load_corpora(corpus_dirs: Sequence[str | Path]) -> tuple[dict, dict[str, list[Trace]]]:
+    """The traces of several corpora joined split by split, and a record of what was read: each corpus
+    (:func:`corpus_record`), all their inputs and the summed split counts."""
+    splits: dict[str, list[Trace]] = {}
+    records = []
+    for d in corpus_dirs:
+        manifest, parts = load_corpus(d)
+        for name, traces in parts.items():
+            splits.setdefault(name, []).extend(traces)
+        records.append(corpus_record(d, manifest))
+    totals: dict[str, dict[str, int]] = {}
+    for r in records:
+        for name, counts in (r["splits"] or {}).items():
+            for key, n in counts.items():
+                if isinstance(n, int):
+                    totals.setdefault(name, {}).setdefault(key, 0)
+                    totals[name][key] += n
+    info = {"corpus": [r["corpus"] for r in records], "inputs": _inputs(records), "splits": totals,
+            "corpora": records}
+    return info, splits
+
+
 def join_corpora(
     corpus_dirs: Sequence[str | Path], out_dir: str | Path, *, model_view_only: bool = False
 ) -> dict:
@@ -352,15 +385,14 @@ def join_corpora(
                         continue
                 traces = kept
             joined[name].extend(traces)
-        parts.append({"corpus": str(d), "inputs": manifest.get("inputs"), "splits": manifest.get("splits"),
-                      "validation_cut_unix_nano": manifest.get("validation_cut_unix_nano"),
-                      "input_format": manifest.get("input_format"), "report": manifest.get("report")})
+        parts.append({**corpus_record(d, manifest), "input_format": manifest.get("input_format"),
+                      "report": manifest.get("report")})
     manifest = {
         "corpus_format_version": CORPUS_FORMAT_VERSION,
         "otel_tracegen_version": __version__,
         "created_unix": int(time.time()),
         "input_format": "corpora",
-        "inputs": [i for part in parts for i in (part["inputs"] or [part["corpus"]])],
+        "inputs": _inputs(parts),
         "joined": parts,
         "model_view_only": model_view_only,
         "validation_cut_unix_nano": None,  # each part keeps its own; see "joined"

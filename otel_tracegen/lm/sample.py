@@ -37,7 +37,7 @@ from ..encoding import (
     next_conditions,
     parse_step,
 )
-from ..validate import validate
+from ..validate import ViolationKind, validate
 
 
 @dataclass
@@ -69,14 +69,11 @@ def free_run(lm, n: int, *, seed: int = 0, batch_size: int = 256, max_new_tokens
     runtime = getattr(lm, "backend", "transformers") == "runtime"
     if adapter is not None and adapter not in lm.adapters:
         raise ValueError(f"{lm.path} has no adapter {adapter!r} (it has: {', '.join(lm.adapters) or 'none'})")
-    if runtime:
-        model.set_adapter(adapter)  # None: the pre-trained weights alone
-        no_adapter = nullcontext()
-    elif adapter is not None:
-        model.set_adapter(adapter)
-        no_adapter = nullcontext()
-    else:  # the pre-trained weights write traces; the LoRA adapters (injected in place) are for other tasks
-        no_adapter = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    no_adapter = nullcontext()
+    if runtime or adapter is not None:
+        model.set_adapter(adapter)  # the runtime takes None: the pre-trained weights alone
+    elif hasattr(model, "disable_adapter"):  # a PeftModel: its LoRA layers are injected in place, switch them off
+        no_adapter = model.disable_adapter()
     model.eval()
     torch.manual_seed(seed)
     generator = torch.Generator(device=model.device).manual_seed(seed) if runtime else None
@@ -150,14 +147,14 @@ def free_run(lm, n: int, *, seed: int = 0, batch_size: int = 256, max_new_tokens
             result.failures[f"does not decode: {str(e).split(':')[0]}"] += 1
             continue
         result.spans.append(len(trace))
-        structure = validate(trace, check_time_window=False)
+        violations = validate(trace, tolerance_ns=tolerance_ns)
+        structure = [v for v in violations if v.kind is not ViolationKind.CHILD_OUTSIDE_PARENT]
         if structure:
             result.failures[f"invalid: {structure[0].kind.value}"] += 1
             continue
         result.structural += 1
         entry[1] += 1
         result.samples.append(trace)
-        violations = validate(trace, tolerance_ns=tolerance_ns)
         if violations:
             result.failures[f"invalid: {violations[0].kind.value}"] += 1
         else:

@@ -131,6 +131,19 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
 
+def _packed_split(streams, block: int):
+    """Pre-training rows: the token streams packed into blocks; no rows when they do not fill one block (an empty
+    validation split: its loss is then reported as n/a; an empty train split is refused by ``train``)."""
+    from . import data
+
+    try:
+        return data.Split(blocks=data.pack_blocks(streams, block))
+    except ValueError:
+        import torch
+
+        return data.Split(blocks=torch.zeros((0, block), dtype=torch.long))
+
+
 def _hf_split(tok, stage: str, items: list, block: int):
     """A Hugging Face tokenizer's rows: packed EOS-separated texts (pretrain), or ``bos? prompt`` / ``answer eos``
     pairs with the loss on the answer only."""
@@ -140,12 +153,7 @@ def _hf_split(tok, stage: str, items: list, block: int):
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     if stage == "pretrain":
         ids = tok(items, add_special_tokens=False)["input_ids"] if items else []
-        try:
-            return data.Split(blocks=data.pack_blocks((x + [eos] for x in ids), block))
-        except ValueError:  # not one whole block: no rows
-            import torch
-
-            return data.Split(blocks=torch.zeros((0, block), dtype=torch.long))
+        return _packed_split((x + [eos] for x in ids), block)
     if not items:
         return data.Split(pad_id=pad)
     prompts = tok([p for p, _ in items], add_special_tokens=False)["input_ids"]
@@ -174,12 +182,7 @@ def make_split(stage: str, traces, tokenizer, block: int, cfg: TrainConfig, seed
         # nothing but its own prompt before it.
         if cfg.pack_order == "shuffled":
             random.Random(seed).shuffle(streams)
-        try:
-            return data.Split(blocks=data.pack_blocks(streams, block))
-        except ValueError:  # not one whole block (an empty validation split): no rows; train() names the problem
-            import torch
-
-            return data.Split(blocks=torch.zeros((0, block), dtype=torch.long))
+        return _packed_split(streams, block)
     pairs = data.render(job, traces, finish=data.TokenizePair(tokenizer), workers=cfg.workers)
     return data.Split.supervised(pairs, block, tokenizer.pad_id)
 
@@ -197,30 +200,6 @@ def build_tokenizer(traces, workers: int = 0):
         counts.update(part)
     return TraceTokenizer.from_string_counts(counts)
 
-
-def load_corpora(dirs: list[str]) -> tuple[dict, dict[str, list]]:
-    """The traces of several corpora, split by split, and a record of what was read (for ``training.json``)."""
-    from ..dataset import load_corpus
-
-    splits: dict[str, list] = {}
-    records = []
-    for d in dirs:
-        manifest, parts = load_corpus(d)
-        for name, traces in parts.items():
-            splits.setdefault(name, []).extend(traces)
-        records.append({"corpus": str(d), "inputs": manifest.get("inputs"), "splits": manifest.get("splits"),
-                        "validation_cut_unix_nano": manifest.get("validation_cut_unix_nano")})
-    totals: dict[str, dict[str, int]] = {}
-    for r in records:
-        for name, counts in (r["splits"] or {}).items():
-            for key, n in counts.items():
-                if isinstance(n, int):
-                    totals.setdefault(name, {}).setdefault(key, 0)
-                    totals[name][key] += n
-    info = {"corpus": [r["corpus"] for r in records],
-            "inputs": [i for r in records for i in (r["inputs"] or [r["corpus"]])],
-            "splits": totals, "corpora": records}
-    return info, splits
 
 
 def hardware(device: str) -> dict:
@@ -310,6 +289,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
 
     # -- data ---------------------------------------------------------------------------------------------------
+    from ..dataset import load_corpora
+
     data_info, splits = load_corpora(cfg.corpus)
     if not splits.get("train"):
         raise UserError(f"{', '.join(cfg.corpus)}: the train split is empty")
