@@ -102,12 +102,92 @@ def _build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the trace language model (pretrain, then instruct and infill LoRA)")
     _add_train_arguments(t)
 
+    g = sub.add_parser("generate", help="generate traces with the trace model (grammar-constrained, always valid)")
+    _add_generate_arguments(g)
+
     mdl = sub.add_parser("model", help="describe trained models")
     msub = mdl.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
     mi = msub.add_parser("info", help="parameters, size, vocabulary, adapters and training data of a model")
     mi.add_argument("path", nargs="?", type=Path, help="model directory (default: the shipped model/)")
     mi.add_argument("--json", action="store_true", help="print the description as JSON")
+    mc = msub.add_parser("catalog", help="(re)build a model's catalog.json (services, operations, edges) from corpora")
+    mc.add_argument("path", type=Path, help="model directory")
+    mc.add_argument("--corpus", nargs="+", required=True, metavar="DIR", help="corpus directories it was trained on")
     return p
+
+
+def _include_call(text: str):
+    """``A -> B`` or ``A -> B:KIND`` (the callee's span kind)."""
+    from .encoding import Include
+    from .trace import SpanKind
+
+    src, arrow, dst = text.partition("->")
+    src, dst = src.strip(), dst.strip()
+    kind = None
+    if ":" in dst:
+        dst, _, kind_name = dst.rpartition(":")
+        dst = dst.strip()
+        try:
+            kind = SpanKind[kind_name.strip().upper()]
+        except KeyError:
+            raise argparse.ArgumentTypeError(
+                f"unknown span kind {kind_name.strip()!r} in {text!r}; use one of {', '.join(k.name for k in SpanKind)}"
+            ) from None
+    if not arrow or not src or not dst:
+        raise argparse.ArgumentTypeError(f"expected 'A -> B' or 'A -> B:KIND', got {text!r}")
+    return Include(src, dst, kind)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return v
+
+
+def _start_time(text: str) -> int:
+    """Unix nanoseconds from an integer (ns) or an ISO 8601 / RFC 3339 time."""
+    from datetime import datetime, timezone
+
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not Unix nanoseconds or an ISO 8601 time: {text!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--model", type=Path, help="model directory (default: the shipped model/)")
+    g.add_argument("--adapter", default="auto", help="instruct (default when present), none, or another adapter")
+    g.add_argument("--count", type=_positive_int, default=10, help="traces to generate (default 10)")
+    w = g.add_argument_group("what to generate (each left open is the model's choice)")
+    w.add_argument("--service", help="entry service (the root span's)")
+    w.add_argument("--operation", help="entry operation (needs --service)")
+    w.add_argument("--calls", type=_positive_int, help="spans per trace, root included; met exactly")
+    w.add_argument("--depth", type=_positive_int, help="span levels per trace; met exactly")
+    w.add_argument("--latency-ms", type=float, help="the root span's duration in ms")
+    w.add_argument("--high-latency", action="store_true", help="latency above the p90 of the entry (instruction)")
+    w.add_argument("--include-call", type=_include_call, action="append", default=[], metavar="'A -> B[:KIND]'",
+                   help="a call from service A to service B (span kind of B) somewhere in each trace; repeatable")
+    d = g.add_argument_group("decoding")
+    d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
+    d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    d.add_argument("--seed", type=int, default=0, help="same seed, same options: the same traces (default 0)")
+    d.add_argument("--batch-size", type=_positive_int, default=256, help="pending steps decoded together")
+    d.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    d.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    o = g.add_argument_group("output")
+    o.add_argument("--out", type=Path, help="write the traces to this file (.gz compresses)")
+    o.add_argument("--format", default="otlp-json", choices=writable_formats(), help="file format (default otlp-json)")
+    o.add_argument("--start-time", type=_start_time, help="anchor: Unix ns or ISO 8601 (default: now)")
+    o.add_argument("--rate", type=float, help="traces/s: Poisson arrivals after the anchor (default: all at it)")
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,6 +211,7 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "validate": lambda: cmd_validate(args, env),
             "formats": lambda: cmd_formats(args, env),
             "train": lambda: cmd_train(args, env),
+            "generate": lambda: cmd_generate(args, env),
             "model": lambda: _MODEL[args.model_command](args, env),
         }[args.command]
         return int(handler())
@@ -391,7 +472,66 @@ def cmd_model_info(args, env: Environment) -> ExitStatus:
     return ExitStatus.SUCCESS
 
 
-_MODEL = {"info": cmd_model_info}
+def cmd_model_catalog(args, env: Environment) -> ExitStatus:
+    from .dataset import load_corpora
+    from .sampling import Catalog
+
+    if not (args.path / "config.json").is_file():
+        raise UserError(f"{args.path}: not a model directory (no config.json)")
+    _, splits = load_corpora(args.corpus)
+    cat = Catalog.from_traces(splits.get("train", []))
+    where = cat.save(args.path)
+    print(f"{where}: {len(cat.operations)} services, {sum(map(len, cat.operations.values()))} operations, "
+          f"{len(cat.entries)} entry services, deepest trace {cat.max_depth} levels, from {cat.traces} traces",
+          file=env.stdout)
+    return ExitStatus.SUCCESS
+
+
+def cmd_generate(args, env: Environment) -> ExitStatus:
+    if args.operation and not args.service:
+        raise UserError("--operation needs --service (the entry service it belongs to)")
+    if args.out is None:
+        raise UserError("say where the traces go: --out FILE")
+    if args.rate is not None and not (args.rate > 0):
+        raise UserError(f"--rate must be > 0, got {args.rate}")
+    import torch
+
+    from . import generate
+    from .lm.model import load_model
+    from .sampling import TraceRequest, TraceSampler
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device=args.device, backend="runtime")
+    sampler = TraceSampler(lm, adapter=None if args.adapter == "none" else args.adapter, batch_size=args.batch_size)
+    request = TraceRequest(service=args.service, operation=args.operation, calls=args.calls, depth=args.depth,
+                           latency_ms=args.latency_ms, high_latency=args.high_latency,
+                           includes=tuple(args.include_call))  # fmt: skip
+    request.check(sampler.catalog, sampler.limits)  # before any decoding: errors name the nearest known values
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.count, unit="trace", desc="generate", file=env.stderr, disable=None)
+    pending = {}
+
+    def on_step(i, step):
+        # A trace is done when none of its subtrees is still waiting for a step.
+        pending[i] = pending.get(i, 1) - 1 + sum(1 for s in step.subs if s.calls > 0)
+        if pending[i] == 0:
+            bar.update(1)
+
+    traces, summary = generate.run(sampler, [request] * args.count, temperature=args.temperature, top_p=args.top_p,
+                                   seed=args.seed, start_time_ns=args.start_time, rate=args.rate, on_step=on_step)
+    bar.close()
+    from .formats import write_traces
+
+    write_traces(args.format, traces, args.out)
+    print(f"wrote {len(traces)} traces to {args.out} ({args.format})", file=env.stderr)
+    print(summary.line() + "; entry services: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_entry.items())),
+          file=env.stderr)
+    return ExitStatus.SUCCESS if summary.valid == summary.traces else ExitStatus.INVALID
+
+
+_MODEL = {"info": cmd_model_info, "catalog": cmd_model_catalog}
 
 
 if __name__ == "__main__":  # pragma: no cover

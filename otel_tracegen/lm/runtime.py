@@ -159,8 +159,11 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (a long tensor), e.g. drop the rows that have finished sampling."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
+        # Only the used positions are copied (the room beyond them may be several times larger); the buffers
+        # grow again by doubling when needed.
+        n = self.length
+        self.keys = [k[:, :, :n].index_select(0, rows) for k in self.keys]
+        self.values = [v[:, :, :n].index_select(0, rows) for v in self.values]
         if self.mask is not None:
             self.mask = self.mask.index_select(0, rows)
         if self.seen is not None:

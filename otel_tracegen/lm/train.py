@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -83,7 +84,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     seed: int = field(default=1337, metadata={"help": "seeds data rendering, initialisation and batches"})
     resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint/<stage>/"})
-    init: str = field(default="", metadata={"help": "instruct/infill: pre-trained model dir (default: --out, else model/)"})
+    init: str = field(default="", metadata={
+        "help": "instruct/infill: pre-trained model dir (default: --out, else model/); pretrain: continue training "
+                "this model's weights (its architecture and tokenizer) instead of starting from scratch"})
     base_model: str = field(default="", metadata={"help": "a local HF causal LM to LoRA-tune instead of ours"})
     device: str = field(default="", metadata={"help": "cpu | cuda | cuda:N; default: cuda if available"})
 
@@ -300,7 +303,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     gc.freeze()
 
     # -- model and tokenizer ------------------------------------------------------------------------------------
-    model_config = None
+    model_config, continued_from = None, None
     if hf:
         from .base_model import load_base_model, load_base_tokenizer, resolve_base_model
 
@@ -311,17 +314,30 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     elif cfg.stage == "pretrain":
         from .tokenizer import TraceTokenizer
 
+        if cfg.init:
+            # Continued pre-training: the weights, architecture and vocabulary of an existing model; names of the
+            # new corpus that its tokenizer lacks are read as <unk>, as at inference.
+            init_training = lm.read_training_json(cfg.init)
+            if not (Path(cfg.init) / "config.json").is_file() or not init_training.get("config"):
+                raise UserError(f"--init {cfg.init}: not a pre-trained otel-tracegen model directory")
+            continued_from = {"model": str(cfg.init), "pretrain": init_training.get("stages", {}).get("pretrain")}
         if cfg.resume:
             if not (checkpoint_dir(cfg) / "state.pt").is_file():
                 raise UserError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}")
             tokenizer = TraceTokenizer.from_pretrained(checkpoint_dir(cfg))
             state = torch.load(checkpoint_dir(cfg) / "state.pt", map_location="cpu", weights_only=True)
             model_config = lm.TraceLMConfig.from_dict(state["model_config"])
+        elif cfg.init:
+            tokenizer = lm.load_tokenizer(cfg.init, init_training)
+            model_config = lm.TraceLMConfig.from_dict(init_training["config"])
         else:
             tokenizer = build_tokenizer(splits["train"], cfg.workers)
             model_config = lm.preset(cfg.config)
             model_config.vocab_size = tokenizer.vocab_size
-        model = lm.build_model(model_config, tokenizer).to(device)
+        if cfg.init and not cfg.resume:  # a resumed run takes its weights from the checkpoint below
+            model = lm.load_base(cfg.init, device)
+        else:
+            model = lm.build_model(model_config, tokenizer).to(device)
         block = cfg.block_size or model_config.max_position_embeddings
     else:
         init = Path(cfg.init) if cfg.init else (out if (out / "config.json").is_file() else lm.DEFAULT_MODEL_DIR)
@@ -334,6 +350,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         block = cfg.block_size or int(model.config.max_position_embeddings)
         if master and not (out / "config.json").is_file():  # make <out> a whole model: base weights beside adapters
             lm.save_model(model, tokenizer, out, dict(training))
+            from ..sampling.catalog import CATALOG_FILE
+
+            if (init / CATALOG_FILE).is_file():
+                shutil.copyfile(init / CATALOG_FILE, out / CATALOG_FILE)
 
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -405,7 +425,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if master and cfg.stage == "pretrain" and not hf:
         checkpoint_dir(cfg).mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(checkpoint_dir(cfg))
-        log(f"pretrain {cfg.config}: {lm.count_parameters(raw_model):,} parameters, vocab {tokenizer.vocab_size}, "
+        what = f"continuing {cfg.init}" if continued_from else cfg.config
+        log(f"pretrain {what}: {lm.count_parameters(raw_model):,} parameters, vocab {tokenizer.vocab_size}, "
             f"{len(train_split)} train / {len(val_split)} val blocks of {block} tokens, device {device}")
     elif master:
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
@@ -473,6 +494,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         "data_prep_s": round(data_seconds, 3),
         "args": asdict(cfg),
     }
+    if continued_from is not None:
+        record["continued_from"] = continued_from
     if master:
         card = {"stages": {cfg.stage: record}}
         if hf:
@@ -481,6 +504,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             card.update(config=model_config.to_dict(), parameters=lm.count_parameters(raw_model), tokenizer="trace",
                         data=data_info, base_model=None)
             lm.save_model(raw_model, tokenizer, out, card)
+            from ..sampling.catalog import Catalog
+
+            Catalog.from_traces(splits["train"]).save(out)  # what the constrained sampler may write
         else:
             adapter_dir = out / lm.ADAPTERS_DIR / cfg.stage
             if not hf:

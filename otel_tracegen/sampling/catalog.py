@@ -1,0 +1,174 @@
+"""What a model has seen: its services, their operations and span kinds, who calls whom, and the entry points.
+
+The constrained sampler masks value positions with it (a known service, an operation that service has, a kind
+seen for that operation), and requests are checked against it before any decoding, so that an unknown service,
+a depth above anything seen or a call between services that never talk gets an error naming the nearest known
+values. It is built from the training split when a model is pre-trained and saved beside the weights as
+``catalog.json``; ``otel-tracegen model catalog MODEL --corpus DIR`` (re)builds it for an existing model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..report import UserError
+from ..trace import Trace
+
+CATALOG_FILE = "catalog.json"
+
+
+@dataclass
+class OperationStats:
+    """One (service, operation) as seen in the data."""
+
+    count: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)  # SpanKind name -> spans
+    statuses: dict[str, int] = field(default_factory=dict)  # StatusCode name -> spans
+    max_below: int = 0  # deepest subtree under a span of this operation (levels below it)
+
+
+@dataclass
+class Catalog:
+    """Services, operations, edges and entries of a corpus (see the module docstring)."""
+
+    operations: dict[str, dict[str, OperationStats]] = field(default_factory=dict)
+    edges: dict[str, dict[str, int]] = field(default_factory=dict)  # parent service -> child service -> calls
+    entries: dict[str, dict[str, int]] = field(default_factory=dict)  # root service -> root operation -> traces
+    traces: int = 0
+    max_depth: int = 0  # span levels of the deepest trace
+    max_spans: int = 0
+    max_root_duration_us: int = 0
+
+    # --- building ---
+
+    @classmethod
+    def from_traces(cls, traces: Iterable[Trace]) -> Catalog:
+        """Count everything over ``traces`` (single-rooted ones; others are skipped)."""
+        ops: dict[str, dict[str, OperationStats]] = defaultdict(dict)
+        edges: dict[str, Counter] = defaultdict(Counter)
+        entries: dict[str, Counter] = defaultdict(Counter)
+        cat = cls()
+        for trace in traces:
+            root = trace.root
+            if root is None:
+                continue
+            cat.traces += 1
+            cat.max_depth = max(cat.max_depth, trace.depth)
+            cat.max_spans = max(cat.max_spans, len(trace))
+            cat.max_root_duration_us = max(cat.max_root_duration_us, root.duration_ns // 1000)
+            entries[root.service][root.name] += 1
+            below: dict[str, int] = {}
+            for span, _ in reversed(list(trace.walk())):  # children before parents
+                kids = trace.children(span)
+                below[span.span_id] = 1 + max((below[k.span_id] for k in kids), default=-1)
+                st = ops[span.service].setdefault(span.name, OperationStats())
+                st.count += 1
+                st.kinds[span.kind.name] = st.kinds.get(span.kind.name, 0) + 1
+                st.statuses[span.status.code.name] = st.statuses.get(span.status.code.name, 0) + 1
+                st.max_below = max(st.max_below, below[span.span_id])
+                for k in kids:
+                    edges[span.service][k.service] += 1
+        cat.operations = {s: dict(sorted(o.items())) for s, o in sorted(ops.items())}
+        cat.edges = {s: dict(sorted(c.items())) for s, c in sorted(edges.items())}
+        cat.entries = {s: dict(sorted(c.items())) for s, c in sorted(entries.items())}
+        return cat
+
+    def restricted_to(self, known: set[str]) -> Catalog:
+        """Only services and operations whose names are in ``known`` (a tokenizer's strings): the sampler can
+        only write names it has tokens for."""
+        ops = {s: {o: st for o, st in os.items() if o in known} for s, os in self.operations.items() if s in known}
+        ops = {s: os for s, os in ops.items() if os}
+        edges = {s: {c: n for c, n in cs.items() if c in ops} for s, cs in self.edges.items() if s in ops}
+        entries = {s: {o: n for o, n in os.items() if o in ops[s]} for s, os in self.entries.items() if s in ops}
+        return Catalog(ops, {s: c for s, c in edges.items() if c}, {s: o for s, o in entries.items() if o},
+                       self.traces, self.max_depth, self.max_spans, self.max_root_duration_us)
+
+    # --- saving ---
+
+    def to_dict(self) -> dict:
+        return {
+            "traces": self.traces, "max_depth": self.max_depth, "max_spans": self.max_spans,
+            "max_root_duration_us": self.max_root_duration_us, "entries": self.entries, "edges": self.edges,
+            "operations": {s: {o: {"count": st.count, "kinds": st.kinds, "statuses": st.statuses,
+                                   "max_below": st.max_below} for o, st in os.items()}
+                           for s, os in self.operations.items()},
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Catalog:
+        try:
+            ops = {s: {o: OperationStats(int(st["count"]), dict(st["kinds"]), dict(st["statuses"]), int(st["max_below"]))
+                       for o, st in os.items()} for s, os in d["operations"].items()}  # fmt: skip
+            return cls(ops, {s: dict(c) for s, c in d["edges"].items()}, {s: dict(o) for s, o in d["entries"].items()},
+                       int(d["traces"]), int(d["max_depth"]), int(d["max_spans"]), int(d["max_root_duration_us"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"catalog: malformed ({type(e).__name__}: {e})") from None
+
+    def save(self, model_dir: str | Path) -> Path:
+        p = Path(model_dir) / CATALOG_FILE
+        p.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        return p
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Catalog:
+        p = Path(model_dir) / CATALOG_FILE
+        if not p.is_file():
+            raise UserError(f"{model_dir}: no {CATALOG_FILE}; build one with "
+                            f"`otel-tracegen model catalog {model_dir} --corpus CORPUS_DIR`")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}: not valid JSON ({e})") from None
+
+    # --- questions the sampler asks ---
+
+    @property
+    def services(self) -> list[str]:
+        return list(self.operations)
+
+    def kinds(self, service: str, operation: str) -> list[str]:
+        st = self.operations.get(service, {}).get(operation)
+        return sorted(st.kinds) if st else []
+
+    def calls(self, src: str, dst: str) -> bool:
+        return dst in self.edges.get(src, {})
+
+    def hops_to(self, target: str) -> dict[str, int]:
+        """For every service that can reach ``target`` along seen edges, the fewest edges to it (0 for itself)."""
+        callers: dict[str, list[str]] = defaultdict(list)
+        for s, cs in self.edges.items():
+            for c in cs:
+                callers[c].append(s)
+        hops, queue = {target: 0}, deque([target])
+        while queue:
+            s = queue.popleft()
+            for p in callers[s]:
+                if p not in hops:
+                    hops[p] = hops[s] + 1
+                    queue.append(p)
+        return hops
+
+    # --- errors that help ---
+
+    def check_service(self, service: str, what: str = "service") -> None:
+        if service not in self.operations:
+            raise UserError(f"unknown {what} {service!r}; {nearest(service, self.services)}")
+
+    def check_operation(self, service: str, operation: str) -> None:
+        self.check_service(service)
+        if operation not in self.operations[service]:
+            raise UserError(f"service {service!r} has no operation {operation!r}; "
+                            f"{nearest(operation, list(self.operations[service]))}")
+
+
+def nearest(name: str, known: list[str], n: int = 5) -> str:
+    """'did you mean ...' text: the closest known names, else a few of them."""
+    close = difflib.get_close_matches(name, known, n=n, cutoff=0.4)
+    if close:
+        return "nearest known: " + ", ".join(close)
+    return f"known ({len(known)}): " + ", ".join(sorted(known)[:n]) + (", ..." if len(known) > n else "")

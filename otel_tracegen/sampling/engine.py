@@ -1,0 +1,219 @@
+"""Recursive layer generation with grammar-constrained decoding.
+
+A trace is generated one step at a time, as the model was trained: the client's step writes the root span and
+its subtree's size, each span with a subtree then gets a step of its own, prompted only with its conditions
+(:func:`encoding.next_conditions`). Pending steps of many traces are decoded together in one batch on the
+runtime's KV cache, level by level (so each trace's steps stay in encoding order), and every token is drawn
+under the mask of :mod:`.grammar`, so that every trace is valid and has exactly the calls and depth asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..encoding import Conditions, Include, Step, next_conditions
+from ..report import UserError
+from .catalog import Catalog, nearest
+from .grammar import GrammarVocab, StepLimits, step_program
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """What one generated trace must be. ``None``: the model decides.
+
+    ``service``/``operation``: the entry (root) span. ``calls``: spans in the trace; ``depth``: span levels;
+    ``latency_ms``: the root span's duration. ``high_latency`` and ``includes`` are the instructions (the
+    instruct adapter was tuned on them).
+    """
+
+    service: str | None = None
+    operation: str | None = None
+    calls: int | None = None
+    depth: int | None = None
+    latency_ms: float | None = None
+    high_latency: bool = False
+    includes: tuple[Include, ...] = ()
+
+    def conditions(self) -> Conditions:
+        budget = None if self.latency_ms is None else max(0, round(self.latency_ms * 1000))
+        return Conditions(client=True, calls=self.calls, depth=self.depth, budget=budget,
+                          start=0 if budget is not None else None, high_latency=self.high_latency,
+                          includes=self.includes)  # fmt: skip
+
+    def check(self, catalog: Catalog, limits: StepLimits) -> None:
+        """Raise ``UserError`` for what the model cannot meet, naming the nearest known values."""
+        if self.operation is not None and self.service is None:
+            raise UserError("--operation needs --service (the entry service it belongs to)")
+        if self.service is not None:
+            catalog.check_service(self.service, "entry service")
+            if self.operation is not None:
+                catalog.check_operation(self.service, self.operation)
+        if self.calls is not None and self.calls < 1:
+            raise UserError(f"--calls must be >= 1 (the root span counts), got {self.calls}")
+        if self.depth is not None:
+            if self.depth < 1:
+                raise UserError(f"--depth must be >= 1, got {self.depth}")
+            if self.depth > limits.max_depth:
+                raise UserError(f"--depth {self.depth} is above anything the model has seen (deepest trace: "
+                                f"{limits.max_depth} levels)")
+            if self.calls is not None and self.depth > self.calls:
+                raise UserError(f"--depth {self.depth} needs at least as many calls, got --calls {self.calls}")
+        if self.latency_ms is not None and not (self.latency_ms >= 0 and math.isfinite(self.latency_ms)):
+            raise UserError(f"--latency-ms must be a finite number >= 0, got {self.latency_ms}")
+        if self.includes and self.calls is not None and self.calls < 2:
+            raise UserError("--include-call needs --calls >= 2 (a root and its callee)")
+        for inc in self.includes:
+            for name in (inc.src, inc.dst):
+                catalog.check_service(name)
+            if not catalog.calls(inc.src, inc.dst):
+                callees = list(catalog.edges.get(inc.src, {}))
+                raise UserError(f"{inc.src} was never seen calling {inc.dst}; "
+                                + (nearest(inc.dst, callees) if callees else f"{inc.src} calls nothing"))
+            hops = catalog.hops_to(inc.src)
+            entries = [self.service] if self.service else list(catalog.entries)
+            reach = [hops[e] for e in entries if e in hops]
+            if not reach:
+                raise UserError(f"no call path from {' or '.join(entries[:5])} reaches {inc.src}; entry services "
+                                f"that reach it: {', '.join(e for e in catalog.entries if e in hops) or 'none'}")
+            if self.depth is not None and min(reach) + 2 > self.depth:
+                raise UserError(f"{inc.src} -> {inc.dst} needs --depth >= {min(reach) + 2} from "
+                                f"{self.service or 'any entry service'}, got {self.depth}")
+            if self.calls is not None and min(reach) + 2 > self.calls:
+                raise UserError(f"{inc.src} -> {inc.dst} needs --calls >= {min(reach) + 2}, got {self.calls}")
+
+
+class _Row:
+    """One step being decoded: its grammar coroutine and the spec for the next token."""
+
+    __slots__ = ("program", "spec", "fed", "step")
+
+    def __init__(self, program) -> None:
+        self.program = program
+        self.spec = next(program)
+        self.fed = 0
+        self.step: Step | None = None
+
+    def feed(self, token: int) -> None:
+        if self.step is not None:
+            raise RuntimeError("a token after the step's <end>")
+        if token not in self.spec:
+            raise RuntimeError(f"token {token} is outside the grammar's mask {self.spec[:10]}")
+        self.fed += 1
+        try:
+            self.spec = self.program.send(token)
+        except StopIteration as done:
+            self.step = done.value
+
+
+class TraceSampler:
+    """Generates steps of traces from a loaded model (``otel_tracegen.load_model()``) and its catalog.
+
+    ``adapter``: ``"auto"`` takes ``instruct`` when the model has it (tuned on full conditions and the
+    instructions), else the pre-trained weights; ``None`` forces the pre-trained weights.
+    """
+
+    def __init__(self, lm, catalog: Catalog | None = None, *, adapter: str | None = "auto", batch_size: int = 256,
+                 limits: StepLimits | None = None) -> None:
+        if getattr(lm, "backend", None) != "runtime" or not hasattr(lm.tokenizer, "key_id"):
+            raise UserError(f"{lm.path}: constrained generation needs one of our trace models on the runtime "
+                            "backend (load_model(backend='runtime')); --base-model models are not supported yet")
+        self.lm = lm
+        self.vocab = GrammarVocab(lm.tokenizer, catalog if catalog is not None else Catalog.load(lm.path))
+        cat = self.vocab.catalog
+        if not cat.entries:
+            raise UserError(f"{lm.path}: the catalog has no entry service the tokenizer can write")
+        self.limits = limits or StepLimits(max_calls=max(cat.max_spans, 1), max_depth=max(cat.max_depth, 1),
+                                           max_duration_us=max(cat.max_root_duration_us, 1))
+        if adapter == "auto":
+            adapter = "instruct" if "instruct" in lm.adapters else None
+        elif adapter is not None and adapter not in lm.adapters:
+            raise UserError(f"{lm.path} has no adapter {adapter!r} (it has: {', '.join(lm.adapters) or 'none'})")
+        self.adapter = adapter
+        self.batch_size = batch_size
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.vocab.catalog
+
+    def generate(self, requests: Sequence[TraceRequest], *, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0, on_step: Callable[[int, Step], None] | None = None) -> list[list[Step]]:
+        """The steps of one trace per request, in encoding order (ready for ``encoding.decode_trace``).
+
+        Reproducible: the same requests, seed and batch size give the same steps. ``on_step(trace_index,
+        step)`` is called as each step is done (progress).
+        """
+        import torch
+
+        if not (temperature >= 0) or not (0 < top_p <= 1):
+            raise UserError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        for r in set(requests):
+            r.check(self.catalog, self.limits)
+        model, tok = self.lm.model, self.lm.tokenizer
+        model.set_adapter(self.adapter)
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+        end_id = self.vocab.mark["end"]
+        steps: list[list[Step]] = [[] for _ in requests]
+        level: list[tuple[int, Conditions]] = [(i, r.conditions()) for i, r in enumerate(requests)]
+        while level:
+            nxt: list[tuple[int, Conditions]] = []
+            for b in range(0, len(level), self.batch_size):
+                chunk = level[b : b + self.batch_size]
+                rows = [_Row(step_program(self.vocab, cond, self.limits, entry_service=requests[i].service,
+                                          entry_operation=requests[i].operation) if cond.client
+                             else step_program(self.vocab, cond, self.limits)) for i, cond in chunk]  # fmt: skip
+                prompts = [[tok.bos_id, *self.vocab.encode(cond.text() + " <layer>")] for _, cond in chunk]
+                room = max(_token_bound(c, self.limits) for _, c in chunk)
+                outs = model.sample(prompts, max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
+                                    temperature=temperature, generator=generator,
+                                    logits_hook=self._hook(rows, temperature, top_p))
+                for (i, cond), row, out in zip(chunk, rows, outs):
+                    for token in out[row.fed :]:
+                        row.feed(token)
+                    if row.step is None:
+                        raise RuntimeError(f"step under {cond.text()!r} did not end within {room} tokens")
+                    steps[i].append(row.step)
+                    if on_step is not None:
+                        on_step(i, row.step)
+                    nxt.extend((i, next_conditions(row.step, k)) for k, s in enumerate(row.step.subs) if s.calls > 0)
+            level = nxt
+        return steps
+
+    def _hook(self, rows: list[_Row], temperature: float, top_p: float):
+        import torch
+
+        def hook(running: list[int], generated: list[list[int]], logits):
+            r_idx, t_idx = [], []
+            for j, (r, out) in enumerate(zip(running, generated)):
+                row = rows[r]
+                if len(out) > row.fed:
+                    row.feed(out[-1])
+                r_idx.extend([j] * len(row.spec))
+                t_idx.extend(row.spec)
+            allowed = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            allowed[torch.tensor(r_idx, device=logits.device), torch.tensor(t_idx, device=logits.device)] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            if top_p < 1 and temperature > 0:
+                logits = _top_p(logits / temperature, top_p) * temperature
+            return logits
+
+        return hook
+
+
+def _top_p(scaled, top_p: float):
+    """Keep the smallest set of tokens whose probability reaches ``top_p`` (always the most likely one)."""
+    import torch
+
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def _token_bound(cond: Conditions, limits: StepLimits) -> int:
+    """Tokens a step's completion can take at most: per call ~40 (+ instructions), per sub ~12 + includes."""
+    calls = 1 if cond.client else (cond.calls or limits.max_calls)
+    per_inc = 12 * len(cond.includes)
+    return 64 + calls * (60 + per_inc) + per_inc

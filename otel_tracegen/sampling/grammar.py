@@ -1,0 +1,363 @@
+"""The token-level grammar of one step's completion, as a coroutine the sampler drives token by token.
+
+A step's completion (see ``docs/encoding.md``) is::
+
+    <call> i svc=S op=O kind=K start=N dur=N status=T ...   <book> generated=k left=C-k=L child_depth=D-1=E
+    <sub> i calls=N depth=N [<high_latency>] [<include> ...] ...   <end>
+
+:func:`step_program` yields, before every token, the tuple of token ids allowed there (one id: fixed text,
+forced rather than sampled) and receives the token that was drawn. The masks make every completion a valid
+step whose subtree can still be completed exactly:
+
+- services are known (the callees the parent was seen calling, else any known service; entry services for the
+  root), operations are ones that service has, kinds ones seen for that operation;
+- a child starts no earlier than its previous sibling and inside its parent's window, and ends inside it too;
+- the layer has between 1 and ``calls - (depth - 1)`` children (room is left for the deepest path), and the
+  ``<sub>`` counts add up to ``left`` with the deepest child at exactly ``child_depth``, digit by digit;
+- an "include call A -> B" is met in the layer when the parent is A, else handed to a child that can still reach
+  an A within its depth (along edges seen in the data), which gets the depth and calls that path needs.
+
+When the model's own choices keep every option open, the masks change nothing; they narrow only as the room
+runs out, so the model decides everything it can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..encoding import Book, Call, Conditions, Include, Step, Sub
+from ..trace import SpanKind, StatusCode
+from .catalog import Catalog
+
+Spec = tuple[int, ...]
+"""Token ids allowed at the next position; exactly one means it is forced."""
+
+
+# --- integers, digit by digit -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntSet:
+    """A set of non-negative integers as sorted, disjoint, inclusive intervals."""
+
+    intervals: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def range(cls, lo: int, hi: int) -> IntSet:
+        return cls(((lo, hi),) if 0 <= lo <= hi else ())
+
+    @classmethod
+    def of(cls, values: Sequence[int]) -> IntSet:
+        """From increasing values."""
+        out: list[list[int]] = []
+        for v in values:
+            if out and v == out[-1][1] + 1:
+                out[-1][1] = v
+            else:
+                out.append([v, v])
+        return cls(tuple((a, b) for a, b in out))
+
+    def __bool__(self) -> bool:
+        return bool(self.intervals)
+
+    def __contains__(self, v: int) -> bool:
+        return any(a <= v <= b for a, b in self.intervals)
+
+    @property
+    def min(self) -> int:
+        return self.intervals[0][0]
+
+    def allows_prefix(self, digits: str) -> bool:
+        """Whether some member is written starting with ``digits`` (canonical decimal: no leading zeros)."""
+        if not self.intervals:
+            return False
+        if digits == "0":
+            return 0 in self
+        if digits.startswith("0"):
+            return False
+        p, longest = int(digits), len(str(self.intervals[-1][1]))
+        for extra in range(0, longest - len(digits) + 1):
+            lo, hi = p * 10**extra, (p + 1) * 10**extra - 1
+            if any(a <= hi and lo <= b for a, b in self.intervals):
+                return True
+        return False
+
+
+# --- the vocabulary the grammar writes ----------------------------------------------------------------------
+
+
+class GrammarVocab:
+    """Token ids of a ``TraceTokenizer`` for the grammar, and the catalog restricted to names it can write."""
+
+    def __init__(self, tokenizer, catalog: Catalog) -> None:
+        self.tokenizer = tokenizer
+        self.digit = [tokenizer.token_to_id[str(d)] for d in range(10)]
+        self.digit_value = {t: d for d, t in enumerate(self.digit)}
+        known = {v for v in (tokenizer.string_value(i) for i in range(tokenizer.vocab_size)) if v is not None}
+        self.catalog = catalog.restricted_to(known)
+        self.mark = {m: tokenizer.mark_id(m) for m in ("call", "book", "sub", "end", "high_latency", "include")}
+        self.key = {k: tokenizer.key_id(k) for k in ("svc", "op", "kind", "start", "dur", "status", "generated",
+                                                    "left", "child_depth", "calls", "depth")}  # fmt: skip
+        self.minus, self.equals = tokenizer.token_to_id["-"], tokenizer.token_to_id["="]
+        self.kind_id = {k.name: tokenizer.str_id(k.name) for k in SpanKind}
+        self.status_id = {s.name: tokenizer.str_id(s.name) for s in StatusCode}
+        self.str_id = tokenizer.str_id
+        self.string_value = tokenizer.string_value
+        self.all_services = tuple(sorted(self.str_id(s) for s in self.catalog.services))
+        self.entry_services = tuple(sorted(self.str_id(s) for s in self.catalog.entries))
+        self._ops = {s: tuple(sorted(self.str_id(o) for o in ops)) for s, ops in self.catalog.operations.items()}
+        self._callees = {s: tuple(sorted(self.str_id(c) for c in cs)) for s, cs in self.catalog.edges.items()}
+        self._hops: dict[str, dict[str, int]] = {}
+        self.encode = lru_cache(maxsize=4096)(lambda text: tuple(tokenizer.encode(text).ids))
+
+    def ops(self, service: str, entry: bool = False) -> Spec:
+        if entry:
+            return tuple(sorted(self.str_id(o) for o in self.catalog.entries.get(service, {}))) or self._ops[service]
+        return self._ops.get(service, ())
+
+    def callees(self, service: str | None) -> Spec:
+        """Services ``service`` was seen calling; every known service when it was seen calling none."""
+        return self._callees.get(service or "", ()) or self.all_services
+
+    def hops_to(self, service: str) -> dict[str, int]:
+        if service not in self._hops:
+            self._hops[service] = self.catalog.hops_to(service)
+        return self._hops[service]
+
+    def number(self, n: int) -> Spec:
+        return tuple(self.digit[int(c)] for c in str(n))
+
+
+def _forced(ids: Sequence[int]) -> Generator[Spec, int, None]:
+    for t in ids:
+        yield (t,)
+
+
+def _read_int(v: GrammarVocab, allowed: IntSet, terminator: int) -> Generator[Spec, int, int]:
+    """Digits of a member of ``allowed``, ended by ``terminator`` (consumed: it is the next fixed token)."""
+    assert allowed, "the grammar asked for a number from an empty set"
+    digits = ""
+    while True:
+        spec = [v.digit[d] for d in range(10) if allowed.allows_prefix(digits + str(d))]
+        if digits and int(digits) in allowed:
+            spec.append(terminator)
+        token = yield tuple(spec)
+        if token == terminator:
+            return int(digits)
+        digits += str(v.digit_value[token])
+
+
+# --- how many calls a set of subtrees can take ----------------------------------------------------------------
+
+
+def subtrees_fit(remaining: int, lower: Sequence[int], depth: int, reached: bool) -> bool:
+    """Whether ``remaining`` calls can be split over children with subtree-depth lower bounds ``lower`` (each
+    needs at least that many calls and levels) so that none is deeper than ``depth`` and, unless ``reached``
+    already, one is exactly ``depth`` deep."""
+    if depth == 0:  # leaves only; a leaf is exactly 0 deep
+        return remaining == 0 and not any(lower) and (reached or bool(lower))
+    if not lower:
+        return remaining == 0 and reached
+    need = sum(lower) + (0 if reached else min(depth - lb for lb in lower))
+    return remaining >= need and max(lower) <= depth
+
+
+# --- one step -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepLimits:
+    """Bounds for values the conditions leave open (the client step of an unconstrained request)."""
+
+    max_calls: int = 200
+    max_depth: int = 16
+    max_duration_us: int = 60_000_000
+
+
+@dataclass
+class _Needs:
+    """Includes this layer must meet itself (the parent is A) or hand to a child that can reach an A."""
+
+    meet: list[Include] = field(default_factory=list)
+    hand: list[Include] = field(default_factory=list)
+
+
+def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = None, *,
+                 entry_service: str | None = None, entry_operation: str | None = None
+                 ) -> Generator[Spec, int, Step]:
+    """The grammar of the completion of the step prompted with ``cond`` (see the module docstring).
+
+    ``entry_service``/``entry_operation`` pin the root span (client step only). Returns the parsed ``Step``.
+    """
+    limits = limits or StepLimits()
+    client = cond.client
+    C, D = cond.calls, cond.depth
+    needs = _Needs()
+    for inc in cond.includes:
+        (needs.meet if (not client and cond.service == inc.src and inc.src_op in (None, cond.operation)) else needs.hand).append(inc)
+    hops = {inc: v.hops_to(inc.src) for inc in needs.hand}
+    # Levels below each child: known from the conditions, else the most the calls (or the limits) allow.
+    if D is not None:
+        depth_cap = D - 1
+    else:
+        depth_cap = min(C - 1, limits.max_depth - 1) if C is not None else limits.max_depth - 1
+
+    def can_carry(inc: Include, service: str) -> bool:
+        return _carrier_lb(hops, inc, service, depth_cap) is not None
+
+    if client:
+        kmax = 1
+    elif D == 1:
+        kmax = C
+    else:
+        kmax = C - (D - 1)  # type: ignore[operator]
+
+    calls: list[Call] = []
+    prev_start = 0
+    while True:
+        k = len(calls)
+        open_meet = [i for i in needs.meet if not any(i.matches(cond.service, cond.operation, c) for c in calls)]
+        open_hand = [i for i in needs.hand if not any(can_carry(i, c.service) for c in calls)]
+        can_close = k >= 1 and not open_meet and not open_hand and _layer_fits(cond, calls, needs, hops, depth_cap)
+        spec = ([v.mark["call"]] if k < kmax else []) + ([v.mark["book"]] if can_close else [])
+        assert spec, f"no way to go on after {k} calls under {cond.text()}"
+        if (yield tuple(spec)) == v.mark["book"]:
+            break
+        # -- one call: <call> k svc= ... (the <call> mark was just drawn)
+        yield from _forced(v.number(k) + (v.key["svc"],))
+        slots_after = kmax - (k + 1)
+        if client:
+            services = (v.str_id(entry_service),) if entry_service else v.entry_services
+        else:
+            services = v.callees(cond.service)
+        meet_now: Include | None = None
+        if len(open_meet) + len(open_hand) > slots_after:
+            # No room left to put it off: this call must meet an include or be able to carry one down.
+            wanted = {v.str_id(i.dst) for i in open_meet}
+            for inc in open_hand:
+                wanted |= {v.str_id(s) for s in v.catalog.services if can_carry(inc, s)}
+            if not (client and entry_service):  # a pinned entry was checked against the includes up front
+                services = tuple(sorted(wanted & set(services) or wanted))
+        svc_id = yield services
+        service = v.string_value(svc_id)
+        if open_meet and len(open_meet) + len(open_hand) > slots_after:
+            meet_now = next((i for i in open_meet if i.dst == service), None)
+        yield (v.key["op"],)
+        if client and entry_operation:
+            ops = (v.str_id(entry_operation),)
+        else:
+            ops = v.ops(service, entry=client)
+            if meet_now is not None and meet_now.dst_op is not None:
+                ops = (v.str_id(meet_now.dst_op),)
+        op_id = yield ops
+        operation = v.string_value(op_id)
+        yield (v.key["kind"],)
+        kinds = v.catalog.kinds(service, operation) or [k.name for k in SpanKind]
+        if meet_now is not None and meet_now.kind is not None:
+            kinds = [meet_now.kind.name]
+        kind = SpanKind[v.string_value((yield tuple(sorted(v.kind_id[k] for k in kinds))))]
+        # -- times: inside the parent's window, siblings in start order
+        yield (v.key["start"],)
+        budget = cond.budget
+        if client:
+            start = yield from _read_int(v, IntSet.range(0, 0), v.key["dur"])
+            dur_set = IntSet.range(budget, budget) if budget is not None else IntSet.range(0, limits.max_duration_us)
+        else:
+            hi = budget if budget is not None else prev_start + limits.max_duration_us
+            start = yield from _read_int(v, IntSet.range(min(prev_start, hi), hi), v.key["dur"])
+            dur_set = IntSet.range(0, (budget - start) if budget is not None else limits.max_duration_us)
+        duration = yield from _read_int(v, dur_set, v.key["status"])
+        st = v.catalog.operations.get(service, {}).get(operation)
+        statuses = sorted(st.statuses) if st and st.statuses else [s.name for s in StatusCode]
+        status = StatusCode[v.string_value((yield tuple(sorted(v.status_id[s] for s in statuses))))]
+        calls.append(Call(k, service, operation, kind, start, duration, status))
+        prev_start = start
+
+    # -- <book> generated=k left=C-k=L child_depth=D-1=E
+    k = len(calls)
+    lower = _lower_bounds(calls, needs, hops, depth_cap)
+    yield from _forced((v.key["generated"],) + v.number(k) + (v.key["left"],))
+    if C is None:
+        lo = k + max(sum(lower.values()), 0 if D is None else D - 1)
+        C = yield from _read_int(v, IntSet.range(lo, lo if D == 1 else max(lo, limits.max_calls)), v.minus)
+    else:
+        yield from _forced(v.number(C) + (v.minus,))
+    yield from _forced(v.number(k) + (v.equals,) + v.number(C - k) + (v.key["child_depth"],))
+    if D is None:
+        if C == k:
+            allowed = IntSet.range(1, 1)
+        else:
+            lo = max(2, 1 + max(lower.values(), default=0))
+            allowed = IntSet.range(lo, max(lo, min(C - k + 1, limits.max_depth)))
+        D = yield from _read_int(v, allowed, v.minus)
+    else:
+        yield from _forced(v.number(D) + (v.minus,))
+    yield from _forced(v.number(1) + (v.equals,) + v.number(D - 1) + (v.mark["sub"],))
+
+    # -- <sub> i calls=N depth=N [<high_latency>] [<include> ...]
+    depth_below = D - 1
+    lower = _lower_bounds(calls, needs, hops, depth_below)
+    lbs = [lower.get(i, 0) for i in range(k)]
+    carried = _carriers(calls, needs, hops, depth_below)
+    remaining, reached = C - k, False
+    subs: list[Sub] = []
+    for i in range(k):
+        yield from _forced(v.number(i) + (v.key["calls"],))
+        rest = lbs[i + 1 :]
+        ok = [c for c in range(lbs[i], remaining + 1)
+              if (c > 0 or lbs[i] == 0) and (c <= 0 or depth_below >= 1)
+              and subtrees_fit(remaining - c, rest, depth_below, reached or min(c, depth_below) == depth_below)]  # fmt: skip
+        n = yield from _read_int(v, IntSet.of(ok), v.key["depth"])
+        d_lo, d_hi = max(lbs[i], 1 if n > 0 else 0), min(n, depth_below)
+        if not reached and not subtrees_fit(remaining - n, rest, depth_below, False):
+            d_lo = depth_below  # the others cannot reach the promised depth: this child must
+        incs = tuple(inc for inc in cond.includes if carried.get(inc) == i) if n > 0 else ()
+        high = cond.high_latency and n > 0
+        tail = (("<high_latency>",) if high else ()) + tuple(inc.text() for inc in incs)
+        after = v.encode(" ".join(tail)) if tail else ()
+        nxt = (v.mark["sub"],) if i < k - 1 else (v.mark["end"],)
+        d = yield from _read_int(v, IntSet.range(d_lo, d_hi), (after or nxt)[0])
+        yield from _forced(after[1:] + (nxt if after else ()))
+        subs.append(Sub(i, n, d, high, incs))
+        remaining -= n
+        reached = reached or d == depth_below
+    return Step(cond, tuple(calls), Book(k, C, D), tuple(subs))
+
+
+def _carrier_lb(hops: dict, inc: Include, service: str, depth_left: int) -> int | None:
+    """Calls and levels a child of ``service`` needs to carry ``inc`` down to an A -> B edge, None if it cannot
+    within ``depth_left`` levels (``hops``: per include, each service's fewest edges to A)."""
+    h = hops[inc].get(service)
+    return None if h is None or h + 1 > depth_left else h + 1
+
+
+def _carriers(calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: int) -> dict[Include, int]:
+    """For each include handed down, the child that carries it: the first that can (as the encoder does)."""
+    out = {}
+    for inc in needs.hand:
+        for c in calls:
+            if _carrier_lb(hops, inc, c.service, depth_left) is not None:
+                out[inc] = c.index
+                break
+    return out
+
+
+def _lower_bounds(calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: int) -> dict[int, int]:
+    """Child index -> the calls and levels its subtree needs for the includes it carries."""
+    lower: dict[int, int] = {}
+    for inc, i in _carriers(calls, needs, hops, depth_left).items():
+        lower[i] = max(lower.get(i, 0), _carrier_lb(hops, inc, calls[i].service, depth_left))
+    return lower
+
+
+def _layer_fits(cond: Conditions, calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: int) -> bool:
+    """Whether the layer ``calls`` can be closed now: its subtrees can take the calls and depth left."""
+    if cond.client:
+        return len(calls) == 1
+    C, D, k = cond.calls, cond.depth, len(calls)
+    if k > C or (D == 1 and k != C):
+        return False
+    lower = _lower_bounds(calls, needs, hops, depth_left)
+    return subtrees_fit(C - k, [lower.get(i, 0) for i in range(k)], D - 1, False)

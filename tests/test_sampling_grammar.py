@@ -1,0 +1,225 @@
+"""The constrained sampler's grammar without a model: every completion it allows is a valid step, and the
+steps of a trace add up to exactly the calls and depth asked for.
+
+The grammar is driven by stand-in "models" that pick among the allowed tokens uniformly at random, always the
+first (fewest children, smallest numbers) or always the last (most children, largest numbers): if any path
+through the masks led to an invalid trace, one of them would find it. No torch needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otel_tracegen.encoding import Conditions, Include, decode_trace, next_conditions, parse_step
+from otel_tracegen.formats import read_traces
+from otel_tracegen.report import ReadReport, UserError
+from otel_tracegen.sampling import Catalog, IntSet, StepLimits, TraceRequest
+from otel_tracegen.sampling.grammar import GrammarVocab, step_program, subtrees_fit
+from otel_tracegen.trace import SpanKind
+from otel_tracegen.validate import validate
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trainticket"
+
+
+# --- integers -----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3000), min_size=0, max_size=8), st.integers(0, 40000))
+def test_intset_prefixes_match_brute_force(values, n):
+    s = IntSet.of(sorted(set(values)))
+    members = sorted(set(values))
+    assert (n in s) == (n in members)
+    for prefix in {str(n)[:k] for k in range(1, len(str(n)) + 1)} | {"0", "00", "01"}:
+        want = any(str(m).startswith(prefix) for m in members)
+        assert s.allows_prefix(prefix) == want, (members, prefix)
+
+
+def test_subtrees_fit_matches_enumeration():
+    def brute(remaining, lower, depth, reached):
+        options = []
+        for lb in lower:  # (calls, depth) per child, calls up to `remaining`
+            opts = [(c, d) for c in range(remaining + 1) for d in range(depth + 1)
+                    if (c == 0) == (d == 0) and d <= c and c >= lb and d >= lb]  # fmt: skip
+            options.append(opts)
+        for combo in itertools.product(*options):
+            if sum(c for c, _ in combo) == remaining and (reached or any(d == depth for _, d in combo)):
+                return True
+        return not lower and remaining == 0 and reached
+
+    for remaining, depth, reached in itertools.product(range(7), range(4), (False, True)):
+        for lower in itertools.chain.from_iterable(itertools.product(range(3), repeat=k) for k in range(4)):
+            assert subtrees_fit(remaining, list(lower), depth, reached) == brute(remaining, list(lower), depth, reached), (
+                remaining, lower, depth, reached)
+
+
+# --- steps and traces ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    from otel_tracegen.lm.tokenizer import TraceTokenizer
+
+    traces = read_traces("spancsv", [EXAMPLES], ReadReport())
+    from otel_tracegen.encoding import trace_to_text
+
+    texts = []
+    for t in traces:
+        try:
+            texts.append(trace_to_text(t))
+        except Exception:  # noqa: BLE001 - traces the encoder refuses (orphans) are not training text either
+            continue
+    return GrammarVocab(TraceTokenizer.build(texts), Catalog.from_traces(traces))
+
+
+def _policy(name: str, rng: random.Random):
+    return {"uniform": rng.choice, "first": lambda spec: spec[0], "last": lambda spec: spec[-1]}[name]
+
+
+def drive(vocab, cond, choose, limits, **kw):
+    """Run one step's grammar with ``choose`` picking tokens; return the step and its completion tokens."""
+    program = step_program(vocab, cond, limits, **kw)
+    spec, tokens = next(program), []
+    while True:
+        assert spec, "the grammar allowed nothing"
+        token = choose(spec)
+        tokens.append(token)
+        try:
+            spec = program.send(token)
+        except StopIteration as done:
+            return done.value, tokens
+
+
+def generate(vocab, request: TraceRequest, choose, limits):
+    steps, queue = [], [request.conditions()]
+    while queue:
+        cond = queue.pop(0)
+        kw = {"entry_service": request.service, "entry_operation": request.operation} if cond.client else {}
+        step, tokens = drive(vocab, cond, choose, limits, **kw)
+        # What the masks let through is text the parser reads back as the same step.
+        assert parse_step(cond.text() + " <layer> " + vocab.tokenizer.decode(tokens)) == step
+        steps.append(step)
+        queue.extend(next_conditions(step, i) for i, s in enumerate(step.subs) if s.calls > 0)
+    return decode_trace(steps)
+
+
+LIMITS = StepLimits(max_calls=60, max_depth=16, max_duration_us=10_000_000)
+
+
+@pytest.mark.parametrize("policy", ["uniform", "first", "last"])
+def test_every_calls_depth_request_is_met_exactly(vocab, policy):
+    rng = random.Random(3)
+    choose = _policy(policy, rng)
+    grid = [(c, d) for c in (1, 2, 3, 5, 17, 40, 100) for d in (1, 2, 3, 8, 16) if d <= c and (d > 1 or c == 1)]
+    for entry in vocab.catalog.entries:
+        for calls, depth in grid:
+            trace = generate(vocab, TraceRequest(service=entry, calls=calls, depth=depth), choose, LIMITS)
+            assert validate(trace, expect_calls=calls, expect_depth=depth) == []
+            assert trace.root.service == entry
+
+
+@pytest.mark.parametrize("policy", ["uniform", "first", "last"])
+def test_open_requests_are_valid_and_stay_within_the_limits(vocab, policy):
+    choose = _policy(policy, random.Random(5))
+    for _ in range(30):
+        trace = generate(vocab, TraceRequest(), choose, LIMITS)
+        assert validate(trace) == []
+        assert len(trace) <= LIMITS.max_calls and trace.depth <= LIMITS.max_depth
+        assert trace.root.service in vocab.catalog.entries
+
+
+def test_latency_is_the_root_duration_and_children_stay_inside(vocab):
+    choose = _policy("uniform", random.Random(11))
+    for ms in (0.0, 0.5, 12.0, 250.0):
+        trace = generate(vocab, TraceRequest(calls=12, depth=3, latency_ms=ms), choose, LIMITS)
+        assert trace.root.duration_ns == round(ms * 1000) * 1000
+        assert validate(trace, expect_calls=12, expect_depth=3) == []  # strict nesting: no tolerance
+
+
+def test_services_operations_and_kinds_come_from_the_catalog(vocab):
+    cat = vocab.catalog
+    choose = _policy("uniform", random.Random(2))
+    for _ in range(20):
+        trace = generate(vocab, TraceRequest(calls=15, depth=4), choose, LIMITS)
+        for span in trace:
+            assert span.name in cat.operations[span.service]
+            assert span.kind.name in cat.kinds(span.service, span.name)
+            parent = trace.by_id.get(span.parent_id) if span.parent_id else None
+            if parent is not None and cat.edges.get(parent.service):
+                assert cat.calls(parent.service, span.service)
+
+
+def _edge_pairs(trace):
+    by = trace.by_id
+    return {(by[s.parent_id].service, s.service, s.kind) for s in trace if s.parent_id}
+
+
+@pytest.mark.parametrize("policy", ["uniform", "first", "last"])
+def test_include_call_is_always_in_the_trace(vocab, policy):
+    cat = vocab.catalog
+    choose = _policy(policy, random.Random(8))
+    entry = next(iter(cat.entries))
+    hops = {src: cat.hops_to(src) for src in cat.edges}
+    # Deep edges (far from the entry) are the hard ones: the path there must be kept open.
+    edges = sorted(((a, b) for a, bs in cat.edges.items() for b in bs if entry in hops[a]), key=lambda e: -hops[e[0]][entry])
+    assert edges
+    for a, b in edges[:6]:
+        need = hops[a][entry] + 2
+        for calls, depth in ((need, need), (need + 10, need + 1), (40, 16)):
+            if depth < need or depth > calls:
+                continue
+            kind = SpanKind[cat.kinds(b, next(iter(cat.operations[b])))[0]]
+            inc = Include(a, b, kind)
+            req = TraceRequest(service=entry, calls=calls, depth=depth, includes=(inc,))
+            req.check(cat, LIMITS)
+            trace = generate(vocab, req, choose, LIMITS)
+            assert validate(trace, expect_calls=calls, expect_depth=depth) == []
+            assert (a, b, kind) in _edge_pairs(trace), (a, b, calls, depth)
+
+
+def test_high_latency_travels_to_every_subtree(vocab):
+    choose = _policy("uniform", random.Random(4))
+    req = TraceRequest(calls=20, depth=4, high_latency=True)
+    steps, queue = [], [req.conditions()]
+    while queue:
+        cond = queue.pop(0)
+        step, _ = drive(vocab, cond, choose, LIMITS)
+        assert cond.high_latency
+        steps.append(step)
+        queue.extend(next_conditions(step, i) for i, s in enumerate(step.subs) if s.calls > 0)
+    assert validate(decode_trace(steps), expect_calls=20, expect_depth=4) == []
+
+
+def test_requests_the_model_cannot_meet_name_the_nearest_values(vocab):
+    cat, limits = vocab.catalog, LIMITS
+    entry = next(iter(cat.entries))
+    with pytest.raises(UserError, match="nearest known"):
+        TraceRequest(service=entry[:-1] + "x").check(cat, limits)
+    with pytest.raises(UserError, match="above anything"):
+        TraceRequest(depth=17).check(cat, limits)
+    with pytest.raises(UserError, match="at least as many calls"):
+        TraceRequest(calls=3, depth=4).check(cat, limits)
+    a, b = next((a, b) for a in cat.services for b in cat.services if not cat.calls(a, b))
+    with pytest.raises(UserError, match=f"{a} was never seen calling {b}"):
+        TraceRequest(includes=(Include(a, b),)).check(cat, limits)
+    with pytest.raises(UserError, match="needs --depth"):
+        a = next(a for a in cat.edges if a != entry and a in cat.hops_to(a) and entry in cat.hops_to(a))
+        TraceRequest(service=entry, depth=2, calls=10, includes=(Include(a, next(iter(cat.edges[a]))),)).check(cat, limits)
+
+
+def test_catalog_round_trips_and_keeps_only_writable_names(vocab, tmp_path):
+    cat = vocab.catalog
+    (tmp_path / "config.json").write_text("{}")
+    cat.save(tmp_path)
+    again = Catalog.load(tmp_path)
+    assert again.to_dict() == cat.to_dict()
+    some = next(iter(cat.operations))
+    assert some not in cat.restricted_to(set(cat.services) - {some}).operations
+    with pytest.raises(UserError, match="no catalog.json"):
+        Catalog.load(tmp_path / "nowhere")
