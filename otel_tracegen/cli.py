@@ -163,10 +163,32 @@ def _start_time(text: str) -> int:
     return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
 
 
+def _duration(text: str) -> float:
+    """Seconds: a number, with an optional s/m/h suffix, or inf."""
+    t = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration (e.g. 30, 30s, 5m, 1h, inf): {text!r}") from None
+    if not (value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    from .otlp_export import parse_header
+
+    try:
+        return parse_header(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--model", type=Path, help="model directory (default: the shipped model/)")
     g.add_argument("--adapter", default="auto", help="instruct (default when present), none, or another adapter")
-    g.add_argument("--count", type=_positive_int, default=10, help="traces to generate (default 10)")
+    g.add_argument("--count", type=_positive_int, help="traces to generate (default 10, or all --duration allows)")
     w = g.add_argument_group("what to generate (each left open is the model's choice)")
     w.add_argument("--service", help="entry service (the root span's)")
     w.add_argument("--operation", help="entry operation (needs --service)")
@@ -183,11 +205,19 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", type=_positive_int, default=256, help="pending steps decoded together")
     d.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     d.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
-    o = g.add_argument_group("output")
+    o = g.add_argument_group("output: a file, OTLP, or both")
     o.add_argument("--out", type=Path, help="write the traces to this file (.gz compresses)")
     o.add_argument("--format", default="otlp-json", choices=writable_formats(), help="file format (default otlp-json)")
     o.add_argument("--start-time", type=_start_time, help="anchor: Unix ns or ISO 8601 (default: now)")
-    o.add_argument("--rate", type=float, help="traces/s: Poisson arrivals after the anchor (default: all at it)")
+    o.add_argument("--rate", type=float, help="traces/s: Poisson arrivals, and sent at that pace (default: at once)")
+    o.add_argument("--duration", type=_duration, help="seconds to run (or 10s, 5m, 1h, inf) instead of --count")
+    o.add_argument("--otlp-endpoint", help="send OTLP to HOST:PORT or a URL (default: OTEL_EXPORTER_OTLP_ENDPOINT)")
+    o.add_argument("--otlp-http", action="store_true", help="OTLP/HTTP protobuf instead of gRPC")
+    o.add_argument("--otlp-insecure", action="store_true", help="plain text instead of TLS")
+    o.add_argument("--otlp-header", type=_header, action="append", default=[], metavar="KEY=VALUE",
+                   help="request header; repeatable")
+    o.add_argument("--otlp-compression", choices=("gzip", "none"), help="default: OTEL_EXPORTER_OTLP_COMPRESSION")
+    o.add_argument("--workers", type=_positive_int, default=1, help="threads sending OTLP batches (default 1)")
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -487,13 +517,34 @@ def cmd_model_catalog(args, env: Environment) -> ExitStatus:
     return ExitStatus.SUCCESS
 
 
+def _otlp_settings(args):
+    """OTLP settings from the flags, or None when nothing says where to send (no flag, no OTEL_* endpoint)."""
+    import os
+
+    from .otlp_export import OtlpSettings
+
+    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not args.otlp_endpoint and not env_endpoint and not args.otlp_http:
+        return None
+    protocol = "http/protobuf" if args.otlp_http else os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+    if protocol not in ("grpc", "http/protobuf"):
+        raise UserError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: only grpc and http/protobuf are supported")
+    return OtlpSettings(endpoint=args.otlp_endpoint, protocol=protocol, insecure=True if args.otlp_insecure else None,
+                        headers=dict(args.otlp_header), compression=args.otlp_compression)
+
+
 def cmd_generate(args, env: Environment) -> ExitStatus:
     if args.operation and not args.service:
         raise UserError("--operation needs --service (the entry service it belongs to)")
-    if args.out is None:
-        raise UserError("say where the traces go: --out FILE")
     if args.rate is not None and not (args.rate > 0):
         raise UserError(f"--rate must be > 0, got {args.rate}")
+    otlp = _otlp_settings(args)
+    if args.out is None and otlp is None:
+        raise UserError("say where the traces go: --out FILE, --otlp-endpoint HOST:PORT (or OTEL_EXPORTER_OTLP_ENDPOINT)")
+    count = args.count if args.count is not None else (None if args.duration is not None else 10)
+    if count is None and args.duration == float("inf") and args.out is not None:
+        raise UserError("--duration inf never ends, so the file would never be written: give --count or a duration")
     import torch
 
     from . import generate
@@ -508,27 +559,46 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
                            latency_ms=args.latency_ms, high_latency=args.high_latency,
                            includes=tuple(args.include_call))  # fmt: skip
     request.check(sampler.catalog, sampler.limits)  # before any decoding: errors name the nearest known values
+    sender = None
+    if otlp is not None:
+        from .otlp_export import OtlpSender, make_exporter
+
+        sender = OtlpSender(make_exporter(otlp), workers=args.workers)
     from tqdm import tqdm
 
-    bar = tqdm(total=args.count, unit="trace", desc="generate", file=env.stderr, disable=None)
-    pending = {}
-
-    def on_step(i, step):
-        # A trace is done when none of its subtrees is still waiting for a step.
-        pending[i] = pending.get(i, 1) - 1 + sum(1 for s in step.subs if s.calls > 0)
-        if pending[i] == 0:
+    summary = generate.GenerationSummary()
+    bar = tqdm(total=count, unit="trace", desc="generate", file=env.stderr, disable=None)
+    kept = []
+    duration = None if args.duration in (None, float("inf")) else args.duration
+    try:
+        for trace in generate.stream(sampler, request, count=count, duration_s=duration, rate=args.rate,
+                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                     start_time_ns=args.start_time, round_size=args.batch_size, summary=summary):
+            if sender is not None:
+                sender.send([trace])
+            if args.out is not None:
+                kept.append(trace)
             bar.update(1)
+    except KeyboardInterrupt:  # an endless run ends here: what was generated is still sent and written
+        print("otel-tracegen: interrupted; flushing what was generated", file=env.stderr)
+    finally:
+        bar.close()
+        counts = sender.close() if sender is not None else None
+    if args.out is not None:
+        from .formats import write_traces
 
-    traces, summary = generate.run(sampler, [request] * args.count, temperature=args.temperature, top_p=args.top_p,
-                                   seed=args.seed, start_time_ns=args.start_time, rate=args.rate, on_step=on_step)
-    bar.close()
-    from .formats import write_traces
-
-    write_traces(args.format, traces, args.out)
-    print(f"wrote {len(traces)} traces to {args.out} ({args.format})", file=env.stderr)
+        write_traces(args.format, kept, args.out)
+        print(f"wrote {len(kept)} traces to {args.out} ({args.format})", file=env.stderr)
     print(summary.line() + "; entry services: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_entry.items())),
           file=env.stderr)
-    return ExitStatus.SUCCESS if summary.valid == summary.traces else ExitStatus.INVALID
+    ok = summary.valid == summary.traces
+    if counts is not None:
+        where = otlp.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
+        print(f"OTLP ({otlp.protocol}) to {where}: {counts.sent_spans} spans delivered, {counts.failed_spans} failed"
+              + (f" in {counts.failed_batches} batches" if counts.failed_batches else "")
+              + (f" ({counts.first_error})" if counts.first_error else ""), file=env.stderr)
+        ok = ok and counts.failed_spans == 0
+    return ExitStatus.SUCCESS if ok else ExitStatus.INVALID
 
 
 _MODEL = {"info": cmd_model_info, "catalog": cmd_model_catalog}

@@ -9,12 +9,14 @@ byte: ids come from seeded generators, timestamps are offsets from the anchor.
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .encoding import decode_trace
+from .report import UserError
 from .trace import Resource, Scope, Trace
 from .validate import validate
 
@@ -34,56 +36,94 @@ class GenerationSummary:
     def spans_per_s(self) -> float:
         return self.spans / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, trace: Trace, request) -> None:
+        self.traces += 1
+        self.spans += len(trace)
+        self.valid += not validate(trace, expect_calls=request.calls, expect_depth=request.depth)
+        entry = trace.root.service if trace.root is not None else "(none)"
+        self.by_entry[entry] = self.by_entry.get(entry, 0) + 1
+
     def line(self) -> str:
         return (f"{self.traces} traces, {self.spans} spans in {self.seconds:.1f} s ({self.spans_per_s:,.0f} spans/s); "
                 f"{self.valid}/{self.traces} valid")
 
 
-def arrival_offsets_ns(n: int, rate: float | None, rng: random.Random) -> list[int]:
-    """Start offsets of ``n`` traces from the anchor: Poisson arrivals at ``rate``/s, all at 0 without one."""
-    if not rate:
-        return [0] * n
-    out, t = [], 0.0
-    for _ in range(n):
-        out.append(round(t * 1e9))
-        t += rng.expovariate(rate)
-    return out
+class Arrivals:
+    """Start offsets (ns after the anchor) of successive traces: Poisson arrivals at ``rate``/s, or all at 0."""
+
+    def __init__(self, rate: float | None, rng: random.Random) -> None:
+        self.rate, self.rng, self.t = rate, rng, 0.0
+
+    def take(self, n: int) -> list[int]:
+        if not self.rate:
+            return [0] * n
+        out = []
+        for _ in range(n):
+            out.append(round(self.t * 1e9))
+            self.t += self.rng.expovariate(self.rate)
+        return out
 
 
-def assemble(steps_per_trace: Sequence[Sequence], *, anchor_ns: int, seed: int, rate: float | None = None,
-             resource_attributes: dict | None = None) -> list[Trace]:
-    """Spans from each trace's steps: fresh ids (from ``seed``), times from the anchor, one resource per service."""
-    rng = random.Random(seed)
-    offsets = arrival_offsets_ns(len(steps_per_trace), rate, rng)
-    resources: dict[str, Resource] = {}
-    traces = []
-    for steps, offset in zip(steps_per_trace, offsets):
-        trace = decode_trace(steps, trace_id=f"{rng.getrandbits(128) or 1:032x}", start_ns=anchor_ns + offset,
-                             id_seed=rng.getrandbits(64))
-        for span in trace:
-            res = resources.get(span.service)
-            if res is None:
-                attrs = {"service.name": span.service, SYNTHETIC_ATTRIBUTE: True, **(resource_attributes or {})}
-                res = resources[span.service] = Resource(attrs)
-            span.resource, span.scope = res, SCOPE
-        traces.append(trace)
-    return traces
+class Assembler:
+    """Spans from each trace's steps: fresh ids (from ``seed``), times from the anchor, one resource per service
+    (shared by all its spans, marked with ``otel_tracegen.synthetic=true``)."""
+
+    def __init__(self, *, anchor_ns: int, seed: int, rate: float | None = None,
+                 resource_attributes: dict | None = None) -> None:
+        self.anchor_ns = anchor_ns
+        self.rng = random.Random(seed)
+        self.arrivals = Arrivals(rate, random.Random(seed + 1))
+        self.resource_attributes = resource_attributes or {}
+        self.resources: dict[str, Resource] = {}
+
+    def __call__(self, steps_per_trace: Sequence[Sequence]) -> list[Trace]:
+        traces = []
+        for steps, offset in zip(steps_per_trace, self.arrivals.take(len(steps_per_trace))):
+            trace = decode_trace(steps, trace_id=f"{self.rng.getrandbits(128) or 1:032x}",
+                                 start_ns=self.anchor_ns + offset, id_seed=self.rng.getrandbits(64))
+            for span in trace:
+                res = self.resources.get(span.service)
+                if res is None:
+                    attrs = {"service.name": span.service, SYNTHETIC_ATTRIBUTE: True, **self.resource_attributes}
+                    res = self.resources[span.service] = Resource(attrs)
+                span.resource, span.scope = res, SCOPE
+            traces.append(trace)
+        return traces
 
 
-def run(sampler, requests: Sequence, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-        start_time_ns: int | None = None, rate: float | None = None,
-        on_step: Callable | None = None) -> tuple[list[Trace], GenerationSummary]:
-    """Generate one trace per request and check each one; the summary counts what came out."""
+def stream(sampler, request, *, count: int | None, duration_s: float | None = None, rate: float | None = None,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, start_time_ns: int | None = None,
+           round_size: int = 256, summary: GenerationSummary | None = None,
+           on_step: Callable | None = None) -> Iterator[Trace]:
+    """Traces for ``request``, generated in rounds of ``round_size``: ``count`` of them, or as many as arrive
+    within ``duration_s`` at ``rate`` (None: no limit; stop by closing the iterator). With ``rate`` each trace is
+    yielded when its arrival time comes (wall clock), so a consumer that sends at once sends at that rate.
+    Each trace is validated into ``summary``. Round ``r`` is decoded with seed ``seed + r``: reproducible."""
+    if count is None and duration_s is None and not rate:
+        raise UserError("an endless run needs --rate (traces/s)")
+    summary = summary if summary is not None else GenerationSummary()
     t0 = time.perf_counter()
-    steps = sampler.generate(requests, temperature=temperature, top_p=top_p, seed=seed, on_step=on_step)
     anchor = start_time_ns if start_time_ns is not None else time.time_ns()
-    traces = assemble(steps, anchor_ns=anchor, seed=seed, rate=rate)
-    summary = GenerationSummary(seconds=time.perf_counter() - t0)
-    for req, trace in zip(requests, traces):
-        summary.traces += 1
-        summary.spans += len(trace)
-        ok = not validate(trace, expect_calls=req.calls, expect_depth=req.depth)
-        summary.valid += ok
-        entry = trace.root.service if trace.root is not None else "(none)"
-        summary.by_entry[entry] = summary.by_entry.get(entry, 0) + 1
-    return traces, summary
+    assemble = Assembler(anchor_ns=anchor, seed=seed, rate=rate)
+    done, r = 0, 0
+    limit_ns = None if duration_s is None or not rate else duration_s * 1e9
+    while count is None or done < count:
+        n = round_size if count is None else min(round_size, count - done)
+        if rate:  # do not run far ahead of the clock at low rates
+            n = min(n, max(1, math.ceil(rate * 2)))
+        steps = sampler.generate([request] * n, temperature=temperature, top_p=top_p, seed=seed + r, on_step=on_step)
+        r += 1
+        for trace in assemble(steps):
+            offset = trace.start_ns - anchor
+            if limit_ns is not None and offset >= limit_ns:
+                return
+            if duration_s is not None and not rate and time.perf_counter() - t0 >= duration_s:
+                return
+            if rate:
+                wait = t0 + offset / 1e9 - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+            summary.add(trace, request)
+            summary.seconds = time.perf_counter() - t0
+            done += 1
+            yield trace
