@@ -209,6 +209,8 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     o.add_argument("--out", type=Path, help="write the traces to this file (.gz compresses)")
     o.add_argument("--format", default="otlp-json", choices=writable_formats(), help="file format (default otlp-json)")
     o.add_argument("--start-time", type=_start_time, help="anchor: Unix ns or ISO 8601 (default: now)")
+    o.add_argument("--no-attributes", action="store_true",
+                   help="spans without protocol attributes (http.*, rpc.*, db.*: learned, else inferred from names)")
     o.add_argument("--rate", type=float, help="traces/s: Poisson arrivals, and sent at that pace (default: at once)")
     o.add_argument("--duration", type=_duration, help="seconds to run (or 10s, 5m, 1h, inf) instead of --count")
     o.add_argument("--otlp-endpoint", help="send OTLP to HOST:PORT or a URL (default: OTEL_EXPORTER_OTLP_ENDPOINT)")
@@ -573,7 +575,8 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
     try:
         for trace in generate.stream(sampler, request, count=count, duration_s=duration, rate=args.rate,
                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                     start_time_ns=args.start_time, round_size=args.batch_size, summary=summary):
+                                     start_time_ns=args.start_time, round_size=args.batch_size, summary=summary,
+                                     attributes=not args.no_attributes):
             if sender is not None:
                 sender.send([trace])
             if args.out is not None:

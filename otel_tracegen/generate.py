@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .encoding import decode_trace
 from .report import UserError
+from .semconv import attributes_for
 from .trace import Resource, Scope, Trace
 from .validate import validate
 
@@ -69,7 +70,8 @@ class Assembler:
     (shared by all its spans, marked with ``otel_tracegen.synthetic=true``)."""
 
     def __init__(self, *, anchor_ns: int, seed: int, rate: float | None = None,
-                 resource_attributes: dict | None = None) -> None:
+                 resource_attributes: dict | None = None, catalog=None, attributes: bool = True) -> None:
+        self.catalog, self.attributes = catalog, attributes
         self.anchor_ns = anchor_ns
         self.rng = random.Random(seed)
         self.arrivals = Arrivals(rate, random.Random(seed + 1))
@@ -87,24 +89,28 @@ class Assembler:
                     attrs = {"service.name": span.service, SYNTHETIC_ATTRIBUTE: True, **self.resource_attributes}
                     res = self.resources[span.service] = Resource(attrs)
                 span.resource, span.scope = res, SCOPE
+                if self.attributes:
+                    learned = self.catalog.learned_attributes(span.service, span.name) if self.catalog else None
+                    span.attributes = attributes_for(span.name, span.kind, span.status.code, learned)
             traces.append(trace)
         return traces
 
 
 def stream(sampler, request, *, count: int | None, duration_s: float | None = None, rate: float | None = None,
            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, start_time_ns: int | None = None,
-           round_size: int = 256, summary: GenerationSummary | None = None,
+           round_size: int = 256, summary: GenerationSummary | None = None, attributes: bool = True,
            on_step: Callable | None = None) -> Iterator[Trace]:
     """Traces for ``request``, generated in rounds of ``round_size``: ``count`` of them, or as many as arrive
     within ``duration_s`` at ``rate`` (None: no limit; stop by closing the iterator). With ``rate`` each trace is
     yielded when its arrival time comes (wall clock), so a consumer that sends at once sends at that rate.
-    Each trace is validated into ``summary``. Round ``r`` is decoded with seed ``seed + r``: reproducible."""
+    Each trace is validated into ``summary``. Round ``r`` is decoded with seed ``seed + r``: reproducible.
+    ``attributes``: give spans protocol attributes (:mod:`otel_tracegen.semconv`)."""
     if count is None and duration_s is None and not rate:
         raise UserError("an endless run needs --rate (traces/s)")
     summary = summary if summary is not None else GenerationSummary()
     t0 = time.perf_counter()
     anchor = start_time_ns if start_time_ns is not None else time.time_ns()
-    assemble = Assembler(anchor_ns=anchor, seed=seed, rate=rate)
+    assemble = Assembler(anchor_ns=anchor, seed=seed, rate=rate, catalog=sampler.catalog, attributes=attributes)
     done, r = 0, 0
     limit_ns = None if duration_s is None or not rate else duration_s * 1e9
     while count is None or done < count:

@@ -30,6 +30,7 @@ class OperationStats:
     kinds: dict[str, int] = field(default_factory=dict)  # SpanKind name -> spans
     statuses: dict[str, int] = field(default_factory=dict)  # StatusCode name -> spans
     max_below: int = 0  # deepest subtree under a span of this operation (levels below it)
+    attributes: dict = field(default_factory=dict)  # scalar attributes that >= 90 % of its spans carry, same value
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Catalog:
         edges: dict[str, Counter] = defaultdict(Counter)
         entries: dict[str, Counter] = defaultdict(Counter)
         cat = cls()
+        attr_counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
         for trace in traces:
             root = trace.root
             if root is None:
@@ -71,8 +73,14 @@ class Catalog:
                 st.kinds[span.kind.name] = st.kinds.get(span.kind.name, 0) + 1
                 st.statuses[span.status.code.name] = st.statuses.get(span.status.code.name, 0) + 1
                 st.max_below = max(st.max_below, below[span.span_id])
+                if span.attributes:
+                    attr_counts[span.service, span.name].update(
+                        (k, v) for k, v in span.attributes.items() if isinstance(v, (str, bool, int, float)))
                 for k in kids:
                     edges[span.service][k.service] += 1
+        for (svc, op), counts in attr_counts.items():
+            st = ops[svc][op]
+            st.attributes = {k: v for (k, v), n in sorted(counts.items(), key=lambda kv: kv[0][0]) if n >= 0.9 * st.count}
         cat.operations = {s: dict(sorted(o.items())) for s, o in sorted(ops.items())}
         cat.edges = {s: dict(sorted(c.items())) for s, c in sorted(edges.items())}
         cat.entries = {s: dict(sorted(c.items())) for s, c in sorted(entries.items())}
@@ -95,14 +103,15 @@ class Catalog:
             "traces": self.traces, "max_depth": self.max_depth, "max_spans": self.max_spans,
             "max_root_duration_us": self.max_root_duration_us, "entries": self.entries, "edges": self.edges,
             "operations": {s: {o: {"count": st.count, "kinds": st.kinds, "statuses": st.statuses,
-                                   "max_below": st.max_below} for o, st in os.items()}
+                                   "max_below": st.max_below, "attributes": st.attributes} for o, st in os.items()}
                            for s, os in self.operations.items()},
         }  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> Catalog:
         try:
-            ops = {s: {o: OperationStats(int(st["count"]), dict(st["kinds"]), dict(st["statuses"]), int(st["max_below"]))
+            ops = {s: {o: OperationStats(int(st["count"]), dict(st["kinds"]), dict(st["statuses"]), int(st["max_below"]),
+                                         dict(st.get("attributes") or {}))
                        for o, st in os.items()} for s, os in d["operations"].items()}  # fmt: skip
             return cls(ops, {s: dict(c) for s, c in d["edges"].items()}, {s: dict(o) for s, o in d["entries"].items()},
                        int(d["traces"]), int(d["max_depth"]), int(d["max_spans"]), int(d["max_root_duration_us"]))
@@ -134,6 +143,10 @@ class Catalog:
     def kinds(self, service: str, operation: str) -> list[str]:
         st = self.operations.get(service, {}).get(operation)
         return sorted(st.kinds) if st else []
+
+    def learned_attributes(self, service: str, operation: str) -> dict:
+        st = self.operations.get(service, {}).get(operation)
+        return st.attributes if st else {}
 
     def calls(self, src: str, dst: str) -> bool:
         return dst in self.edges.get(src, {})

@@ -116,9 +116,9 @@ class TraceSampler:
 
     def __init__(self, lm, catalog: Catalog | None = None, *, adapter: str | None = "auto", batch_size: int = 256,
                  limits: StepLimits | None = None) -> None:
-        if getattr(lm, "backend", None) != "runtime" or not hasattr(lm.tokenizer, "key_id"):
-            raise UserError(f"{lm.path}: constrained generation needs one of our trace models on the runtime "
-                            "backend (load_model(backend='runtime')); --base-model models are not supported yet")
+        if not hasattr(lm.tokenizer, "key_id"):
+            raise UserError(f"{lm.path}: constrained generation needs one of our trace models (a --base-model "
+                            "model with a BPE tokenizer is not supported yet)")
         self.lm = lm
         self.vocab = GrammarVocab(lm.tokenizer, catalog if catalog is not None else Catalog.load(lm.path))
         cat = self.vocab.catalog
@@ -151,8 +151,12 @@ class TraceSampler:
         for r in set(requests):
             r.check(self.catalog, self.limits)
         model, tok = self.lm.model, self.lm.tokenizer
-        model.set_adapter(self.adapter)
+        runtime = self.lm.backend == "runtime"
+        if runtime or self.adapter is not None:
+            model.set_adapter(self.adapter)
         generator = torch.Generator(device=model.device).manual_seed(seed)
+        if not runtime:
+            torch.manual_seed(seed)  # transformers' generate() draws from the global generator
         end_id = self.vocab.mark["end"]
         steps: list[list[Step]] = [[] for _ in requests]
         level: list[tuple[int, Conditions]] = [(i, r.conditions()) for i, r in enumerate(requests)]
@@ -165,9 +169,12 @@ class TraceSampler:
                              else step_program(self.vocab, cond, self.limits)) for i, cond in chunk]  # fmt: skip
                 prompts = [[tok.bos_id, *self.vocab.encode(cond.text() + " <layer>")] for _, cond in chunk]
                 room = max(_token_bound(c, self.limits) for _, c in chunk)
-                outs = model.sample(prompts, max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
-                                    temperature=temperature, generator=generator,
-                                    logits_hook=self._hook(rows, temperature, top_p))
+                hook = self._hook(rows, temperature, top_p)
+                if runtime:
+                    outs = model.sample(prompts, max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
+                                        temperature=temperature, generator=generator, logits_hook=hook)
+                else:
+                    outs = _generate_transformers(model, prompts, rows, hook, room, end_id, tok.pad_id, temperature)
                 for (i, cond), row, out in zip(chunk, rows, outs):
                     for token in out[row.fed :]:
                         row.feed(token)
@@ -199,6 +206,44 @@ class TraceSampler:
             return logits
 
         return hook
+
+
+def _generate_transformers(model, prompts, rows, hook, room: int, end_id: int, pad_id: int, temperature: float):
+    """The same grammar through transformers' ``generate()`` (a logits processor): the reference the runtime is
+    benchmarked against, and the path for models the runtime cannot run. The hook applies top-p itself."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+
+    finished: set[int] = set()
+
+    class Grammar(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            new = input_ids[:, width:].tolist()
+            finished.update(r for r in range(len(rows)) if new[r] and new[r][-1] == end_id)  # padded from now on
+            running = [r for r in range(len(rows)) if r not in finished]
+            if running:
+                idx = torch.tensor(running, device=scores.device)
+                scores = scores.clone()
+                scores[idx] = hook(running, [new[r] for r in running], scores[idx].float()).to(scores.dtype)
+            return scores
+
+    sample = temperature > 0
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=sample,
+                             temperature=temperature if sample else None, top_k=0 if sample else None,
+                             top_p=1.0 if sample else None, max_new_tokens=room, eos_token_id=end_id,
+                             pad_token_id=pad_id, logits_processor=LogitsProcessorList([Grammar()]))  # fmt: skip
+    outs = []
+    for row in out[:, width:].tolist():
+        outs.append(row[: row.index(end_id) + 1] if end_id in row else row)
+    return outs
 
 
 def _top_p(scaled, top_p: float):

@@ -1,0 +1,234 @@
+"""Generation speed: the decoding engine against transformers ``generate()``, and OTLP emission against the OTel
+Python SDK's own path. Every figure is a ratio against a baseline measured in the same run.
+
+=================  ==========================================================================================
+engine             ``TraceSampler`` on our runtime (``otel_tracegen.lm.runtime``): batched recursive layers,
+                   KV cache, grammar masks from a logits hook
+baseline           the same sampler, same model, same grammar (as a ``LogitsProcessor``), same batches, through
+                   ``LlamaForCausalLM.generate()`` + peft (``load_model(backend="transformers")``)
+emission           ``OtlpSender``: canonical spans -> ``ReadableSpan`` -> the SDK's OTLP gRPC exporter, from
+                   ``--workers`` threads, into a real collector (rotel) that discards them (blackhole exporter)
+baseline           what an instrumented app does: ``tracer.start_span``/``end`` for every span (the same ids and
+                   times) through ``BatchSpanProcessor`` + the same exporter into the same collector
+=================  ==========================================================================================
+
+Spans/s counts valid spans only (every trace is checked with the validator; all are valid by construction).
+
+Usage::
+
+    python3 benchmarks/bench_generate.py [MODEL_DIR] [--traces 64] [--calls 30] [--depth 4] [--threads 2]
+        [--batch 256] [--device cpu] [--skip-baseline] [--emission-traces 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+
+def machine(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def engine_spans_per_s(lm, requests, batch: int, seed: int) -> tuple[float, int, int, float]:
+    """(valid spans/s, spans, valid traces, seconds) of one generation run."""
+    from otel_tracegen.encoding import decode_trace
+    from otel_tracegen.sampling import TraceSampler
+    from otel_tracegen.validate import validate
+
+    sampler = TraceSampler(lm, batch_size=batch)
+    t = time.perf_counter()
+    out = sampler.generate(requests, seed=seed)
+    dt = time.perf_counter() - t
+    spans = valid = 0
+    for req, steps in zip(requests, out):
+        trace = decode_trace(steps)
+        if not validate(trace, expect_calls=req.calls, expect_depth=req.depth):
+            valid += 1
+            spans += len(trace)
+    return spans / dt, spans, valid, dt
+
+
+# --- emission ---------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_rotel(tmp: Path) -> tuple[subprocess.Popen, int]:
+    import rotel
+
+    binary = Path(rotel.__file__).parent / "rotel-agent"
+    port = _free_port()
+    proc = subprocess.Popen([str(binary if binary.is_file() else shutil.which("rotel-agent")), "start",
+                             "--otlp-grpc-endpoint", f"127.0.0.1:{port}", "--otlp-http-endpoint",
+                             f"127.0.0.1:{_free_port()}", "--exporter", "blackhole", "--pid-file",
+                             str(tmp / "rotel.pid"), "--log-file", str(tmp / "rotel.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    for _ in range(200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("rotel did not open its port")
+
+
+def emission_ours(traces, port: int, workers: int) -> float:
+    from otel_tracegen.otlp_export import OtlpSender, OtlpSettings, make_exporter
+
+    sender = OtlpSender(make_exporter(OtlpSettings(endpoint=f"127.0.0.1:{port}", insecure=True)), workers=workers)
+    t = time.perf_counter()
+    sender.send(traces)
+    counts = sender.close()
+    dt = time.perf_counter() - t
+    assert counts.failed_spans == 0, counts
+    return counts.sent_spans / dt
+
+
+def emission_sdk(traces, port: int) -> float:
+    """Each span through the SDK's tracer as an app would record it, with our ids and timestamps."""
+    from opentelemetry import trace as api
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+    class Replay(IdGenerator):  # hand the tracer the ids the generated spans have
+        def __init__(self):
+            self.span_ids, self.trace_ids = [], []
+
+        def generate_span_id(self):
+            return self.span_ids.pop()
+
+        def generate_trace_id(self):
+            return self.trace_ids.pop()
+
+    ids = Replay()
+    providers = {}
+    n = 0
+    t = time.perf_counter()
+    for trace in traces:
+        for span in trace.walk():
+            s = span[0]
+            prov = providers.get(s.service)
+            if prov is None:
+                prov = providers[s.service] = TracerProvider(resource=Resource({"service.name": s.service}),
+                                                             id_generator=ids)
+                prov.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{port}",
+                                                                            insecure=True)))
+            ids.span_ids.append(int(s.span_id, 16))
+            if s.parent_id is None:
+                ids.trace_ids.append(int(s.trace_id, 16))
+                ctx = None
+            else:
+                parent = api.SpanContext(int(s.trace_id, 16), int(s.parent_id, 16), is_remote=False,
+                                         trace_flags=api.TraceFlags(1))
+                ctx = api.set_span_in_context(api.NonRecordingSpan(parent))
+            sp = prov.get_tracer("bench").start_span(s.name, context=ctx, kind=api.SpanKind.SERVER,
+                                                     start_time=s.start_ns)
+            sp.end(end_time=s.end_ns)
+            n += 1
+    for prov in providers.values():
+        prov.shutdown()  # flushes the batch processors: every span has been exported when this returns
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", default=str(REPO_ROOT / "model"))
+    ap.add_argument("--traces", type=int, default=64)
+    ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-baseline", action="store_true", help="engine only (the baseline is slow)")
+    ap.add_argument("--emission-traces", type=int, default=2000, help="0 skips the emission benchmark")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+
+    import torch
+
+    from otel_tracegen.lm.model import load_model
+    from otel_tracegen.sampling import TraceRequest
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    requests = [TraceRequest(calls=args.calls, depth=args.depth)] * args.traces
+    where = machine(args.device)
+    result: dict = {"machine": where, "device": args.device, "traces": args.traces, "calls": args.calls,
+                    "depth": args.depth, "batch": args.batch}  # fmt: skip
+    lm = load_model(args.model, device=args.device, backend="runtime")
+    engine_spans_per_s(lm, requests[: min(8, len(requests))], args.batch, args.seed)  # warm-up
+    rate, spans, valid, dt = engine_spans_per_s(lm, requests, args.batch, args.seed)
+    result["engine"] = {"spans_per_s": round(rate, 1), "spans": spans, "valid_traces": valid, "seconds": round(dt, 2)}
+    print(f"engine    {rate:10,.0f} valid spans/s  ({valid}/{len(requests)} traces valid, {spans} spans in {dt:.1f} s)"
+          f"  on {where}")
+    if not args.skip_baseline:
+        hf = load_model(args.model, device=args.device, backend="transformers")
+        base, bspans, bvalid, bdt = engine_spans_per_s(hf, requests, args.batch, args.seed)
+        result["transformers_generate"] = {"spans_per_s": round(base, 1), "spans": bspans, "valid_traces": bvalid,
+                                           "seconds": round(bdt, 2)}
+        result["engine_vs_generate"] = round(rate / base, 2)
+        print(f"generate  {base:10,.0f} valid spans/s  ({bvalid}/{len(requests)} traces valid)   ratio {rate / base:.2f}x")
+
+    if args.emission_traces:
+        import tempfile
+
+        from otel_tracegen.generate import Assembler
+        from otel_tracegen.sampling import TraceSampler
+
+        # Traces to send: generated once, repeated with fresh ids (emission does not depend on content).
+        sampler = TraceSampler(lm, batch_size=args.batch)
+        steps = sampler.generate([TraceRequest(calls=20, depth=4)] * 32, seed=args.seed)
+        assemble = Assembler(anchor_ns=time.time_ns(), seed=args.seed)
+        traces = [t for _ in range(max(1, args.emission_traces // 32)) for t in assemble(steps)]
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, port = start_rotel(Path(tmp))
+            try:
+                ours = emission_ours(traces, port, args.workers)
+                sdk = emission_sdk(traces, port)
+            finally:
+                proc.terminate()
+                proc.wait(10)
+        result["emission"] = {"ours_spans_per_s": round(ours, 1), "sdk_spans_per_s": round(sdk, 1),
+                              "ratio": round(ours / sdk, 2), "spans": sum(map(len, traces)), "workers": args.workers}
+        print(f"emission  {ours:10,.0f} spans/s into rotel ({args.workers} workers)  vs SDK tracer path "
+              f"{sdk:,.0f} spans/s   ratio {ours / sdk:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    main()
