@@ -192,6 +192,9 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     w = g.add_argument_group("what to generate (each left open is the model's choice)")
     w.add_argument("--service", help="entry service (the root span's)")
     w.add_argument("--operation", help="entry operation (needs --service)")
+    w.add_argument("--entries", choices=("data", "model"), default="data",
+                   help="without --service: draw the entry service from the training mix (data, default) or let "
+                        "the model choose it (model)")
     w.add_argument("--calls", type=_positive_int, help="spans per trace, root included; met exactly")
     w.add_argument("--depth", type=_positive_int, help="span levels per trace; met exactly")
     w.add_argument("--latency-ms", type=float, help="the root span's duration in ms")
@@ -497,6 +500,12 @@ def cmd_model_info(args, env: Environment) -> ExitStatus:
         print(f"data        {', '.join(map(str, data.get('inputs') or [data.get('corpus')]))} ({sizes})", file=out)
     else:
         print("data        not recorded (no training.json)", file=out)
+    cat = info.get("catalog")
+    if cat:
+        print(f"catalog     {cat['services']} services, {cat['operations']} operations, entry services "
+              f"{', '.join(cat['entry_services'])}; deepest trace {cat['max_depth']} levels", file=out)
+    else:
+        print("catalog     none (generate needs one: otel-tracegen model catalog MODEL --corpus DIR)", file=out)
     for name, s in info["stages"].items():
         val = f"{s['val_loss']:.4f}" if isinstance(s.get("val_loss"), float) else "n/a"
         print(f"stage       {name}: {s.get('steps')} steps, val loss {val}, {s.get('wall_s')} s on {s.get('device')}",
@@ -556,7 +565,8 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, device=args.device, backend="runtime")
-    sampler = TraceSampler(lm, adapter=None if args.adapter == "none" else args.adapter, batch_size=args.batch_size)
+    sampler = TraceSampler(lm, adapter=None if args.adapter == "none" else args.adapter, batch_size=args.batch_size,
+                           entries=args.entries)
     request = TraceRequest(service=args.service, operation=args.operation, calls=args.calls, depth=args.depth,
                            latency_ms=args.latency_ms, high_latency=args.high_latency,
                            includes=tuple(args.include_call))  # fmt: skip

@@ -313,3 +313,23 @@ def test_supervised_split_pads_per_batch_and_trains_on_answers_only(real, tok):
         assert int(m[r].sum()) == len(p) + len(a)
     # Sharding keeps every world-th row from the rank.
     assert len(split.shard(1, 2)) == len(pairs) // 2
+
+
+def test_length_grouped_batches_pad_less_and_still_draw_every_row():
+    import torch
+
+    from otel_tracegen.lm.data import LengthGroupedBatches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(5, 500, (2000,), generator=g)]
+    grouped = LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(1))
+    seen, padded_grouped, padded_random = set(), 0, 0
+    for _ in range(400):
+        batch = grouped.next()
+        assert len(batch) == 16
+        seen.update(batch)
+        padded_grouped += 16 * max(lengths[i] for i in batch)
+        rand = torch.randint(len(lengths), (16,), generator=g).tolist()
+        padded_random += 16 * max(lengths[i] for i in rand)
+    assert len(seen) > 0.9 * len(lengths)  # 6,400 uniform draws reach almost every row
+    assert padded_grouped < 0.6 * padded_random

@@ -121,6 +121,25 @@ def test_resume_continues_from_the_checkpoint_step(corpus, pretrained, tmp_path)
     assert [h["step"] for h in s["history"]] == [0, 10, 20, 25]
 
 
+def test_continued_pretraining_starts_from_the_given_model(corpus, pretrained, tmp_path):
+    """--init on pretrain: the same architecture and tokenizer, its weights as the starting point."""
+    out = tmp_path / "continued"
+    rc, _, err = run("train", "--stage", "pretrain", "--init", str(pretrained), "--corpus", str(corpus), "--out",
+                     str(out), "--max-steps", "4", "--eval-every", "2", "--lr", "1e-4", *FAST)
+    assert rc == ExitStatus.SUCCESS, err
+    assert f"continuing {pretrained}" in err
+    before, after = stage(pretrained, "pretrain"), stage(out, "pretrain")
+    # Step 0 of the continued run evaluates the given weights: far below a fresh model's loss.
+    assert after["history"][0]["val"] < before["history"][0]["val"] - 0.5
+    assert after["continued_from"]["model"] == str(pretrained)
+    assert after["continued_from"]["pretrain"]["steps"] == before["steps"]
+    assert (out / "vocab.json").read_text() == (pretrained / "vocab.json").read_text()
+    assert json.loads((out / "catalog.json").read_text())["entries"]
+    rc, _, err = run("train", "--stage", "pretrain", "--init", str(tmp_path / "nothing"), "--corpus", str(corpus),
+                     "--out", str(tmp_path / "x"), "--max-steps", "1", *FAST)
+    assert rc == ExitStatus.ERROR and "not a pre-trained otel-tracegen model" in err
+
+
 def test_resume_without_a_checkpoint_is_a_one_line_error(corpus, tmp_path):
     rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "m"),
                      "--max-steps", "2", "--resume", *FAST)

@@ -169,3 +169,12 @@ def test_generate_command_errors_name_what_is_wrong(model_dir, tmp_path, capsys)
     rc, _, err = run("generate", "--model", str(model_dir))
     assert rc == ExitStatus.ERROR and "--out" in err
     assert not Path(out).exists()
+
+
+def test_the_same_grammar_runs_through_transformers_generate(model_dir):
+    """The benchmark's baseline: transformers' generate() with the grammar as a logits processor."""
+    hf = TraceSampler(load_model(model_dir, device="cpu", backend="transformers"), batch_size=8)
+    reqs = [TraceRequest(calls=9, depth=3)] * 3 + [TraceRequest()] * 2
+    for kw in ({}, {"temperature": 0.0}, {"top_p": 0.8}):
+        for req, steps in zip(reqs, hf.generate(reqs, seed=1, **kw)):
+            assert validate(decode_trace(steps), expect_calls=req.calls, expect_depth=req.depth) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,14 @@ def generate(vocab, request: TraceRequest, choose, limits):
         cond = queue.pop(0)
         kw = {"entry_service": request.service, "entry_operation": request.operation} if cond.client else {}
         step, tokens = drive(vocab, cond, choose, limits, **kw)
-        # What the masks let through is text the parser reads back as the same step.
-        assert parse_step(cond.text() + " <layer> " + vocab.tokenizer.decode(tokens)) == step
+        # What the masks let through is text the parser reads back as the same step, except that a duration
+        # written past the parent's window is clipped to it.
+        written = parse_step(cond.text() + " <layer> " + vocab.tokenizer.decode(tokens))
+        assert written.book == step.book and written.subs == step.subs
+        for w, c in zip(written.calls, step.calls, strict=True):
+            assert replace(w, duration=c.duration) == c and c.duration <= w.duration
+            if cond.budget is not None and not cond.client:
+                assert c.duration == min(w.duration, cond.budget - c.start)
         steps.append(step)
         queue.extend(next_conditions(step, i) for i, s in enumerate(step.subs) if s.calls > 0)
     return decode_trace(steps)
@@ -223,3 +230,23 @@ def test_catalog_round_trips_and_keeps_only_writable_names(vocab, tmp_path):
     assert some not in cat.restricted_to(set(cat.services) - {some}).operations
     with pytest.raises(UserError, match="no catalog.json"):
         Catalog.load(tmp_path / "nowhere")
+
+
+def test_entries_are_drawn_from_the_training_mix_when_none_is_asked_for():
+    from types import SimpleNamespace
+
+    from otel_tracegen.sampling import TraceSampler
+    from otel_tracegen.sampling.catalog import OperationStats
+
+    ops = {s: {"op": OperationStats(1, {"SERVER": 1}, {"UNSET": 1})} for s in ("a", "b", "c", "d")}
+    cat = Catalog(ops, {"a": {"c": 1}, "b": {"d": 1}, "c": {"d": 1}}, {"a": {"op": 300}, "b": {"op": 100}}, 400, 3, 5, 10)
+    me = SimpleNamespace(catalog=cat)
+    got = TraceSampler._with_entries(me, [TraceRequest()] * 4000, seed=1)
+    share = sum(r.service == "a" for r in got) / len(got)
+    assert 0.72 < share < 0.78  # 300 : 100 in the data
+    assert [r.service for r in TraceSampler._with_entries(me, [TraceRequest()] * 50, seed=1)] == [
+        r.service for r in TraceSampler._with_entries(me, [TraceRequest()] * 50, seed=1)]  # reproducible
+    # A named entry is kept; an include only some entries reach narrows the draw to them.
+    assert {r.service for r in TraceSampler._with_entries(me, [TraceRequest(service="b")] * 20, seed=2)} == {"b"}
+    inc = TraceRequest(includes=(Include("c", "d"),), depth=3)
+    assert {r.service for r in TraceSampler._with_entries(me, [inc] * 50, seed=3)} == {"a"}

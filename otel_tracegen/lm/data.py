@@ -485,6 +485,32 @@ class Split:
         return x, y, m
 
 
+class LengthGroupedBatches:
+    """Random batches of similar-length rows (as transformers' ``group_by_length``), for ragged supervised rows.
+
+    Each pool draws ``batch_size * pools`` rows uniformly (with replacement, as the plain sampler does), sorts them
+    by length, cuts them into batches and hands those out in random order. Every row is as likely as before, but
+    a batch is padded to its own longest row instead of the longest of a random mix: on the instruct data, whose
+    answers range from a few tokens to hundreds, this cut the padded tokens per step several-fold.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator, pools: int = 32) -> None:
+        self.lengths, self.batch_size, self.gen, self.pools = lengths, batch_size, generator, pools
+        self._queue: list[list[int]] = []
+
+    def next(self) -> list[int]:
+        import torch
+
+        if not self._queue:
+            n = len(self.lengths)
+            drawn = torch.randint(n, (min(self.batch_size, n) * self.pools,), generator=self.gen).tolist()
+            drawn.sort(key=lambda i: self.lengths[i])
+            batches = [drawn[b : b + self.batch_size] for b in range(0, len(drawn), self.batch_size)]
+            order = torch.randperm(len(batches), generator=self.gen).tolist()
+            self._queue = [batches[i] for i in order]
+        return self._queue.pop()
+
+
 def pad_supervised(
     tokenizer: TraceTokenizer,
     pairs: Iterable[tuple[str, str]],

@@ -339,8 +339,16 @@ def describe_model(path: str | Path | None = None) -> dict:
         else:
             base += param.numel()
     tok = loaded.tokenizer
+    catalog = None
+    if (p / "catalog.json").is_file():
+        from ..sampling.catalog import Catalog
+
+        cat = Catalog.load(p)
+        catalog = {"services": len(cat.operations), "operations": sum(map(len, cat.operations.values())),
+                   "entry_services": sorted(cat.entries), "max_depth": cat.max_depth, "traces": cat.traces}
     return {
         "path": str(p),
+        "catalog": catalog,
         "parameters": base,
         "adapter_parameters": adapter,
         "size_bytes": size,

@@ -437,6 +437,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     recent: list[float] = []
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, desc=cfg.stage, unit="step")
+    grouped = None
+    if train_split.blocks is None:  # ragged supervised rows: batch similar lengths together (less padding)
+        from .data import LengthGroupedBatches
+
+        grouped = LengthGroupedBatches([len(q) for q in train_split.sequences], cfg.batch_size, gen)
     while True:
         if (step % cfg.eval_every == 0 and step != resumed_from) or step >= cfg.max_steps:
             losses = estimate_loss()
@@ -455,7 +460,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = torch.randint(len(train_split), (min(cfg.batch_size, len(train_split)),), generator=gen)
+        if grouped is not None:
+            idx = grouped.next()
+        else:
+            idx = torch.randint(len(train_split), (min(cfg.batch_size, len(train_split)),), generator=gen)
         x, y, m = train_split.rows(idx)
         loss = forward_loss(x, y, m)
         loss.backward()

@@ -112,10 +112,16 @@ class TraceSampler:
 
     ``adapter``: ``"auto"`` takes ``instruct`` when the model has it (tuned on full conditions and the
     instructions), else the pre-trained weights; ``None`` forces the pre-trained weights.
+    ``entries``: for requests that name no entry service, ``"data"`` draws one from the training mix of entry
+    services (the catalog's counts), ``"model"`` lets the model choose it (its own mix may differ from the data's;
+    the model card measures by how much).
     """
 
     def __init__(self, lm, catalog: Catalog | None = None, *, adapter: str | None = "auto", batch_size: int = 256,
-                 limits: StepLimits | None = None) -> None:
+                 limits: StepLimits | None = None, entries: str = "data") -> None:
+        if entries not in ("data", "model"):
+            raise ValueError(f"entries must be 'data' or 'model', got {entries!r}")
+        self.entries = entries
         if not hasattr(lm.tokenizer, "key_id"):
             raise UserError(f"{lm.path}: constrained generation needs one of our trace models (a --base-model "
                             "model with a BPE tokenizer is not supported yet)")
@@ -150,6 +156,8 @@ class TraceSampler:
             raise UserError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         for r in set(requests):
             r.check(self.catalog, self.limits)
+        if self.entries == "data":
+            requests = self._with_entries(requests, seed)
         model, tok = self.lm.model, self.lm.tokenizer
         runtime = self.lm.backend == "runtime"
         if runtime or self.adapter is not None:
@@ -157,35 +165,68 @@ class TraceSampler:
         generator = torch.Generator(device=model.device).manual_seed(seed)
         if not runtime:
             torch.manual_seed(seed)  # transformers' generate() draws from the global generator
-        end_id = self.vocab.mark["end"]
         steps: list[list[Step]] = [[] for _ in requests]
         level: list[tuple[int, Conditions]] = [(i, r.conditions()) for i, r in enumerate(requests)]
         while level:
+            # Steps of similar size decode together (a batch runs as long as its longest row); each trace's
+            # steps are still appended in encoding order below.
+            order = sorted(range(len(level)), key=lambda j: -(level[j][1].calls or 0))
+            done: list[Step | None] = [None] * len(level)
+            for b in range(0, len(order), self.batch_size):
+                chunk = order[b : b + self.batch_size]
+                for j, step in zip(chunk, self._decode([level[j] for j in chunk], requests, temperature, top_p,
+                                                       generator)):
+                    done[j] = step
             nxt: list[tuple[int, Conditions]] = []
-            for b in range(0, len(level), self.batch_size):
-                chunk = level[b : b + self.batch_size]
-                rows = [_Row(step_program(self.vocab, cond, self.limits, entry_service=requests[i].service,
-                                          entry_operation=requests[i].operation) if cond.client
-                             else step_program(self.vocab, cond, self.limits)) for i, cond in chunk]  # fmt: skip
-                prompts = [[tok.bos_id, *self.vocab.encode(cond.text() + " <layer>")] for _, cond in chunk]
-                room = max(_token_bound(c, self.limits) for _, c in chunk)
-                hook = self._hook(rows, temperature, top_p)
-                if runtime:
-                    outs = model.sample(prompts, max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
-                                        temperature=temperature, generator=generator, logits_hook=hook)
-                else:
-                    outs = _generate_transformers(model, prompts, rows, hook, room, end_id, tok.pad_id, temperature)
-                for (i, cond), row, out in zip(chunk, rows, outs):
-                    for token in out[row.fed :]:
-                        row.feed(token)
-                    if row.step is None:
-                        raise RuntimeError(f"step under {cond.text()!r} did not end within {room} tokens")
-                    steps[i].append(row.step)
-                    if on_step is not None:
-                        on_step(i, row.step)
-                    nxt.extend((i, next_conditions(row.step, k)) for k, s in enumerate(row.step.subs) if s.calls > 0)
+            for (i, _), step in zip(level, done):
+                steps[i].append(step)
+                if on_step is not None:
+                    on_step(i, step)
+                nxt.extend((i, next_conditions(step, k)) for k, s in enumerate(step.subs) if s.calls > 0)
             level = nxt
         return steps
+
+    def _with_entries(self, requests: Sequence[TraceRequest], seed: int) -> list[TraceRequest]:
+        """Requests without an entry service get one drawn from the training mix (reproducibly from ``seed``)."""
+        import random
+        from dataclasses import replace
+
+        names = sorted(self.catalog.entries)
+        weights = [sum(self.catalog.entries[n].values()) for n in names]
+        rng = random.Random(f"entries:{seed}")
+        out = []
+        for r in requests:
+            if r.service is None:
+                # An include needs an entry that reaches its caller within the requested depth.
+                ok = [(n, w) for n, w in zip(names, weights) if _entry_can_serve(self.catalog, r, n)]
+                if ok:
+                    r = replace(r, service=rng.choices([n for n, _ in ok], [w for _, w in ok])[0])
+            out.append(r)
+        return out
+
+    def _decode(self, chunk: list[tuple[int, Conditions]], requests, temperature: float, top_p: float,
+                generator) -> list[Step]:
+        """One batch of pending steps, decoded together under the grammar."""
+        tok, model, end_id = self.lm.tokenizer, self.lm.model, self.vocab.mark["end"]
+        rows = [_Row(step_program(self.vocab, cond, self.limits, entry_service=requests[i].service,
+                                  entry_operation=requests[i].operation) if cond.client
+                     else step_program(self.vocab, cond, self.limits)) for i, cond in chunk]  # fmt: skip
+        prompts = [[tok.bos_id, *self.vocab.encode(cond.text() + " <layer>")] for _, cond in chunk]
+        room = max(_token_bound(c, self.limits) for _, c in chunk)
+        hook = self._hook(rows, temperature, top_p)
+        if self.lm.backend == "runtime":
+            outs = model.sample(prompts, max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
+                                temperature=temperature, generator=generator, logits_hook=hook)
+        else:
+            outs = _generate_transformers(model, prompts, rows, hook, room, end_id, tok.pad_id, temperature)
+        out_steps = []
+        for (_, cond), row, out in zip(chunk, rows, outs):
+            for token in out[row.fed :]:
+                row.feed(token)
+            if row.step is None:
+                raise RuntimeError(f"step under {cond.text()!r} did not end within {room} tokens")
+            out_steps.append(row.step)
+        return out_steps
 
     def _hook(self, rows: list[_Row], temperature: float, top_p: float):
         import torch
@@ -244,6 +285,15 @@ def _generate_transformers(model, prompts, rows, hook, room: int, end_id: int, p
     for row in out[:, width:].tolist():
         outs.append(row[: row.index(end_id) + 1] if end_id in row else row)
     return outs
+
+
+def _entry_can_serve(catalog: Catalog, request: TraceRequest, entry: str) -> bool:
+    for inc in request.includes:
+        h = catalog.hops_to(inc.src).get(entry)
+        if h is None or (request.depth is not None and h + 2 > request.depth) or (
+                request.calls is not None and h + 2 > request.calls):
+            return False
+    return True
 
 
 def _top_p(scaled, top_p: float):
