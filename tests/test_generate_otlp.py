@@ -7,7 +7,6 @@ A collector that is down must not be silent: the command says how many spans wer
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket
@@ -29,21 +28,17 @@ pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from otel_tracegen.cli import Environment, ExitStatus, main
+from otel_tracegen.cli import ExitStatus
+
+from .cli_helpers import EXAMPLES, FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
 from otel_tracegen.formats import read_traces
 from otel_tracegen.formats.otlp_proto import loads
 from otel_tracegen.report import ReadReport
 from otel_tracegen.trace import SpanKind, group_traces
 
-from .test_sampling_engine import EXAMPLES, FAST, one_thread  # noqa: F401 - the fixture is used by name
 
 ARGS = ["--count", "12", "--calls", "7", "--depth", "3", "--seed", "3", "--start-time", "2026-01-02T00:00:00Z"]
 
-
-def run(*argv: str) -> tuple[int, str, str]:
-    env = Environment(stdout=io.StringIO(), stderr=io.StringIO())
-    rc = main(list(argv), env)
-    return rc, env.stdout.getvalue(), env.stderr.getvalue()
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ saving as safetensors, loading back, and ``model info``. The whole file runs in 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import shutil
@@ -17,28 +16,14 @@ pytest.importorskip("peft")
 pytest.importorskip("otel_tracegen.lm.tokenizer")
 pytest.importorskip("otel_tracegen.lm.data")
 
-from otel_tracegen.cli import Environment, ExitStatus, main
+from otel_tracegen.cli import ExitStatus
+
+from .cli_helpers import EXAMPLES, FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
 from otel_tracegen.lm import model as lm
 from otel_tracegen.lm.train import TrainConfig, get_lr
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trainticket"
-FAST = ["--batch-size", "8", "--eval-batches", "2", "--seed", "7"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy CI box (another pytest beside this one) torch's
-    intra-op threads oversubscribe the cores: 20 steps went from 0.5 s to 20 s. One thread keeps it in seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    env = Environment(stdout=io.StringIO(), stderr=io.StringIO())
-    rc = main(list(argv), env)
-    return rc, env.stdout.getvalue(), env.stderr.getvalue()
 
 
 def stage(out: Path, name: str) -> dict:

@@ -3,7 +3,6 @@ valid at temperature 1, requests met exactly, the same seed giving the same byte
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +13,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from otel_tracegen.cli import Environment, ExitStatus, main
+from otel_tracegen.cli import ExitStatus
+
+from .cli_helpers import EXAMPLES, FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
 from otel_tracegen.encoding import Include, decode_trace
 from otel_tracegen.formats import read_traces
 from otel_tracegen.generate import SYNTHETIC_ATTRIBUTE
@@ -23,22 +24,8 @@ from otel_tracegen.report import ReadReport, UserError
 from otel_tracegen.sampling import CATALOG_FILE, TraceRequest, TraceSampler
 from otel_tracegen.validate import validate
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trainticket"
-FAST = ["--batch-size", "8", "--eval-batches", "2", "--seed", "7"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    env = Environment(stdout=io.StringIO(), stderr=io.StringIO())
-    rc = main(list(argv), env)
-    return rc, env.stdout.getvalue(), env.stderr.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otel_tracegen.encoding import Conditions, Include, decode_trace, next_conditions, parse_step
+from otel_tracegen.encoding import Include, decode_trace, next_conditions, parse_step
 from otel_tracegen.formats import read_traces
 from otel_tracegen.report import ReadReport, UserError
 from otel_tracegen.sampling import Catalog, IntSet, StepLimits, TraceRequest

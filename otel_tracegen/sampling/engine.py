@@ -158,7 +158,7 @@ class TraceSampler:
             r.check(self.catalog, self.limits)
         if self.entries == "data":
             requests = self._with_entries(requests, seed)
-        model, tok = self.lm.model, self.lm.tokenizer
+        model = self.lm.model
         runtime = self.lm.backend == "runtime"
         if runtime or self.adapter is not None:
             model.set_adapter(self.adapter)

@@ -1,0 +1,33 @@
+"""Shared by the tests that train tiny models and run the command in-process."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from otel_tracegen.cli import Environment, main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "trainticket"
+FAST = ["--batch-size", "8", "--eval-batches", "2", "--seed", "7"]  # tiny training runs, seeded
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    """``otel-tracegen ARGV`` in this process: (exit status, stdout, stderr)."""
+    env = Environment(stdout=io.StringIO(), stderr=io.StringIO())
+    rc = main(list(argv), env)
+    return rc, env.stdout.getvalue(), env.stderr.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy CI box (another pytest beside this one) torch's
+    intra-op threads oversubscribe the cores: 20 steps went from 0.5 s to 20 s. One thread keeps it in seconds.
+    Import it into a test module to use it there."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
