@@ -26,16 +26,18 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
 
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import (
+    trace_service_pb2,
+    trace_service_pb2_grpc,
+)
 
 from otel_tracegen.cli import ExitStatus
-
-from .cli_helpers import EXAMPLES, FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
 from otel_tracegen.formats import read_traces
 from otel_tracegen.formats.otlp_proto import loads
 from otel_tracegen.report import ReadReport
 from otel_tracegen.trace import SpanKind, group_traces
 
+from .cli_helpers import one_thread, run  # noqa: F401 - one_thread: autouse fixture
 
 ARGS = ["--count", "12", "--calls", "7", "--depth", "3", "--seed", "3", "--start-time", "2026-01-02T00:00:00Z"]
 
@@ -48,15 +50,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from otel_tracegen.dataset import build_corpus
-
-    root = tmp_path_factory.mktemp("otlp")
-    build_corpus("spancsv", [EXAMPLES], root / "corpus")
-    rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(root / "corpus"), "--out", str(root / "model"),
-                     "--config", "tiny", "--max-steps", "10", "--eval-every", "10", "--lr", "3e-3", *FAST)
-    assert rc == ExitStatus.SUCCESS, err
-    return root / "model"
+def model_dir(pretrained) -> Path:
+    return pretrained  # the session's tiny model: only read here
 
 
 class GrpcSink(trace_service_pb2_grpc.TraceServiceServicer):

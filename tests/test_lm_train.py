@@ -17,35 +17,16 @@ pytest.importorskip("otel_tracegen.lm.tokenizer")
 pytest.importorskip("otel_tracegen.lm.data")
 
 from otel_tracegen.cli import ExitStatus
-
-from .cli_helpers import EXAMPLES, FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
 from otel_tracegen.lm import model as lm
 from otel_tracegen.lm.train import TrainConfig, get_lr
 
-
-
+from .cli_helpers import EXAMPLES, FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
 
 
 def stage(out: Path, name: str) -> dict:
     return json.loads((out / lm.TRAINING_JSON).read_text())["stages"][name]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from otel_tracegen.dataset import build_corpus
-
-    out = tmp_path_factory.mktemp("lm") / "corpus"
-    build_corpus("spancsv", [EXAMPLES], out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pretrained(corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lm") / "model"
-    rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(corpus), "--out", str(out), "--config", "tiny",
-                     "--max-steps", "20", "--eval-every", "10", "--lr", "3e-3", *FAST)
-    assert rc == ExitStatus.SUCCESS, err
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from otel_tracegen.cli import ExitStatus
-
-from .cli_helpers import EXAMPLES, FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
 from otel_tracegen.encoding import Include, decode_trace
 from otel_tracegen.formats import read_traces
 from otel_tracegen.generate import SYNTHETIC_ATTRIBUTE
@@ -24,25 +22,14 @@ from otel_tracegen.report import ReadReport, UserError
 from otel_tracegen.sampling import CATALOG_FILE, TraceRequest, TraceSampler
 from otel_tracegen.validate import validate
 
-
-
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from otel_tracegen.dataset import build_corpus
-
-    out = tmp_path_factory.mktemp("gen") / "corpus"
-    build_corpus("spancsv", [EXAMPLES], out)
-    return out
+from .cli_helpers import FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
 
 
 @pytest.fixture(scope="module")
-def model_dir(corpus, tmp_path_factory) -> Path:
+def model_dir(pretrained, corpus, tmp_path_factory) -> Path:
+    """The session's tiny pre-trained model with an instruct adapter (the sampler's default adapter)."""
     out = tmp_path_factory.mktemp("gen") / "model"
-    rc, _, err = run("train", "--stage", "pretrain", "--corpus", str(corpus), "--out", str(out), "--config", "tiny",
-                     "--max-steps", "20", "--eval-every", "10", "--lr", "3e-3", *FAST)
-    assert rc == ExitStatus.SUCCESS, err
+    shutil.copytree(pretrained, out)
     rc, _, err = run("train", "--stage", "instruct", "--corpus", str(corpus), "--out", str(out), "--max-steps", "4",
                      "--eval-every", "2", *FAST)
     assert rc == ExitStatus.SUCCESS, err

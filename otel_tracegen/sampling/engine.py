@@ -194,11 +194,14 @@ class TraceSampler:
         names = sorted(self.catalog.entries)
         weights = [sum(self.catalog.entries[n].values()) for n in names]
         rng = random.Random(f"entries:{seed}")
-        out = []
+        out, eligible = [], {}
         for r in requests:
             if r.service is None:
-                # An include needs an entry that reaches its caller within the requested depth.
-                ok = [(n, w) for n, w in zip(names, weights) if _entry_can_serve(self.catalog, r, n)]
+                # An include needs an entry that reaches its caller within the requested depth (found once per
+                # distinct request: a run repeats one request many times).
+                if r not in eligible:
+                    eligible[r] = [(n, w) for n, w in zip(names, weights) if _entry_can_serve(self.catalog, r, n)]
+                ok = eligible[r]
                 if ok:
                     r = replace(r, service=rng.choices([n for n, _ in ok], [w for _, w in ok])[0])
             out.append(r)
