@@ -6,10 +6,13 @@ engine             ``TraceSampler`` on our runtime (``otel_tracegen.lm.runtime``
                    KV cache, grammar masks from a logits hook
 baseline           the same sampler, same model, same grammar (as a ``LogitsProcessor``), same batches, through
                    ``LlamaForCausalLM.generate()`` + peft (``load_model(backend="transformers")``)
-emission           ``OtlpSender``: canonical spans -> ``ReadableSpan`` -> the SDK's OTLP gRPC exporter, from
-                   ``--workers`` threads, into a real collector (rotel) that discards them (blackhole exporter)
+emission           ``OtlpSender`` with the native sender (the default): request bytes written directly
+                   (``otlp_wire``), sent over grpcio, from ``--workers`` threads, into a real collector (rotel)
+                   that discards them (blackhole exporter)
 baseline           what an instrumented app does: ``tracer.start_span``/``end`` for every span (the same ids and
-                   times) through ``BatchSpanProcessor`` + the same exporter into the same collector
+                   times) through ``BatchSpanProcessor`` + the SDK's OTLP gRPC exporter into the same collector
+2nd reference      ``OtlpSender`` with the SDK sender: canonical spans -> ``ReadableSpan`` -> the SDK's exporter
+                   (``--otlp-sender sdk``; the same bytes on the wire as the native sender)
 =================  ==========================================================================================
 
 Spans/s counts valid spans only (every trace is checked with the validator; all are valid by construction).
@@ -17,7 +20,7 @@ Spans/s counts valid spans only (every trace is checked with the validator; all 
 Usage::
 
     python3 benchmarks/bench_generate.py [MODEL_DIR] [--traces 64] [--calls 30] [--depth 4] [--threads 2]
-        [--batch 256] [--device cpu] [--skip-baseline] [--emission-traces 2000]
+        [--batch 256] [--device cpu] [--skip-baseline] [--emission-traces 2000] [--emission-only]
 """
 
 from __future__ import annotations
@@ -100,13 +103,15 @@ def start_rotel(tmp: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("rotel did not open its port")
 
 
-def emission_ours(traces, port: int, workers: int) -> float:
-    from otel_tracegen.otlp_export import OtlpSender, OtlpSettings, make_exporter
+def emission_ours(traces, port: int, workers: int, sender: str = "native") -> float:
+    """Spans/s of ``OtlpSender`` (``sender``: native or sdk) from ``workers`` threads, all delivered."""
+    from otel_tracegen.otlp_export import OtlpSettings, make_sender
 
-    sender = OtlpSender(make_exporter(OtlpSettings(endpoint=f"127.0.0.1:{port}", insecure=True)), workers=workers)
+    out = make_sender(OtlpSettings(endpoint=f"127.0.0.1:{port}", insecure=True), sender=sender, workers=workers)
+    assert out.kind == sender, out.note
     t = time.perf_counter()
-    sender.send(traces)
-    counts = sender.close()
+    out.send(traces)
+    counts = out.close()
     dt = time.perf_counter() - t
     assert counts.failed_spans == 0, counts
     return counts.sent_spans / dt
@@ -174,6 +179,8 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true", help="engine only (the baseline is slow)")
     ap.add_argument("--emission-traces", type=int, default=2000, help="0 skips the emission benchmark")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--emission-only", action="store_true", help="skip the engine figures (the model still "
+                    "generates the traces to send)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
@@ -189,6 +196,8 @@ def main() -> None:
     result: dict = {"machine": where, "device": args.device, "traces": args.traces, "calls": args.calls,
                     "depth": args.depth, "batch": args.batch}  # fmt: skip
     lm = load_model(args.model, device=args.device, backend="runtime")
+    if args.emission_only:
+        return finish(args, emission(args, lm, result))
     engine_spans_per_s(lm, requests[: min(8, len(requests))], args.batch, args.seed)  # warm-up
     rate, spans, valid, dt = engine_spans_per_s(lm, requests, args.batch, args.seed)
     result["engine"] = {"spans_per_s": round(rate, 1), "spans": spans, "valid_traces": valid, "seconds": round(dt, 2)}
@@ -202,29 +211,45 @@ def main() -> None:
         result["engine_vs_generate"] = round(rate / base, 2)
         print(f"generate  {base:10,.0f} valid spans/s  ({bvalid}/{len(requests)} traces valid)   ratio {rate / base:.2f}x")
 
-    if args.emission_traces:
-        import tempfile
+    finish(args, emission(args, lm, result))
 
-        from otel_tracegen.generate import Assembler
-        from otel_tracegen.sampling import TraceSampler
 
-        # Traces to send: generated once, repeated with fresh ids (emission does not depend on content).
-        sampler = TraceSampler(lm, batch_size=args.batch)
-        steps = sampler.generate([TraceRequest(calls=20, depth=4)] * 32, seed=args.seed)
-        assemble = Assembler(anchor_ns=time.time_ns(), seed=args.seed)
-        traces = [t for _ in range(max(1, args.emission_traces // 32)) for t in assemble(steps)]
-        with tempfile.TemporaryDirectory() as tmp:
-            proc, port = start_rotel(Path(tmp))
-            try:
-                ours = emission_ours(traces, port, args.workers)
-                sdk = emission_sdk(traces, port)
-            finally:
-                proc.terminate()
-                proc.wait(10)
-        result["emission"] = {"ours_spans_per_s": round(ours, 1), "sdk_spans_per_s": round(sdk, 1),
-                              "ratio": round(ours / sdk, 2), "spans": sum(map(len, traces)), "workers": args.workers}
-        print(f"emission  {ours:10,.0f} spans/s into rotel ({args.workers} workers)  vs SDK tracer path "
-              f"{sdk:,.0f} spans/s   ratio {ours / sdk:.2f}x")
+def emission(args, lm, result: dict) -> dict:
+    """The emission figures into ``result``: the native sender, the SDK tracer path, the SDK-exporter sender."""
+    if not args.emission_traces:
+        return result
+    import tempfile
+
+    from otel_tracegen.generate import Assembler
+    from otel_tracegen.sampling import TraceRequest, TraceSampler
+
+    # Traces to send: generated once, repeated with fresh ids (emission does not depend on content).
+    sampler = TraceSampler(lm, batch_size=args.batch)
+    steps = sampler.generate([TraceRequest(calls=20, depth=4)] * 32, seed=args.seed)
+    assemble = Assembler(anchor_ns=time.time_ns(), seed=args.seed)
+    traces = [t for _ in range(max(1, args.emission_traces // 32)) for t in assemble(steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_rotel(Path(tmp))
+        try:
+            emission_ours(traces[:64], port, args.workers)  # warm-up: connect, fill the encoder's caches
+            native = emission_ours(traces, port, args.workers, "native")
+            sdk = emission_sdk(traces, port)
+            sdk_sender = emission_ours(traces, port, args.workers, "sdk")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    result["emission"] = {"native_spans_per_s": round(native, 1), "sdk_tracer_spans_per_s": round(sdk, 1),
+                          "sdk_exporter_sender_spans_per_s": round(sdk_sender, 1), "ratio": round(native / sdk, 2),
+                          "sdk_exporter_sender_ratio": round(sdk_sender / sdk, 2), "spans": sum(map(len, traces)),
+                          "workers": args.workers}  # fmt: skip
+    print(f"emission  {native:10,.0f} spans/s into rotel, native sender ({args.workers} workers)  vs SDK tracer path "
+          f"{sdk:,.0f} spans/s   ratio {native / sdk:.2f}x")
+    print(f"          {sdk_sender:10,.0f} spans/s with the SDK exporter as sender (--otlp-sender sdk)   ratio "
+          f"{sdk_sender / sdk:.2f}x")
+    return result
+
+
+def finish(args, result: dict) -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

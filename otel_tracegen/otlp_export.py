@@ -1,10 +1,13 @@
-"""Sending traces over OTLP (gRPC or HTTP/protobuf) with the OpenTelemetry SDK's own exporters.
+"""Sending traces over OTLP (gRPC or HTTP/protobuf): natively by default, or with the OpenTelemetry SDK's exporters.
 
-The exporters are the reference implementation of the protocol: they honour ``OTEL_EXPORTER_OTLP_*`` (endpoint,
-headers, certificates, compression, timeout) for every setting not given explicitly, retry what the spec says
-is retryable, and report failure instead of raising. This module builds one from telemetrygen-style flags,
-turns canonical traces into the SDK's ``ReadableSpan`` and exports them in batches from worker threads,
-counting every span that could not be delivered (so that a failing collector is never silent).
+The SDK's exporters are the reference implementation of the protocol: they honour ``OTEL_EXPORTER_OTLP_*``
+(endpoint, headers, certificates, compression, timeout) for every setting not given explicitly, retry what the
+spec says is retryable, and report failure instead of raising. ``sender="sdk"`` turns canonical traces into the
+SDK's ``ReadableSpan`` and exports them with those. ``sender="native"`` (the default) writes the very bytes that
+path would send (:mod:`.otlp_wire`) and sends them with grpcio or ``requests`` (:mod:`.otlp_native`), resolving
+the same settings the same way, at a fraction of the CPU; where it cannot honour a setting it falls back to the
+SDK exporter and says why (:attr:`OtlpSender.note`). Either way batches go out from worker threads and every
+span that could not be delivered is counted (so that a failing collector is never silent).
 
 Needs the ``otlp`` extra (``opentelemetry-exporter-otlp-proto-grpc``/``-http``); imported lazily.
 """
@@ -65,28 +68,103 @@ def parse_header(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+SENDERS = ("native", "sdk")
+
+
+def _sdk_arguments(settings: OtlpSettings) -> dict:
+    """What the SDK exporter is built with (compression as "gzip"/"none"/None); the native sender resolves the
+    same arguments with the SDK's rules (:mod:`.otlp_native`)."""
+    args: dict = {"headers": dict(settings.headers) or None, "timeout": settings.timeout_s,
+                  "compression": settings.compression}  # fmt: skip
+    if settings.protocol == "grpc":
+        endpoint, insecure = settings.endpoint, settings.insecure
+        if endpoint and "://" in endpoint and insecure is None:
+            insecure = endpoint.startswith("http://")
+        args.update(endpoint=endpoint, insecure=insecure)
+    else:
+        args["endpoint"] = settings.http_url()
+    return args
+
+
+def _missing_extra(e: ImportError) -> UserError:
+    return UserError(f"sending OTLP needs the otlp extra: pip install 'otel-tracegen[otlp]' ({e.name} is missing)")
+
+
 def make_exporter(settings: OtlpSettings):
     """The SDK's OTLP span exporter for ``settings``."""
-    headers = dict(settings.headers) or None
+    args = _sdk_arguments(settings)
     try:
         if settings.protocol == "grpc":
             import grpc
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            compression = {"gzip": grpc.Compression.Gzip, "none": grpc.Compression.NoCompression}.get(settings.compression or "")
-            endpoint = settings.endpoint
-            if endpoint and "://" in endpoint and settings.insecure is None:
-                settings.insecure = endpoint.startswith("http://")
-            return OTLPSpanExporter(endpoint=endpoint, insecure=settings.insecure, headers=headers,
-                                    timeout=settings.timeout_s, compression=compression)
+            args["compression"] = {"gzip": grpc.Compression.Gzip,
+                                   "none": grpc.Compression.NoCompression}.get(args["compression"] or "")  # fmt: skip
+            return OTLPSpanExporter(**args)
         from opentelemetry.exporter.otlp.proto.http import Compression
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        compression = {"gzip": Compression.Gzip, "none": Compression.NoCompression}.get(settings.compression or "")
-        return OTLPSpanExporter(endpoint=settings.http_url(), headers=headers, timeout=settings.timeout_s,
-                                compression=compression)
+        args["compression"] = {"gzip": Compression.Gzip,
+                               "none": Compression.NoCompression}.get(args["compression"] or "")  # fmt: skip
+        return OTLPSpanExporter(**args)
     except ImportError as e:
-        raise UserError(f"sending OTLP needs the otlp extra: pip install 'otel-tracegen[otlp]' ({e.name} is missing)") from None
+        raise _missing_extra(e) from None
+
+
+class NativeExporter:
+    """Encodes batches with :class:`.otlp_wire.SdkWireEncoder` and sends them with a transport from
+    :mod:`.otlp_native` (``GrpcExporter`` or ``HttpExporter``)."""
+
+    def __init__(self, transport) -> None:
+        from .otlp_wire import SdkWireEncoder
+
+        self.transport = transport
+        self.encoder = SdkWireEncoder()
+
+    def export_traces(self, traces: Sequence[Trace]):
+        """An :class:`.otlp_native.ExportOutcome` for ``traces``; an encoding error fails the batch, as in the SDK."""
+        return self.transport.export(self.encoder.encode(traces), span_count(traces))
+
+    def shutdown(self) -> None:
+        self.transport.shutdown()
+
+
+def make_native_exporter(settings: OtlpSettings) -> NativeExporter:
+    """The native exporter for ``settings``; raises :class:`.otlp_native.NativeUnsupported` where it cannot honour
+    them (use :func:`make_exporter` then)."""
+    try:
+        from . import otlp_native
+
+        args = _sdk_arguments(settings)
+        if settings.protocol == "grpc":
+            return NativeExporter(otlp_native.GrpcExporter(otlp_native.resolve_grpc(**args)))
+        return NativeExporter(otlp_native.HttpExporter(otlp_native.resolve_http(**args)))
+    except ImportError as e:
+        raise _missing_extra(e) from None
+
+
+def make_sender(settings: OtlpSettings, *, sender: str = "native", workers: int = 1) -> OtlpSender:
+    """An :class:`OtlpSender` with the native exporter (falling back to the SDK's, with :attr:`OtlpSender.note`
+    saying why) or, with ``sender="sdk"``, the SDK's."""
+    if sender not in SENDERS:
+        raise UserError(f"OTLP sender must be one of {', '.join(SENDERS)}, got {sender!r}")
+    note = None
+    try:
+        if sender == "native":
+            from .otlp_native import NativeUnsupported
+
+            try:
+                exporter = make_native_exporter(settings)
+            except NativeUnsupported as e:
+                note = f"the native OTLP sender cannot honour this: {e}; using the SDK exporter"
+                exporter = make_exporter(settings)
+        else:
+            exporter = make_exporter(settings)
+    except (ValueError, KeyError) as e:  # a malformed OTEL_* value (the SDK's exporter raises these too)
+        raise UserError(f"OTLP settings: {type(e).__name__}: {e}") from None
+    out = OtlpSender(exporter, workers=workers)
+    out.note = note
+    return out
 
 
 # --- canonical spans -> the SDK's ReadableSpan ------------------------------------------------------------------
@@ -146,7 +224,7 @@ class SendCounts:
     sent_spans: int = 0
     failed_spans: int = 0
     failed_batches: int = 0
-    first_error: str | None = None  # an exception raised while exporting (the exporter itself logs its own)
+    first_error: str | None = None  # the first failure's reason, where known (the exporters also log their own)
 
 
 class OtlpSender:
@@ -156,8 +234,10 @@ class OtlpSender:
     exporter down. ``counts`` tells what arrived and what did not.
     """
 
+    note: str | None = None  # why the native sender was not used, when it was asked for (make_sender sets it)
+
     def __init__(self, exporter, *, workers: int = 1, max_batch_spans: int = 512) -> None:
-        self.exporter = exporter
+        self.exporter = exporter  # the SDK's SpanExporter, or one with export_traces (NativeExporter)
         self.max_batch_spans = max_batch_spans
         self.counts = SendCounts()
         self._lock = threading.Lock()
@@ -165,6 +245,11 @@ class OtlpSender:
         self._pending: list[Future] = []
         self._batch: list[Trace] = []
         self._batch_spans = 0
+
+    @property
+    def kind(self) -> str:
+        """"native" or "sdk": which exporter sends."""
+        return "native" if hasattr(self.exporter, "export_traces") else "sdk"
 
     def send(self, traces: Sequence[Trace]) -> None:
         for t in traces:
@@ -182,18 +267,23 @@ class OtlpSender:
             self._pending = [f for f in self._pending if not f.done()]
 
     def _export(self, batch: list[Trace]) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
         n, error = span_count(batch), None
         try:
-            ok = self.exporter.export(to_readable_spans(batch)) == SpanExportResult.SUCCESS
-        except Exception as e:  # noqa: BLE001 - whatever went wrong, the batch was not delivered: count it
-            ok, error = False, f"{type(e).__name__}: {e}"
-        with self._lock:
-            if ok:
-                self.counts.sent_spans += n
+            export_traces = getattr(self.exporter, "export_traces", None)
+            if export_traces is not None:
+                outcome = export_traces(batch)
+                sent, failed, error = outcome.sent_spans, outcome.failed_spans, outcome.error
             else:
-                self.counts.failed_spans += n
+                from opentelemetry.sdk.trace.export import SpanExportResult
+
+                ok = self.exporter.export(to_readable_spans(batch)) == SpanExportResult.SUCCESS
+                sent, failed = (n, 0) if ok else (0, n)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the batch was not delivered: count it
+            sent, failed, error = 0, n, f"{type(e).__name__}: {e}"
+        with self._lock:
+            self.counts.sent_spans += sent
+            if failed:
+                self.counts.failed_spans += failed
                 self.counts.failed_batches += 1
                 self.counts.first_error = self.counts.first_error or error
 
@@ -208,4 +298,5 @@ def span_count(traces: Iterable[Trace]) -> int:
     return sum(len(t) for t in traces)
 
 
-__all__ = ["OtlpSender", "OtlpSettings", "SendCounts", "make_exporter", "parse_header", "to_readable_spans"]
+__all__ = ["SENDERS", "NativeExporter", "OtlpSender", "OtlpSettings", "SendCounts", "make_exporter",
+           "make_native_exporter", "make_sender", "parse_header", "to_readable_spans"]
