@@ -521,8 +521,10 @@ def cmd_model_catalog(args, env: Environment) -> ExitStatus:
     from .dataset import load_corpora
     from .sampling import Catalog
 
-    if not (args.path / "config.json").is_file():
-        raise UserError(f"{args.path}: not a model directory (no config.json)")
+    from .lm.model import read_training_json
+
+    if not (args.path / "config.json").is_file() and not read_training_json(args.path).get("base_model"):
+        raise UserError(f"{args.path}: not a model directory (no config.json, and no --base-model run)")
     _, splits = load_corpora(args.corpus)
     cat = Catalog.from_traces(splits.get("train", []))
     where = cat.save(args.path)
@@ -568,7 +570,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, device=args.device, backend="runtime")
+    lm = load_model(args.model, device=args.device, backend="auto")  # auto: --base-model runs too
     sampler = TraceSampler(lm, adapter=None if args.adapter == "none" else args.adapter, batch_size=args.batch_size,
                            entries=args.entries)
     request = TraceRequest(service=args.service, operation=args.operation, calls=args.calls, depth=args.depth,

@@ -508,6 +508,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         card = {"stages": {cfg.stage: record}}
         if hf:
             card.update(base_model=base_source.record, tokenizer="auto", data=data_info)
+            from ..sampling.catalog import Catalog
+
+            out.mkdir(parents=True, exist_ok=True)
+            Catalog.from_traces(splits["train"]).save(out)  # what the constrained sampler may write
         if cfg.stage == "pretrain" and not hf:
             card.update(config=model_config.to_dict(), parameters=lm.count_parameters(raw_model), tokenizer="trace",
                         data=data_info, base_model=None)

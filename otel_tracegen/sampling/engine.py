@@ -122,11 +122,15 @@ class TraceSampler:
         if entries not in ("data", "model"):
             raise ValueError(f"entries must be 'data' or 'model', got {entries!r}")
         self.entries = entries
-        if not hasattr(lm.tokenizer, "key_id"):
-            raise UserError(f"{lm.path}: constrained generation needs one of our trace models (a --base-model "
-                            "model with a BPE tokenizer is not supported yet)")
         self.lm = lm
-        self.vocab = GrammarVocab(lm.tokenizer, catalog if catalog is not None else Catalog.load(lm.path))
+        self.bpe = None
+        if not hasattr(lm.tokenizer, "key_id"):  # a --base-model model with its own BPE tokenizer: see bpe.py
+            from .bpe import BpeStepDecoder
+
+            self.bpe = BpeStepDecoder(lm, catalog if catalog is not None else Catalog.load(lm.path))
+            self.vocab = self.bpe.vocab
+        else:
+            self.vocab = GrammarVocab(lm.tokenizer, catalog if catalog is not None else Catalog.load(lm.path))
         cat = self.vocab.catalog
         if not cat.entries:
             raise UserError(f"{lm.path}: the catalog has no entry service the tokenizer can write")
@@ -134,6 +138,8 @@ class TraceSampler:
                                            max_duration_us=max(cat.max_root_duration_us, 1))
         if adapter == "auto":
             adapter = "instruct" if "instruct" in lm.adapters else None
+            if adapter is None and self.bpe is not None and "pretrain" in lm.adapters:  # --base-model pretrain LoRA
+                adapter = "pretrain"
         elif adapter is not None and adapter not in lm.adapters:
             raise UserError(f"{lm.path} has no adapter {adapter!r} (it has: {', '.join(lm.adapters) or 'none'})")
         self.adapter = adapter
@@ -210,6 +216,8 @@ class TraceSampler:
     def _decode(self, chunk: list[tuple[int, Conditions]], requests, temperature: float, top_p: float,
                 generator) -> list[Step]:
         """One batch of pending steps, decoded together under the grammar."""
+        if self.bpe is not None:
+            return self.bpe.decode(chunk, requests, self.limits, self.adapter, temperature, top_p, generator)
         tok, model, end_id = self.lm.tokenizer, self.lm.model, self.vocab.mark["end"]
         rows = [_Row(step_program(self.vocab, cond, self.limits, entry_service=requests[i].service,
                                   entry_operation=requests[i].operation) if cond.client

@@ -135,15 +135,27 @@ def _forced(ids: Sequence[int]) -> Generator[Spec, int, None]:
         yield (t,)
 
 
+class IntSpec(tuple):
+    """The spec of a number's first digit: the digit ids allowed there (a plain tuple to a token-by-token sampler),
+    and what the whole number may be, ``allowed``, with the fixed ``terminator`` token written after it. A sampler
+    that picks whole numbers at once (``bpe.py``, for BPE tokenizers) reads these."""
+
+    def __new__(cls, ids, allowed: IntSet, terminator: int) -> IntSpec:  # noqa: PYI034 - a tuple with two attributes
+        self = super().__new__(cls, ids)
+        self.allowed, self.terminator = allowed, terminator
+        return self
+
+
 def _read_int(v: GrammarVocab, allowed: IntSet, terminator: int) -> Generator[Spec, int, int]:
-    """Digits of a member of ``allowed``, ended by ``terminator`` (consumed: it is the next fixed token)."""
+    """Digits of a member of ``allowed``, ended by ``terminator`` (consumed: it is the next fixed token). The first
+    digit's spec is an :class:`IntSpec`."""
     assert allowed, "the grammar asked for a number from an empty set"
     digits = ""
     while True:
         spec = [v.digit[d] for d in range(10) if allowed.allows_prefix(digits + str(d))]
         if digits and int(digits) in allowed:
             spec.append(terminator)
-        token = yield tuple(spec)
+        token = yield (tuple(spec) if digits else IntSpec(spec, allowed, terminator))
         if token == terminator:
             return int(digits)
         digits += str(v.digit_value[token])
