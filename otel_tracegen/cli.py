@@ -208,6 +208,9 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", type=_positive_int, default=256, help="pending steps decoded together")
     d.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     d.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights and activations: auto = bfloat16 on a GPU or a CPU with native bf16 "
+                        "(AVX512-BF16/AMX), else float32 (default auto)")
     o = g.add_argument_group("output: a file, OTLP, or both")
     o.add_argument("--out", type=Path, help="write the traces to this file (.gz compresses)")
     o.add_argument("--format", default="otlp-json", choices=writable_formats(), help="file format (default otlp-json)")
@@ -570,7 +573,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, device=args.device, backend="auto")  # auto: --base-model runs too
+    lm = load_model(args.model, device=args.device, backend="auto", dtype=args.dtype)  # auto: --base-model runs too
     sampler = TraceSampler(lm, adapter=None if args.adapter == "none" else args.adapter, batch_size=args.batch_size,
                            entries=args.entries)
     request = TraceRequest(service=args.service, operation=args.operation, calls=args.calls, depth=args.depth,
@@ -612,6 +615,8 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
         print(f"wrote {len(kept)} traces to {args.out} ({args.format})", file=env.stderr)
     print(summary.line() + "; entry services: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_entry.items())),
           file=env.stderr)
+    if sampler.bpe is not None:  # a --base-model run: how often the model's own values had to be resampled
+        print(f"base-model values: {sampler.bpe.stats.line()}", file=env.stderr)
     ok = summary.valid == summary.traces
     if counts is not None:
         where = otlp.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"

@@ -2,7 +2,8 @@
 compare them with a corpus's validation split (services called, depth, fan-out, durations; overall and per entry
 service), as `python3 -m otel_tracegen.lm.sample --compare` does for free-running samples.
 
-    python3 scripts/compare_generated.py [MODEL] --corpus ttob --n 100 --seed 0 [--entries data|model] [--json F]
+    python3 scripts/compare_generated.py [MODEL] --corpus ttob --n 100 --seed 0 [--entries data|model] [--dtype float32|bfloat16|auto]
+        [--json F]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--entries", choices=("data", "model"), default="data")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -35,7 +37,7 @@ def main() -> None:
     from otel_tracegen.sampling import TraceRequest, TraceSampler
     from otel_tracegen.validate import validate
 
-    sampler = TraceSampler(load_model(args.model, backend="runtime"), entries=args.entries)
+    sampler = TraceSampler(load_model(args.model, backend="runtime", dtype=args.dtype), entries=args.entries)
     t = time.perf_counter()
     steps = sampler.generate([TraceRequest()] * args.n, seed=args.seed, temperature=args.temperature,
                               top_p=args.top_p)
@@ -45,7 +47,7 @@ def main() -> None:
     _, splits = load_corpus(args.corpus, ("validation",))
     result = compare(traces, splits["validation"])
     result["generated"] = {"traces": len(traces), "valid": valid, "spans": sum(map(len, traces)),
-                           "seconds": round(seconds, 1), "entries": args.entries, "temperature": args.temperature, "top_p": args.top_p}
+                           "seconds": round(seconds, 1), "entries": args.entries, "dtype": args.dtype, "temperature": args.temperature, "top_p": args.top_p}
     print(json.dumps({k: result[k] for k in ("generated", "service_mix_tv_distance", "per_entry_service_mix_tv_distance",
                                              "entry_share")}, indent=1))
     for name, e in result["by_entry"].items():

@@ -221,6 +221,61 @@ def test_logits_hook_is_obeyed_and_sees_the_running_rows(tiny, tokenizer):
         assert calls[1][1] == [out[0][:1], out[2][:1]]
 
 
+@pytest.mark.parametrize("max_chunk", [1, 2, 4])
+def test_forced_tokens_fed_in_chunks_give_what_forcing_them_one_by_one_gives(tiny, tokenizer, max_chunk):
+    """``forced`` (fixed text appended after a drawn token and packed into the same forward passes as the other
+    rows' tokens) must decode exactly as forcing the same tokens through the logits hook, one pass per token."""
+    path, _, _ = tiny
+    rt = TraceLMRuntime.from_pretrained(path)
+    eos = tokenizer.eos_id
+    prompts = [[tokenizer.bos_id, 9], [tokenizer.bos_id, 10, 11, 12, 13], [tokenizer.bos_id]]
+    # Row r: after each drawn token, the fixed text fixed[r][k] (k = drawn tokens so far) follows; then eos.
+    fixed = [[[20, 21, 22], [], [23, 24, 25, 26, 27]], [[30], [31, 32]], [[], [40, 41, 42, 43, 44, 45], [46]]]
+
+    def plan(r: int, out: list[int]) -> int | None:
+        """The token the plan forces next for row r after ``out`` (None: a drawn position)."""
+        pos, k = 0, 0
+        while True:
+            if pos == len(out):
+                return None if k < len(fixed[r]) else eos
+            pos += 1  # the drawn token
+            for t in fixed[r][k]:
+                if pos == len(out):
+                    return t
+                pos += 1
+            k += 1
+
+    def force_by_hook(rows, generated, logits):
+        for j, (r, out) in enumerate(zip(rows, generated)):
+            t = plan(r, out)
+            if t is not None:
+                logits[j] = float("-inf")
+                logits[j, t] = 0.0
+            else:
+                logits[j, eos] = float("-inf")
+        return logits
+
+    one_by_one = rt.sample(prompts, max_new_tokens=40, eos_id=eos, pad_id=0, temperature=0, logits_hook=force_by_hook)
+    drawn = [0, 0, 0]
+
+    def no_eos(rows, generated, logits):
+        logits[:, eos] = float("-inf")
+        return logits
+
+    def forced(rows, tokens):
+        out = []
+        for r in rows:
+            k = drawn[r]
+            drawn[r] += 1
+            out.append(list(fixed[r][k]) + ([eos] if k + 1 == len(fixed[r]) else []))
+        return out
+
+    chunked = rt.sample(prompts, max_new_tokens=40, eos_id=eos, pad_id=0, temperature=0, logits_hook=no_eos,
+                        forced=forced, max_chunk=max_chunk)
+    assert chunked == one_by_one
+    assert [len(row) for row in chunked] == [1 + 3 + 1 + 1 + 5 + 1, 1 + 1 + 1 + 2 + 1, 1 + 1 + 6 + 1 + 1 + 1]
+
+
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
@@ -275,7 +330,8 @@ def test_shipped_model_loads_with_both_adapters_and_matches_load_model(tokenizer
         else:
             ref.set_adapter(name)
             expected = hf_logits(ref, ids, mask)
-        assert_close_where(rt(ids, mask)[0], expected, mask)
+        # The runtime merges the adapter into the weights (W + sBA); peft adds s*B(Ax): float32 rounding differs.
+        assert_close_where(rt(ids, mask)[0], expected, mask, atol=1e-4)
 
 
 @shipped

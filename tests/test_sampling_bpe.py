@@ -269,7 +269,7 @@ def test_generate_command_with_a_base_model(run_dir, tmp_path):
                          "--seed", "4", "--start-time", "2026-01-02T03:04:05Z", "--threads", "1",
                          "--format", "jaeger", "--out", str(f))  # fmt: skip
         assert rc == ExitStatus.SUCCESS, err
-        assert "4/4 valid" in err
+        assert "4/4 valid" in err and "base-model values: " in err and "valid at the first sample" in err
     assert files[0].read_bytes() == files[1].read_bytes()
     for t in read_traces("jaeger", [files[0]], ReadReport()):
         assert validate(t, expect_calls=6, expect_depth=3) == []

@@ -266,15 +266,48 @@ def load_base(path: str | Path, device: str | None = None, dtype=None):
 
 
 BACKENDS = ("auto", "runtime", "transformers")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
-def load_model(path: str | Path | None = None, device: str | None = None, *, backend: str = "auto") -> LoadedModel:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without it bf16 is emulated and
+    slower than float32; with it, the runtime's matrix products run ~2.5x faster (measured on a 2-core EPYC)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    """A torch dtype for ``dtype`` (``None``: float32; ``"auto"``: bfloat16 on a GPU or a CPU with native bf16,
+    else float32)."""
+    import torch
+
+    if dtype is None or dtype == "float32":
+        return torch.float32
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype == "auto":
+        fast = device.startswith("cuda") or (device == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if fast else torch.float32
+    raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def load_model(path: str | Path | None = None, device: str | None = None, *, backend: str = "auto",
+               dtype: str | None = None) -> LoadedModel:
     """Load a model directory (default: the shipped ``model/``) with its tokenizer and any LoRA adapters.
 
     Runs on ``device``, else the GPU if there is one, else the CPU. Safetensors only; no remote code.
     ``backend``: ``"runtime"`` (our torch-only implementation, for our own trace models), ``"transformers"``
     (``LlamaForCausalLM`` + peft), or ``"auto"``: the runtime where it applies, else transformers (``--base-model``
     runs, architectures the runtime does not implement).
+    ``dtype``: ``None``/``"float32"`` (exact), ``"bfloat16"``, or ``"auto"`` (bfloat16 where the hardware runs it
+    natively: a GPU, or a CPU with AVX512-BF16/AMX; sampling then differs from float32 in rounding only).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -284,12 +317,13 @@ def load_model(path: str | Path | None = None, device: str | None = None, *, bac
         raise UserError(f"no model directory at {p}{hint}")
     training = read_training_json(p)
     device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
     ours = (p / "config.json").is_file() and training.get("tokenizer") != "auto"
     if backend != "transformers" and ours:
         from .runtime import TraceLMRuntime
 
         try:
-            model = TraceLMRuntime.from_pretrained(p, device=device)
+            model = TraceLMRuntime.from_pretrained(p, device=device, dtype=torch_dtype)
         except ValueError as e:
             if backend == "runtime":
                 raise UserError(f"{p}: the runtime cannot run this model ({e})") from None
@@ -307,7 +341,7 @@ def load_model(path: str | Path | None = None, device: str | None = None, *, bac
         base = str(training["base_model"])
     else:
         raise UserError(f"{p}: not a model directory (no config.json, and training.json names no base model)")
-    model = load_base(base, device)
+    model = load_base(base, device, None if dtype is None else torch_dtype)
     tokenizer = load_tokenizer(base if training.get("tokenizer") == "auto" else p, training)
     adapters = find_adapters(p)
     if adapters:

@@ -106,6 +106,14 @@ class _Row:
         except StopIteration as done:
             self.step = done.value
 
+    def forced(self) -> list[int]:
+        """Feed the fixed text that comes next (positions where the grammar allows one token); return it."""
+        run = []
+        while self.step is None and len(self.spec) == 1:
+            run.append(self.spec[0])
+            self.feed(self.spec[0])
+        return run
+
 
 class TraceSampler:
     """Generates steps of traces from a loaded model (``otel_tracegen.load_model()``) and its catalog.
@@ -224,29 +232,46 @@ class TraceSampler:
                      else step_program(self.vocab, cond, self.limits)) for i, cond in chunk]  # fmt: skip
         prompts = [[tok.bos_id, *self.vocab.encode(cond.text() + " <layer>")] for _, cond in chunk]
         room = max(_token_bound(c, self.limits) for _, c in chunk)
-        hook = self._hook(rows, temperature, top_p)
         if self.lm.backend == "runtime":
-            outs = model.sample(prompts, max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
-                                temperature=temperature, generator=generator, logits_hook=hook)
+            # Fixed text is fed with the prompt and after each drawn token (never drawn itself): the runtime
+            # packs it into the same forward pass, so a step costs one pass per drawn token, not per token.
+            for prompt, row in zip(prompts, rows):
+                prompt.extend(row.forced())
+            live = [j for j, row in enumerate(rows) if row.step is None]  # a fully fixed step needs no model
+
+            def forced(running: list[int], drawn: list[int]) -> list[list[int]]:
+                out = []
+                for r, token in zip(running, drawn):
+                    rows[live[r]].feed(token)
+                    out.append(rows[live[r]].forced())
+                return out
+
+            hook = self._hook([rows[j] for j in live], temperature, top_p, catch_up=False)
+            model.sample([prompts[j] for j in live], max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
+                         temperature=temperature, generator=generator, logits_hook=hook, forced=forced)  # fmt: skip
         else:
+            hook = self._hook(rows, temperature, top_p, catch_up=True)
             outs = _generate_transformers(model, prompts, rows, hook, room, end_id, tok.pad_id, temperature)
+            for row, out in zip(rows, outs):
+                for token in out[row.fed :]:
+                    row.feed(token)
         out_steps = []
-        for (_, cond), row, out in zip(chunk, rows, outs):
-            for token in out[row.fed :]:
-                row.feed(token)
+        for (_, cond), row in zip(chunk, rows):
             if row.step is None:
                 raise RuntimeError(f"step under {cond.text()!r} did not end within {room} tokens")
             out_steps.append(row.step)
         return out_steps
 
-    def _hook(self, rows: list[_Row], temperature: float, top_p: float):
+    def _hook(self, rows: list[_Row], temperature: float, top_p: float, catch_up: bool):
+        """Masks logits to each row's grammar. ``catch_up``: feed the row the token drawn last (transformers'
+        ``generate()`` path; on the runtime, ``forced`` feeds every token as it is drawn)."""
         import torch
 
         def hook(running: list[int], generated: list[list[int]], logits):
             r_idx, t_idx = [], []
             for j, (r, out) in enumerate(zip(running, generated)):
                 row = rows[r]
-                if len(out) > row.fed:
+                if catch_up and len(out) > row.fed:
                     row.feed(out[-1])
                 r_idx.extend([j] * len(row.spec))
                 t_idx.extend(row.spec)
