@@ -78,6 +78,31 @@ def engine_spans_per_s(lm, requests, batch: int, seed: int) -> tuple[float, int,
     return spans / dt, spans, valid, dt
 
 
+def pool_spans_per_s(args, request, workers: int) -> tuple[float, int, int, float]:
+    """(valid spans/s, spans, valid traces, seconds) of ``args.traces`` traces decoded in rounds of ``args.batch``
+    by ``workers`` processes of one torch thread (``--decode-workers``; worker start-up included)."""
+    from otel_tracegen.encoding import decode_trace
+    from otel_tracegen.generate import round_sizes
+    from otel_tracegen.sampling.pool import DecodePool, SamplerSpec
+    from otel_tracegen.validate import validate
+
+    spec = SamplerSpec(model=args.model, device=args.device, dtype=args.dtype, adapter="instruct",
+                       batch_size=args.batch, entries="data")  # fmt: skip
+    t = time.perf_counter()
+    with DecodePool(spec, workers) as pool:
+        futures = [pool.submit([request] * n, temperature=1.0, top_p=1.0, seed=args.seed + r)
+                   for r, n in enumerate(round_sizes(args.traces, args.batch, None))]  # fmt: skip
+        rounds = [f.result() for f in futures]
+    dt = time.perf_counter() - t
+    spans = valid = 0
+    for steps in (s for rnd in rounds for s in rnd):
+        trace = decode_trace(steps)
+        if not validate(trace, expect_calls=request.calls, expect_depth=request.depth):
+            valid += 1
+            spans += len(trace)
+    return spans / dt, spans, valid, dt
+
+
 # --- emission ---------------------------------------------------------------------------------------------------
 
 
@@ -181,6 +206,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="the engine's dtype for the headline figure (auto: bf16 where the hardware has it); the "
                          "engine-vs-generate ratio is always measured in float32 on both sides")
+    ap.add_argument("--decode-workers", type=int, default=0, help="also time decoding in rounds of --batch by this "
+                    "many single-thread processes (what `generate` does on a CPU; 0: skip)")
     ap.add_argument("--free", action="store_true", help="requests without --calls/--depth (the model decides, "
                     "entries drawn from the training mix): what `otel-tracegen generate` does by default")
     ap.add_argument("--seed", type=int, default=0)
@@ -214,6 +241,12 @@ def main() -> None:
                         "seconds": round(dt, 2)}  # fmt: skip
     print(f"engine    {rate:10,.0f} valid spans/s  {dtype}  ({valid}/{len(requests)} traces valid, {spans} spans in "
           f"{dt:.1f} s)  on {where}")
+    if args.decode_workers:
+        prate, pspans, pvalid, pdt = pool_spans_per_s(args, request, args.decode_workers)
+        result["decode_workers"] = {"workers": args.decode_workers, "dtype": dtype, "spans_per_s": round(prate, 1),
+                                    "spans": pspans, "valid_traces": pvalid, "seconds": round(pdt, 2)}  # fmt: skip
+        print(f"workers   {prate:10,.0f} valid spans/s  {dtype}  {args.decode_workers} processes x 1 thread, rounds of "
+              f"{args.batch} ({pvalid}/{len(requests)} traces valid, {pspans} spans in {pdt:.1f} s, start-up included)")
     if not args.skip_baseline:
         # The baseline runs in float32 (transformers' default here); so does the engine it is compared with.
         lm32 = lm if dtype == "float32" else load_model(args.model, device=args.device, backend="runtime")

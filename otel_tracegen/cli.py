@@ -208,6 +208,9 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", type=_positive_int, default=256, help="pending steps decoded together")
     d.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     d.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    d.add_argument("--decode-workers", type=_positive_int, metavar="N",
+                   help="processes decoding rounds of --batch-size traces side by side, --threads torch threads "
+                        "each (default on a CPU: one per core when the run has more than one round; else 1)")
     d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights and activations: auto = bfloat16 on a GPU or a CPU with native bf16 "
                         "(AVX512-BF16/AMX), else float32 (default auto)")
@@ -589,6 +592,16 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
             print(f"otel-tracegen: {sender.note}", file=env.stderr)
     from tqdm import tqdm
 
+    from .sampling.pool import DecodePool, SamplerSpec, auto_workers
+
+    rounds = None if count is None else -(-count // args.batch_size)
+    workers = args.decode_workers or auto_workers(str(lm.device), rounds)
+    pool = None
+    if workers > 1:  # the same traces as in-process decoding (rounds are seeded by their index), sooner
+        pool = DecodePool(SamplerSpec(model=None if args.model is None else str(args.model), device=str(lm.device),
+                                      dtype=args.dtype, adapter=sampler.adapter, batch_size=args.batch_size,
+                                      entries=args.entries),
+                          workers, threads_per_worker=args.threads or 1)  # fmt: skip
     summary = generate.GenerationSummary()
     bar = tqdm(total=count, unit="trace", desc="generate", file=env.stderr, disable=None)
     kept = []
@@ -597,7 +610,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
         for trace in generate.stream(sampler, request, count=count, duration_s=duration, rate=args.rate,
                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                      start_time_ns=args.start_time, round_size=args.batch_size, summary=summary,
-                                     attributes=not args.no_attributes):
+                                     attributes=not args.no_attributes, pool=pool):
             if sender is not None:
                 sender.send([trace])
             if args.out is not None:
@@ -607,6 +620,8 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
         print("otel-tracegen: interrupted; flushing what was generated", file=env.stderr)
     finally:
         bar.close()
+        if pool is not None:
+            pool.close()
         counts = sender.close() if sender is not None else None
     if args.out is not None:
         from .formats import write_traces

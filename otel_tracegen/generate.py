@@ -99,37 +99,77 @@ class Assembler:
 def stream(sampler, request, *, count: int | None, duration_s: float | None = None, rate: float | None = None,
            temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, start_time_ns: int | None = None,
            round_size: int = 256, summary: GenerationSummary | None = None, attributes: bool = True,
-           on_step: Callable | None = None) -> Iterator[Trace]:
+           on_step: Callable | None = None, pool=None) -> Iterator[Trace]:
     """Traces for ``request``, generated in rounds of ``round_size``: ``count`` of them, or as many as arrive
     within ``duration_s`` at ``rate`` (None: no limit; stop by closing the iterator). With ``rate`` each trace is
     yielded when its arrival time comes (wall clock), so a consumer that sends at once sends at that rate.
     Each trace is validated into ``summary``. Round ``r`` is decoded with seed ``seed + r``: reproducible.
-    ``attributes``: give spans protocol attributes (:mod:`otel_tracegen.semconv`)."""
+    ``attributes``: give spans protocol attributes (:mod:`otel_tracegen.semconv`). ``pool``: a
+    :class:`~otel_tracegen.sampling.pool.DecodePool` decoding the next rounds while this one is used (the same
+    traces as without it)."""
     if count is None and duration_s is None and not rate:
         raise UserError("an endless run needs --rate (traces/s)")
+    if pool is not None and on_step is not None:
+        raise ValueError("on_step needs in-process decoding (pool=None)")
     summary = summary if summary is not None else GenerationSummary()
     t0 = time.perf_counter()
     anchor = start_time_ns if start_time_ns is not None else time.time_ns()
     assemble = Assembler(anchor_ns=anchor, seed=seed, rate=rate, catalog=sampler.catalog, attributes=attributes)
-    done, r = 0, 0
     limit_ns = None if duration_s is None or not rate else duration_s * 1e9
+    sizes = round_sizes(count, round_size, rate)
+    if pool is None:
+        rounds = (sampler.generate([request] * n, temperature=temperature, top_p=top_p, seed=seed + r,
+                                   on_step=on_step) for r, n in enumerate(sizes))  # fmt: skip
+    else:
+        rounds = _pooled(pool, request, sizes, temperature, top_p, seed)
+    try:
+        for steps in rounds:
+            for trace in assemble(steps):
+                offset = trace.start_ns - anchor
+                if limit_ns is not None and offset >= limit_ns:
+                    return
+                if duration_s is not None and not rate and time.perf_counter() - t0 >= duration_s:
+                    return
+                if rate:
+                    wait = t0 + offset / 1e9 - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                summary.add(trace, request)
+                summary.seconds = time.perf_counter() - t0
+                yield trace
+    finally:
+        rounds.close()
+
+
+def round_sizes(count: int | None, round_size: int, rate: float | None) -> Iterator[int]:
+    """Traces per round: ``round_size``, the last one smaller; at a rate, about two seconds' worth at most, so that
+    decoding does not run far ahead of the clock."""
+    done = 0
     while count is None or done < count:
         n = round_size if count is None else min(round_size, count - done)
-        if rate:  # do not run far ahead of the clock at low rates
+        if rate:
             n = min(n, max(1, math.ceil(rate * 2)))
-        steps = sampler.generate([request] * n, temperature=temperature, top_p=top_p, seed=seed + r, on_step=on_step)
-        r += 1
-        for trace in assemble(steps):
-            offset = trace.start_ns - anchor
-            if limit_ns is not None and offset >= limit_ns:
+        yield n
+        done += n
+
+
+def _pooled(pool, request, sizes: Iterator[int], temperature: float, top_p: float, seed: int) -> Iterator:
+    """The rounds' steps in order, with up to ``pool.workers`` rounds decoding ahead."""
+    from collections import deque
+
+    pending: deque = deque()
+    r = 0
+    try:
+        while True:
+            while len(pending) < pool.workers:
+                n = next(sizes, None)
+                if n is None:
+                    break
+                pending.append(pool.submit([request] * n, temperature=temperature, top_p=top_p, seed=seed + r))
+                r += 1
+            if not pending:
                 return
-            if duration_s is not None and not rate and time.perf_counter() - t0 >= duration_s:
-                return
-            if rate:
-                wait = t0 + offset / 1e9 - time.perf_counter()
-                if wait > 0:
-                    time.sleep(wait)
-            summary.add(trace, request)
-            summary.seconds = time.perf_counter() - t0
-            done += 1
-            yield trace
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()

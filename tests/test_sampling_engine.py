@@ -132,6 +132,20 @@ def test_generate_command_writes_valid_reproducible_files(model_dir, tmp_path):
     assert len(set(starts)) == 5  # Poisson arrivals, not all at the anchor
 
 
+def test_decode_workers_give_the_same_bytes_as_in_process_decoding(model_dir, tmp_path):
+    """Rounds decoded in two spawned worker processes (what a CPU run of several rounds does by default) give
+    the file one process writes: a round's traces depend on its index, not on who decoded it."""
+    args = ["generate", "--model", str(model_dir), "--count", "7", "--batch-size", "3", "--calls", "5", "--seed", "2",
+            "--start-time", "2026-01-02T03:04:05Z", "--dtype", "float32", "--threads", "1"]
+    files = {n: tmp_path / f"w{n}.json" for n in (1, 2)}
+    for n, f in files.items():
+        rc, _, err = run(*args, "--decode-workers", str(n), "--out", str(f))
+        assert rc == ExitStatus.SUCCESS, err
+        assert "7/7 valid" in err
+    assert files[1].read_bytes() == files[2].read_bytes()
+    assert len(read_traces("otlp-json", [files[2]], ReadReport())) == 7
+
+
 def test_generate_command_errors_name_what_is_wrong(model_dir, tmp_path, capsys):
     out = str(tmp_path / "x.json")
     rc, _, err = run("generate", "--model", str(model_dir), "--service", "ts-gateway-servic", "--out", out)
