@@ -34,19 +34,20 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .formats._otlp_common import I64_MAX, I64_MIN
+from .formats._otlp_common import length_delimited as _field
+from .formats._otlp_common import varint as _varint
 from .trace import Resource, Scope, Span, StatusCode, Trace
 
 __all__ = ["SdkWireEncoder", "encode_traces", "parse_partial_success", "parse_retry_delay"]
 
 _logger = logging.getLogger(__name__)
 
-I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 _KV_CACHE_MAX = 1 << 16  # encoded KeyValues remembered per encoder; cleared when full
 
 _pack_u64 = struct.Struct("<Q").pack
 _pack_f64 = struct.Struct("<d").pack
 _pack_times = struct.Struct("<BQBQ").pack  # start_time_unix_nano (7) and end_time_unix_nano (8), fixed64 both
-_ONE_BYTE_VARINTS = [bytes((i,)) for i in range(0x80)]
 
 # Span.kind (6): the SDK has no UNSPECIFIED, to_readable_spans sends it as INTERNAL.
 _KIND_FIELDS = {0: b"\x30\x01", 1: b"\x30\x01", 2: b"\x30\x02", 3: b"\x30\x03", 4: b"\x30\x04", 5: b"\x30\x05"}
@@ -58,19 +59,6 @@ _TAILS = {StatusCode.UNSET: b"\x7a\x00" + _SPAN_FLAGS, StatusCode.OK: b"\x7a\x02
 _EMPTY_SCOPE = b"\x0a\x00"  # ScopeSpans.scope: the SDK writes an empty InstrumentationScope when there is none
 
 
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _ONE_BYTE_VARINTS[n]
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(tag: bytes, body: bytes) -> bytes:
-    return tag + _varint(len(body)) + body
 
 
 def _id(hex_id: str, nbytes: int) -> bytes:

@@ -207,3 +207,25 @@ def group_spans(spans: Iterable[Span]) -> list[ResourceGroup]:
         (key, res, [(skey, scope, group) for skey, (scope, group) in by_scope.items()])
         for key, (res, by_scope) in by_resource.items()
     ]
+
+
+# --- protobuf wire format (shared by the file writer and the native OTLP sender) ---
+
+_ONE_BYTE_VARINTS = [bytes((i,)) for i in range(0x80)]
+
+
+def varint(n: int) -> bytes:
+    """A non-negative integer as a base-128 varint."""
+    if n < 0x80:
+        return _ONE_BYTE_VARINTS[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def length_delimited(tag: bytes, body: bytes) -> bytes:
+    """A length-delimited field (string, bytes or message)."""
+    return tag + varint(len(body)) + body

@@ -47,6 +47,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from ..report import ReadReport, UserError
 from ..trace import STATUS_UNSET, AttrValue, Event, Link, Resource, Scope, Span, Status, Trace, group_traces, iter_spans
 from ._io import read_bytes, write_bytes
+from ._otlp_common import length_delimited as _field
+from ._otlp_common import varint as _varint
 from ._otlp_common import (
     BAD_LINK,
     BAD_PARENT_ID,
@@ -784,26 +786,6 @@ _pack_u32 = struct.Struct("<I").pack
 _pack_u64 = struct.Struct("<Q").pack
 _pack_f64 = struct.Struct("<d").pack
 _pack_times = struct.Struct("<BQBQ").pack  # Span.start_time_unix_nano (7) and end_time_unix_nano (8) in one call
-
-_ONE_BYTE_VARINTS = [bytes((i,)) for i in range(0x80)]
-
-
-def _varint(n: int) -> bytes:
-    """A non-negative integer as a base-128 varint."""
-    if n < 0x80:
-        return _ONE_BYTE_VARINTS[n]
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(tag: bytes, body: bytes) -> bytes:
-    """A length-delimited field (string, bytes or message)."""
-    return tag + _varint(len(body)) + body
-
 
 def _utf8(text: str) -> bytes:
     # A lone surrogate (possible after reading "\ud800" from JSON) is not UTF-8; protobuf would reject the whole

@@ -34,6 +34,7 @@ from typing import Any
 from ..encoding import KEYS, Conditions, Step, render_str
 from ..report import UserError
 from .catalog import Catalog
+from .engine import keep_top_p
 from .grammar import GrammarVocab, IntSpec, StepLimits, step_program
 
 DEFAULT_TRIES = 3
@@ -514,19 +515,9 @@ class BpeStepDecoder:
             return logits.argmax(-1).tolist()
         scaled = logits / temperature
         if top_p < 1:
-            scaled = _top_p(scaled, top_p)
+            scaled = keep_top_p(scaled, top_p)
         probs = torch.softmax(scaled, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()
-
-
-def _top_p(scaled, top_p: float):
-    import torch
-
-    probs = torch.softmax(scaled, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return scaled.masked_fill(drop, float("-inf"))
 
 
 def _cache_bytes_per_token(model) -> int:

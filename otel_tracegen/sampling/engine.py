@@ -279,7 +279,7 @@ class TraceSampler:
             allowed[torch.tensor(r_idx, device=logits.device), torch.tensor(t_idx, device=logits.device)] = True
             logits = logits.masked_fill(~allowed, float("-inf"))
             if top_p < 1 and temperature > 0:
-                logits = _top_p(logits / temperature, top_p) * temperature
+                logits = keep_top_p(logits / temperature, top_p) * temperature
             return logits
 
         return hook
@@ -332,7 +332,7 @@ def _entry_can_serve(catalog: Catalog, request: TraceRequest, entry: str) -> boo
     return True
 
 
-def _top_p(scaled, top_p: float):
+def keep_top_p(scaled, top_p: float):
     """Keep the smallest set of tokens whose probability reaches ``top_p`` (always the most likely one)."""
     import torch
 
