@@ -193,8 +193,9 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     w.add_argument("--service", help="entry service (the root span's)")
     w.add_argument("--operation", help="entry operation (needs --service)")
     w.add_argument("--entries", choices=("data", "model"), default="data",
-                   help="without --service: draw the entry service from the training mix (data, default) or let "
-                        "the model choose it (model)")
+                   help="data (default): without --service, draw the entry service from the training mix, and "
+                        "without --calls/--depth, the entry operation, calls and depth of a training trace entered "
+                        "there; model: let the model choose them")
     w.add_argument("--calls", type=_positive_int, help="spans per trace, root included; met exactly")
     w.add_argument("--depth", type=_positive_int, help="span levels per trace; met exactly")
     w.add_argument("--latency-ms", type=float, help="the root span's duration in ms")

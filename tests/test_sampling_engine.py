@@ -19,7 +19,7 @@ from otel_tracegen.formats import read_traces
 from otel_tracegen.generate import SYNTHETIC_ATTRIBUTE
 from otel_tracegen.lm.model import load_model
 from otel_tracegen.report import ReadReport, UserError
-from otel_tracegen.sampling import CATALOG_FILE, TraceRequest, TraceSampler
+from otel_tracegen.sampling import CATALOG_FILE, Catalog, TraceRequest, TraceSampler
 from otel_tracegen.validate import validate
 
 from .cli_helpers import FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
@@ -44,6 +44,21 @@ def sampler(model_dir) -> TraceSampler:
 def test_pretraining_writes_the_catalog(model_dir):
     cat = json.loads((model_dir / CATALOG_FILE).read_text())
     assert cat["entries"] and cat["operations"] and cat["edges"] and cat["max_depth"] >= 2
+
+
+def test_requests_without_a_size_take_the_entry_operation_and_size_of_a_training_trace(sampler):
+    cat = sampler.catalog
+    assert Catalog.from_dict(cat.to_dict()).sizes == cat.sizes and cat.sizes
+    old = cat.to_dict()
+    del old["sizes"]  # a catalog written before sizes were recorded: sizes are the model's to choose
+    assert Catalog.from_dict(old).size_mix(next(iter(cat.entries))) == []
+    seen = {(svc, op, n, d) for svc in cat.sizes for op, n, d, _ in cat.size_mix(svc)}
+    entry = next(iter(cat.entries))
+    requests = [TraceRequest()] * 12 + [TraceRequest(service=entry)] * 4
+    for steps in sampler.generate(requests, seed=3):
+        trace = decode_trace(steps)
+        assert validate(trace) == []
+        assert (trace.root.service, trace.root.name, len(trace), trace.depth) in seen
 
 
 def test_every_trace_is_valid_at_temperature_one_and_requests_are_met(sampler):

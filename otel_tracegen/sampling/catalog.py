@@ -44,6 +44,8 @@ class Catalog:
     max_depth: int = 0  # span levels of the deepest trace
     max_spans: int = 0
     max_root_duration_us: int = 0
+    # root service -> root operation -> "spans/levels" -> traces: the sizes requests without --calls/--depth draw
+    sizes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     # --- building ---
 
@@ -53,6 +55,7 @@ class Catalog:
         ops: dict[str, dict[str, OperationStats]] = defaultdict(dict)
         edges: dict[str, Counter] = defaultdict(Counter)
         entries: dict[str, Counter] = defaultdict(Counter)
+        sizes: dict[tuple[str, str], Counter] = defaultdict(Counter)
         cat = cls()
         attr_counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
         for trace in traces:
@@ -64,6 +67,7 @@ class Catalog:
             cat.max_spans = max(cat.max_spans, len(trace))
             cat.max_root_duration_us = max(cat.max_root_duration_us, root.duration_ns // 1000)
             entries[root.service][root.name] += 1
+            sizes[root.service, root.name][f"{len(trace)}/{trace.depth}"] += 1
             below: dict[str, int] = {}
             for span, _ in reversed(list(trace.walk())):  # children before parents
                 kids = trace.children(span)
@@ -84,7 +88,22 @@ class Catalog:
         cat.operations = {s: dict(sorted(o.items())) for s, o in sorted(ops.items())}
         cat.edges = {s: dict(sorted(c.items())) for s, c in sorted(edges.items())}
         cat.entries = {s: dict(sorted(c.items())) for s, c in sorted(entries.items())}
+        for (svc, op), c in sorted(sizes.items()):
+            cat.sizes.setdefault(svc, {})[op] = dict(sorted(c.items()))
         return cat
+
+    def size_mix(self, service: str, operation: str | None = None) -> list[tuple[str, int, int, int]]:
+        """(root operation, spans, levels, traces) of the training traces entered at ``service`` (and
+        ``operation``): the joint mix that requests without a size are drawn from. Empty for catalogs written
+        before sizes were recorded."""
+        ops = self.sizes.get(service, {})
+        out = []
+        for op, mix in ops.items():
+            if operation is None or op == operation:
+                for key, n in mix.items():
+                    calls, _, depth = key.partition("/")
+                    out.append((op, int(calls), int(depth), n))
+        return out
 
     def restricted_to(self, known: set[str]) -> Catalog:
         """Only services and operations whose names are in ``known`` (a tokenizer's strings): the sampler can
@@ -93,15 +112,18 @@ class Catalog:
         ops = {s: os for s, os in ops.items() if os}
         edges = {s: {c: n for c, n in cs.items() if c in ops} for s, cs in self.edges.items() if s in ops}
         entries = {s: {o: n for o, n in os.items() if o in ops[s]} for s, os in self.entries.items() if s in ops}
+        sizes = {s: {o: m for o, m in os.items() if o in entries.get(s, {})} for s, os in self.sizes.items()}
         return Catalog(ops, {s: c for s, c in edges.items() if c}, {s: o for s, o in entries.items() if o},
-                       self.traces, self.max_depth, self.max_spans, self.max_root_duration_us)
+                       self.traces, self.max_depth, self.max_spans, self.max_root_duration_us,
+                       {s: o for s, o in sizes.items() if o})  # fmt: skip
 
     # --- saving ---
 
     def to_dict(self) -> dict:
         return {
             "traces": self.traces, "max_depth": self.max_depth, "max_spans": self.max_spans,
-            "max_root_duration_us": self.max_root_duration_us, "entries": self.entries, "edges": self.edges,
+            "max_root_duration_us": self.max_root_duration_us, "entries": self.entries, "sizes": self.sizes,
+            "edges": self.edges,
             "operations": {s: {o: {"count": st.count, "kinds": st.kinds, "statuses": st.statuses,
                                    "max_below": st.max_below, "attributes": st.attributes} for o, st in os.items()}
                            for s, os in self.operations.items()},
@@ -114,7 +136,9 @@ class Catalog:
                                          dict(st.get("attributes") or {}))
                        for o, st in os.items()} for s, os in d["operations"].items()}  # fmt: skip
             return cls(ops, {s: dict(c) for s, c in d["edges"].items()}, {s: dict(o) for s, o in d["entries"].items()},
-                       int(d["traces"]), int(d["max_depth"]), int(d["max_spans"]), int(d["max_root_duration_us"]))
+                       int(d["traces"]), int(d["max_depth"]), int(d["max_spans"]), int(d["max_root_duration_us"]),
+                       {s: {o: {k: int(n) for k, n in m.items()} for o, m in os.items()}
+                        for s, os in (d.get("sizes") or {}).items()})  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"catalog: malformed ({type(e).__name__}: {e})") from None
 

@@ -121,8 +121,9 @@ class TraceSampler:
     ``adapter``: ``"auto"`` takes ``instruct`` when the model has it (tuned on full conditions and the
     instructions), else the pre-trained weights; ``None`` forces the pre-trained weights.
     ``entries``: for requests that name no entry service, ``"data"`` draws one from the training mix of entry
-    services (the catalog's counts), ``"model"`` lets the model choose it (its own mix may differ from the data's;
-    the model card measures by how much).
+    services (the catalog's counts), and for requests that give no size, the entry operation, calls and depth of
+    a training trace entered there; ``"model"`` lets the model choose them (its own mix may differ from the
+    data's; the model card measures by how much).
     """
 
     def __init__(self, lm, catalog: Catalog | None = None, *, adapter: str | None = "auto", batch_size: int = 256,
@@ -201,7 +202,11 @@ class TraceSampler:
         return steps
 
     def _with_entries(self, requests: Sequence[TraceRequest], seed: int) -> list[TraceRequest]:
-        """Requests without an entry service get one drawn from the training mix (reproducibly from ``seed``)."""
+        """Requests without an entry service get one drawn from the training mix, and requests without a size
+        (no calls, depth or include) get the entry operation, calls and depth of a training trace entered there
+        (the catalog's joint mix), reproducibly from ``seed``. The model then writes the trace under conditions
+        it was tuned on; left to choose the size itself, the shipped model's sizes are flatter than the data's
+        (TrainTicket: median 44 spans against 76)."""
         import random
         from dataclasses import replace
 
@@ -218,6 +223,12 @@ class TraceSampler:
                 ok = eligible[r]
                 if ok:
                     r = replace(r, service=rng.choices([n for n, _ in ok], [w for _, w in ok])[0])
+            if r.service is not None and r.calls is None and r.depth is None and not r.includes:
+                mix = [m for m in self.catalog.size_mix(r.service, r.operation)
+                       if m[1] <= self.limits.max_calls and m[2] <= self.limits.max_depth]  # fmt: skip
+                if mix:
+                    op, calls, depth, _ = rng.choices(mix, [m[3] for m in mix])[0]
+                    r = replace(r, operation=op, calls=calls, depth=depth)
             out.append(r)
         return out
 
