@@ -167,6 +167,8 @@ def test_generate_command_errors_name_what_is_wrong(model_dir, tmp_path, capsys)
     assert rc == ExitStatus.ERROR and "nearest known: ts-gateway-service" in err
     rc, _, err = run("generate", "--model", str(model_dir), "--depth", "40", "--out", out)
     assert rc == ExitStatus.ERROR and "above anything" in err
+    rc, _, err = run("generate", "--model", str(model_dir), "--calls", "7", "--depth", "1", "--out", out)
+    assert rc == ExitStatus.ERROR and "--depth 1 is the root span alone" in err
     rc, _, err = run("generate", "--model", str(model_dir), "--include-call", "x => y", "--out", out)
     assert rc == ExitStatus.USAGE and "A -> B" in capsys.readouterr().err  # argparse writes usage errors itself
     rc, _, err = run("generate", "--model", str(model_dir))

@@ -60,6 +60,9 @@ class TraceRequest:
                                 f"{limits.max_depth} levels)")
             if self.calls is not None and self.depth > self.calls:
                 raise UserError(f"--depth {self.depth} needs at least as many calls, got --calls {self.calls}")
+            if self.depth == 1 and self.calls is not None and self.calls > 1:
+                raise UserError(f"--depth 1 is the root span alone, so --calls must be 1, got --calls {self.calls} "
+                                "(depth counts span levels: a root and its callees are --depth 2)")
         if self.latency_ms is not None and not (self.latency_ms >= 0 and math.isfinite(self.latency_ms)):
             raise UserError(f"--latency-ms must be a finite number >= 0, got {self.latency_ms}")
         if self.includes and self.calls is not None and self.calls < 2:
