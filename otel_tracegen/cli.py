@@ -595,7 +595,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
 
     from .sampling.pool import DecodePool, SamplerSpec, auto_workers
 
-    rounds = None if count is None else -(-count // args.batch_size)
+    rounds = None if count is None else sum(1 for _ in generate.round_sizes(count, args.batch_size, args.rate))
     workers = args.decode_workers or auto_workers(str(lm.device), rounds)
     pool = None
     if workers > 1:  # the same traces as in-process decoding (rounds are seeded by their index), sooner

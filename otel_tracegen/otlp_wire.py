@@ -36,6 +36,8 @@ from typing import Any
 
 from .formats._otlp_common import I64_MAX, I64_MIN
 from .formats._otlp_common import length_delimited as _field
+from .formats._otlp_common import read_varint as _read_varint
+from .formats._otlp_common import signed as _signed
 from .formats._otlp_common import varint as _varint
 from .trace import Resource, Scope, Span, StatusCode, Trace
 
@@ -320,19 +322,6 @@ def encode_traces(traces: Iterable[Trace]) -> bytes:
 # --- responses ------------------------------------------------------------------------------------------------
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
-
-
 def _fields(buf: bytes) -> Iterable[tuple[int, int | bytes]]:
     """``(field number, value)`` of a message's varint and length-delimited fields (others skipped)."""
     pos = 0
@@ -354,18 +343,23 @@ def _fields(buf: bytes) -> Iterable[tuple[int, int | bytes]]:
             raise ValueError(f"unsupported wire type {wire}")
 
 
+def _inner_fields(buf: bytes) -> Iterable[tuple[int, int | bytes]]:
+    """The fields of ``buf``'s message field 1 (both responses below wrap what they say in field 1)."""
+    for number, value in _fields(buf):
+        if number == 1 and isinstance(value, bytes):
+            yield from _fields(value)
+
+
 def parse_partial_success(response: bytes) -> tuple[int, str]:
     """``(rejected_spans, error_message)`` of an ``ExportTraceServiceResponse`` (``partial_success`` 1:
     ``rejected_spans`` 1, ``error_message`` 2); ``(0, "")`` for a full success or a body that does not parse."""
     rejected, message = 0, ""
     try:
-        for number, value in _fields(response):
-            if number == 1 and isinstance(value, bytes):
-                for n, v in _fields(value):
-                    if n == 1 and isinstance(v, int):
-                        rejected = v - (1 << 64) if v >> 63 else v
-                    elif n == 2 and isinstance(v, bytes):
-                        message = v.decode("utf-8", "replace")
+        for n, v in _inner_fields(response):
+            if n == 1 and isinstance(v, int):
+                rejected = _signed(v)
+            elif n == 2 and isinstance(v, bytes):
+                message = v.decode("utf-8", "replace")
     except (IndexError, ValueError):
         return 0, ""
     return rejected, message
@@ -376,13 +370,11 @@ def parse_retry_delay(retry_info: bytes) -> float | None:
     exporter reads the ``google.rpc.retryinfo-bin`` trailer; None when it does not parse."""
     seconds = nanos = 0
     try:
-        for number, value in _fields(retry_info):
-            if number == 1 and isinstance(value, bytes):
-                for n, v in _fields(value):
-                    if n == 1 and isinstance(v, int):
-                        seconds = v - (1 << 64) if v >> 63 else v
-                    elif n == 2 and isinstance(v, int):
-                        nanos = v - (1 << 64) if v >> 63 else v
+        for n, v in _inner_fields(retry_info):
+            if n == 1 and isinstance(v, int):
+                seconds = _signed(v)
+            elif n == 2 and isinstance(v, int):
+                nanos = _signed(v)
     except (IndexError, ValueError):
         return None
     return seconds + nanos / 1e9

@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 pytest.importorskip("tokenizers")
 
 from otel_tracegen.cli import ExitStatus
-from otel_tracegen.encoding import Include, decode_trace
+from otel_tracegen.encoding import decode_trace
 from otel_tracegen.formats import read_traces
 from otel_tracegen.lm import model as lm
 from otel_tracegen.report import ReadReport, UserError
@@ -29,6 +29,7 @@ from otel_tracegen.sampling import bpe as bpe_module
 from otel_tracegen.validate import validate
 
 from .cli_helpers import FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
+from .sampling_helpers import assert_include_call_is_generated
 
 REQUESTS = ([TraceRequest(calls=c, depth=d) for c, d in ((1, 1), (2, 2), (6, 3), (14, 4))] * 2
             + [TraceRequest()] * 3 + [TraceRequest(calls=8, depth=3, latency_ms=30.0, high_latency=True)])  # fmt: skip
@@ -172,16 +173,7 @@ def test_names_come_from_the_catalog(sampler):
 
 
 def test_include_call_is_generated(sampler):
-    cat = sampler.catalog
-    entry = next(iter(cat.entries))
-    hops = {a: cat.hops_to(a) for a in cat.edges}
-    a, b = max(((a, b) for a in cat.edges for b in cat.edges[a] if entry in hops[a]), key=lambda e: hops[e[0]][entry])
-    req = TraceRequest(service=entry, calls=16, depth=hops[a][entry] + 3, includes=(Include(a, b),))
-    for steps in sampler.generate([req] * 3, seed=3):
-        trace = decode_trace(steps)
-        assert validate(trace, expect_calls=req.calls, expect_depth=req.depth) == []
-        by = trace.by_id
-        assert any(s.service == b and s.parent_id and by[s.parent_id].service == a for s in trace)
+    assert_include_call_is_generated(sampler, calls=16, traces=3)
 
 
 def test_the_fed_tokens_are_what_a_plain_forward_pass_sees(sampler, monkeypatch):

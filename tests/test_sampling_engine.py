@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from otel_tracegen.cli import ExitStatus
-from otel_tracegen.encoding import Include, decode_trace
+from otel_tracegen.encoding import decode_trace
 from otel_tracegen.formats import read_traces
 from otel_tracegen.generate import SYNTHETIC_ATTRIBUTE
 from otel_tracegen.lm.model import load_model
@@ -23,6 +23,7 @@ from otel_tracegen.sampling import CATALOG_FILE, Catalog, TraceRequest, TraceSam
 from otel_tracegen.validate import validate
 
 from .cli_helpers import FAST, one_thread, run  # noqa: F401 - one_thread: autouse fixture
+from .sampling_helpers import assert_include_call_is_generated
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +80,7 @@ def test_every_trace_is_valid_at_temperature_one_and_requests_are_met(sampler):
 
 
 def test_include_call_is_generated(sampler):
-    cat = sampler.catalog
-    entry = next(iter(cat.entries))
-    hops = {a: cat.hops_to(a) for a in cat.edges}
-    a, b = max(((a, b) for a in cat.edges for b in cat.edges[a] if entry in hops[a]), key=lambda e: hops[e[0]][entry])
-    req = TraceRequest(service=entry, calls=25, depth=hops[a][entry] + 3, includes=(Include(a, b),))
-    for steps in sampler.generate([req] * 4, seed=3):
-        trace = decode_trace(steps)
-        assert validate(trace, expect_calls=req.calls, expect_depth=req.depth) == []
-        by = trace.by_id
-        assert any(s.service == b and s.parent_id and by[s.parent_id].service == a for s in trace)
+    assert_include_call_is_generated(sampler, calls=25, traces=4)
 
 
 def test_same_seed_same_steps_and_other_seeds_differ(sampler):

@@ -229,3 +229,25 @@ def varint(n: int) -> bytes:
 def length_delimited(tag: bytes, body: bytes) -> bytes:
     """A length-delimited field (string, bytes or message)."""
     return tag + varint(len(body)) + body
+
+
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """``(value, position after it)`` of the varint at ``pos``; IndexError if it runs off the end."""
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    result, shift = b & 0x7F, 7
+    while True:
+        pos += 1
+        b = buf[pos]
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result & U64_MAX, pos + 1
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def signed(n: int) -> int:
+    """A 64-bit varint read as int64/int32 (negative values are sent as their 64-bit two's complement)."""
+    return n - (1 << 64) if n >> 63 else n

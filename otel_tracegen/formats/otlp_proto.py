@@ -42,13 +42,25 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
 
 from ..report import ReadReport, UserError
-from ..trace import STATUS_UNSET, AttrValue, Event, Link, Resource, Scope, Span, Status, Trace, group_traces, iter_spans
+from ..trace import (
+    STATUS_UNSET,
+    AttrValue,
+    Event,
+    Link,
+    Resource,
+    Scope,
+    Span,
+    Status,
+    Trace,
+    group_traces,
+    iter_spans,
+)
 from ._io import read_bytes, write_bytes
-from ._otlp_common import length_delimited as _field
-from ._otlp_common import varint as _varint
 from ._otlp_common import (
     BAD_LINK,
     BAD_PARENT_ID,
@@ -74,6 +86,10 @@ from ._otlp_common import (
     span_kind,
     trace_id_hex,
 )
+from ._otlp_common import length_delimited as _field
+from ._otlp_common import read_varint as _read_varint
+from ._otlp_common import signed as _signed
+from ._otlp_common import varint as _varint
 
 __all__ = ["read", "write", "loads", "dumps", "decode_request", "encode_request", "split_requests"]
 
@@ -95,28 +111,6 @@ _ZERO_SPAN_ID = bytes(8)
 _CACHEABLE = (str, int, bool, float, bytes, type(None))  # immutable attribute values, safe to share among spans
 _KV_CACHE_MAX = 1 << 16  # distinct KeyValues remembered (per read or write); cleared when full
 _INSTRUMENTATION_LIBRARY_SPANS = 1000 << 3 | 2  # ResourceSpans.instrumentation_library_spans (OTLP 0.15-0.18)
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """``(value, position after it)`` of the varint at ``pos``; IndexError if it runs off the end."""
-    b = buf[pos]
-    if b < 0x80:
-        return b, pos + 1
-    result, shift = b & 0x7F, 7
-    while True:
-        pos += 1
-        b = buf[pos]
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result & U64_MAX, pos + 1
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
-
-
-def _signed(n: int) -> int:
-    """A 64-bit varint read as int64/int32 (negative values are sent as their 64-bit two's complement)."""
-    return n - (1 << 64) if n >> 63 else n
 
 
 def _skip(buf: bytes, pos: int, tag: int) -> int:
