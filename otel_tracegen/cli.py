@@ -105,6 +105,12 @@ def _build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate traces with the trace model (grammar-constrained, always valid)")
     _add_generate_arguments(g)
 
+    e = sub.add_parser("eval", help="score synthetic traces (files, the model, baselines) against real ones; "
+                                    "write an HTML and a Markdown report")
+    from .evaluate.command import add_arguments as _add_eval_arguments
+
+    _add_eval_arguments(e)
+
     mdl = sub.add_parser("model", help="describe trained models")
     msub = mdl.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
     mi = msub.add_parser("info", help="parameters, size, vocabulary, adapters and training data of a model")
@@ -258,6 +264,7 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "formats": lambda: cmd_formats(args, env),
             "train": lambda: cmd_train(args, env),
             "generate": lambda: cmd_generate(args, env),
+            "eval": lambda: cmd_eval(args, env),
             "model": lambda: _MODEL[args.model_command](args, env),
         }[args.command]
         return int(handler())
@@ -467,6 +474,12 @@ def cmd_validate(args, env: Environment) -> ExitStatus:
         print(f"  {kind}: {n}", file=env.stdout)
     ok = invalid == 0 and not report.problems
     return ExitStatus.SUCCESS if ok else ExitStatus.INVALID
+
+
+def cmd_eval(args, env: Environment) -> ExitStatus:
+    from .evaluate.command import run
+
+    return ExitStatus(run(args, env, _read))
 
 
 def cmd_formats(args, env: Environment) -> ExitStatus:

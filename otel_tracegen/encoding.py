@@ -813,17 +813,23 @@ class _Node:
         return (self.qs, self.qe, s.service, s.name, int(s.kind), int(s.status.code))
 
 
-def _build_tree(trace: Trace) -> _Node:
-    """The trace as a tree in encoding order; raises EncodingError for what the encoding cannot represent."""
+def single_root(trace: Trace, error: type[Exception] = EncodingError, needs: str = "the encoding needs") -> Span:
+    """The root of a trace an encoding can write: spans present, ids distinct, exactly one root; else ``error``."""
     if not trace.spans:
-        raise EncodingError("the trace has no spans")
+        raise error("the trace has no spans")
     if len(trace.by_id) != len(trace.spans):
-        raise EncodingError(f"the trace has {len(trace.spans) - len(trace.by_id)} duplicate span ids")
+        raise error(f"the trace has {len(trace.spans) - len(trace.by_id)} duplicate span ids")
     roots = trace.roots
     if len(roots) != 1:
-        raise EncodingError(f"the trace has {len(roots)} roots; the encoding needs exactly one")
-    base = roots[0].start_ns
-    root = _Node(roots[0], base, None, 0)
+        raise error(f"the trace has {len(roots)} roots; {needs} exactly one")
+    return roots[0]
+
+
+def _build_tree(trace: Trace) -> _Node:
+    """The trace as a tree in encoding order; raises EncodingError for what the encoding cannot represent."""
+    top = single_root(trace)
+    base = top.start_ns
+    root = _Node(top, base, None, 0)
     nodes, stack = [root], [root]
     while stack:
         node = stack.pop()

@@ -7,7 +7,9 @@
 #   otel-tracegen data build --format spancsv ../shared/datasets/nezha-trainticket/traces --out tt
 #   otel-tracegen data build --format spancsv ../shared/datasets/nezha-onlineboutique/traces --out ob
 #   otel-tracegen data join tt ob --out ttob --model-view
-# STAGE: any of pretrain instruct infill sample (default: all four, in that order). Naming stages lets a machine
+# STAGE: any of pretrain instruct infill sample flat fidelity (default: the first four, in that order); flat trains
+# the paper's GReaT-style baseline with the pretrain budget into OUT-flat, fidelity runs benchmarks/fidelity.py on
+# OUT (and OUT-flat when it exists) and writes OUT/fidelity.{html,md,json}. Naming stages lets a machine
 # with a per-command time limit run one at a time; each stage reads what the one before wrote to OUT.
 # Set EXTRA="--pack-order corpus" to reproduce the model shipped on 2026-11-23 exactly.
 set -euo pipefail
@@ -30,6 +32,11 @@ for stage in "${stages[@]}"; do
                 python3 -m otel_tracegen.lm.sample "$out" --n 200 --seed 0 "${args[@]}" --compare "$corpus" \
                   --json "$out/free_running_$adapter.json"
               done ;;
-    *) echo "$0: unknown stage '$stage' (pretrain, instruct, infill, sample)" >&2; exit 2 ;;
+    flat)     tg train --stage flat --corpus "$corpus" --out "$out-flat" --config small --max-steps 3000 \
+                --batch-size 64 --eval-every 500 --text-passes 3 ;;
+    fidelity) flat=(); [ -d "$out-flat" ] && flat=(--flat-model "$out-flat")
+              python3 benchmarks/fidelity.py --corpus "$corpus" --model "$out" "${flat[@]}" \
+                --report "$out/fidelity.html" --json "$out/fidelity.json" ;;
+    *) echo "$0: unknown stage '$stage' (pretrain, instruct, infill, sample, flat, fidelity)" >&2; exit 2 ;;
   esac
 done

@@ -41,6 +41,13 @@ def _import_with_blocked(modules, blocked):
         "otel_tracegen.formats.zipkin",
         "otel_tracegen.formats.spancsv",
         "otel_tracegen.formats.alibaba",
+        "otel_tracegen.evaluate.metrics",
+        "otel_tracegen.evaluate.harness",
+        "otel_tracegen.evaluate.baselines",
+        "otel_tracegen.evaluate.utility",
+        "otel_tracegen.evaluate.report",
+        "otel_tracegen.evaluate.command",
+        "otel_tracegen.evaluate.flat",
     ],
 )
 def test_imports_without_torch_or_opentelemetry(module):

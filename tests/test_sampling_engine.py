@@ -79,6 +79,26 @@ def test_every_trace_is_valid_at_temperature_one_and_requests_are_met(sampler):
             assert trace.root.duration_ns == 40_000_000
 
 
+def test_high_latency_holds_the_root_above_its_entrys_p90(sampler, corpus):
+    from otel_tracegen.dataset import load_corpus
+    from otel_tracegen.lm.data import corpus_stats_for_instructions
+
+    cat = sampler.catalog
+    _, splits = load_corpus(corpus, ("train",))
+    p90 = corpus_stats_for_instructions(splits["train"]).p90_us  # the instruct adapter's definition
+    assert {(s, o): p for s, ops in cat.high_latency_us.items() for o, p in ops.items()} == pytest.approx(p90)
+    assert Catalog.from_dict(cat.to_dict()).high_latency_us == cat.high_latency_us
+    entry = max(cat.entries, key=lambda s: sum(cat.entries[s].values()))
+    requests = [TraceRequest(service=entry, high_latency=True)] * 8 + [TraceRequest(high_latency=True, calls=6, depth=3)] * 4
+    for steps in sampler.generate(requests, seed=5):
+        trace = decode_trace(steps)
+        assert validate(trace) == []
+        assert trace.root.duration_ns / 1000 > p90[(trace.root.service, trace.root.name)]
+    old = cat.to_dict()
+    del old["high_latency_us"]  # a catalog from before the p90s: the model alone decides
+    assert Catalog.from_dict(old).high_latency_floor_us(entry, next(iter(cat.entries[entry]))) is None
+
+
 def test_include_call_is_generated(sampler):
     assert_include_call_is_generated(sampler, calls=25, traces=4)
 

@@ -101,7 +101,7 @@ def pretrain_texts(traces: Iterable[Trace], rng: random.Random, drop_prob: float
 # --- instruct -------------------------------------------------------------------------------------------------
 
 
-def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+def interpolated_quantile(sorted_xs: Sequence[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     pos = (len(sorted_xs) - 1) * q
     lo = math.floor(pos)
@@ -162,7 +162,7 @@ def corpus_stats_for_instructions(
     for entry, lats in latencies.items():
         n = len(lats)
         stats.traces[entry] = n
-        stats.p90_us[entry] = _quantile(sorted(lats), quantile)
+        stats.p90_us[entry] = interpolated_quantile(sorted(lats), quantile)
         stats.uncommon[entry] = frozenset(e for e, c in edge_counts[entry].items() if c / n < uncommon_fraction)
     return stats
 

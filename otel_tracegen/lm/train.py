@@ -9,6 +9,9 @@ Commands (a corpus comes from ``otel-tracegen data build``)::
     otel-tracegen train --stage infill   --corpus /tmp/corpus --out /tmp/tracelm --max-steps 100
     otel-tracegen model info /tmp/tracelm
 
+    # the paper's GReaT baseline: whole traces as flat tables, same model code and budget, its own directory
+    otel-tracegen train --stage flat --corpus /tmp/corpus --out /tmp/flat --config tiny --max-steps 200
+
     # one GPU (bf16 autocast), the shipped default size
     otel-tracegen train --stage pretrain --corpus corpus/ --out model/ --config small --max-steps 5000
 
@@ -21,7 +24,7 @@ Commands (a corpus comes from ``otel-tracegen data build``)::
     # LoRA-tune any local Hugging Face causal LM with its own tokenizer (nothing is downloaded)
     otel-tracegen train --stage instruct --corpus corpus/ --out runs/smol --base-model /models/SmolLM2-135M
 
-Output: pretrain writes ``<out>/`` in the ``save_pretrained`` layout (safetensors) with the tokenizer; instruct and
+Output: pretrain (and flat) writes ``<out>/`` in the ``save_pretrained`` layout (safetensors) with the tokenizer; instruct and
 infill write ``<out>/adapters/<stage>/adapter_model.safetensors``. Every stage records its steps, tokens, tokens/s,
 losses, wall time and hardware in ``<out>/training.json``. Resumable checkpoints live in ``<out>/checkpoint/<stage>/``:
 the trainable weights as safetensors, the optimizer and RNG state as a tensors-only ``torch.save`` (read back
@@ -45,7 +48,11 @@ from pathlib import Path
 from ..report import UserError
 from . import model as lm
 
-STAGES = ("pretrain", "instruct", "infill")
+STAGES = ("pretrain", "instruct", "infill", "flat")
+SCRATCH_STAGES = ("pretrain", "flat")
+"""Stages that train every weight of a new model (the others tune LoRA adapters on a pre-trained one). ``flat`` is
+the paper's GReaT baseline: whole traces as flat tables (``otel_tracegen.evaluate.flat``), trained exactly as
+``pretrain`` (packed shuffled blocks, same presets and loop) into a directory of its own."""
 
 
 # --- config -----------------------------------------------------------------------------------------------
@@ -55,11 +62,13 @@ STAGES = ("pretrain", "instruct", "infill")
 class TrainConfig:
     """One training run. Every field is also a ``otel-tracegen train`` option (``--max-steps`` for ``max_steps``)."""
 
-    stage: str = field(default="pretrain", metadata={"help": "pretrain | instruct | infill"})
+    stage: str = field(default="pretrain", metadata={
+        "help": "pretrain | instruct | infill | flat (the GReaT baseline: whole traces as flat tables, trained from "
+                "scratch as pretrain, into its own --out)"})
     corpus: list[str] = field(default_factory=list,
                               metadata={"help": "corpus directories (otel-tracegen data build); several are joined"})
     out: str = field(default="", metadata={"help": "model directory to write"})
-    config: str = field(default="tiny", metadata={"help": "architecture preset for pretrain: tiny | mini | small | medium"})
+    config: str = field(default="tiny", metadata={"help": "architecture preset for pretrain and flat: tiny | mini | small | medium"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps in total (a resumed run counts on)"})
     batch_size: int = field(default=32, metadata={"help": "sequences per step and per process"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -71,12 +80,14 @@ class TrainConfig:
     eval_batches: int = field(default=8, metadata={"help": "batches per loss estimate"})
     block_size: int = field(default=0, metadata={"help": "tokens per sequence; 0 = the model's context"})
     drop_prob: float = field(default=0.9, metadata={"help": "pretrain: probability of dropping each condition"})
-    text_passes: int = field(default=1, metadata={"help": "pretrain: re-render the corpus this often (new shuffles)"})
+    text_passes: int = field(default=1, metadata={"help": "pretrain, flat: re-render the corpus this often (new shuffles)"})
+    flat_drop_prob: float = field(default=0.25, metadata={
+        "help": "flat: probability of dropping each header condition (entry service, operation, calls, depth)"})
     instruct_plain_prob: float = field(default=0.5, metadata={
         "help": "instruct: share of traces without an instruction whose plain steps (full conditions, bookkeeping) "
                 "are trained on too, so the adapter also follows calls/depth"})
     pack_order: str = field(default="shuffled", metadata={
-        "help": "pretrain: pack steps in random order (shuffled) or in corpus order (corpus: how the shipped model "
+        "help": "pretrain, flat: pack examples in random order (shuffled) or in corpus order (corpus: how the shipped model "
                 "of 2026-11-23 was trained; its blocks leak neighbouring steps into each step's context)"})
     workers: int = field(default=0, metadata={"help": "processes rendering and tokenizing examples; 0 = one per CPU"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -104,6 +115,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.instruct_plain_prob must be in [0, 1], got {self.instruct_plain_prob!r}")
         if not (0.0 <= self.drop_prob <= 1.0):
             raise ValueError(f"TrainConfig.drop_prob must be in [0, 1], got {self.drop_prob!r}")
+        if not (0.0 <= self.flat_drop_prob <= 1.0):
+            raise ValueError(f"TrainConfig.flat_drop_prob must be in [0, 1], got {self.flat_drop_prob!r}")
+        if self.stage == "flat" and (self.base_model or self.init):
+            raise ValueError("--stage flat trains our own model from scratch (the GReaT baseline); "
+                             "--base-model and --init do not apply")
         if self.block_size < 0:
             raise ValueError(f"TrainConfig.block_size must be >= 0, got {self.block_size!r}")
         if isinstance(self.corpus, (str, Path)):  # one directory, as the API and older records give it
@@ -169,15 +185,20 @@ def make_split(stage: str, traces, tokenizer, block: int, cfg: TrainConfig, seed
     """Render a split's traces as the stage's examples, in ``cfg.workers`` processes, and tokenize them."""
     from . import data
 
-    job = data.StageRender(stage, seed=seed, drop_prob=cfg.drop_prob,
-                           passes=cfg.text_passes if stage == "pretrain" else 1, stats=stats,
-                           plain_prob=cfg.instruct_plain_prob)
+    if stage == "flat":  # whole traces as flat tables; the module lives with the evaluation it serves
+        from ..evaluate.flat import FlatRender
+
+        job = FlatRender(seed=seed, drop_prob=cfg.flat_drop_prob, passes=cfg.text_passes)
+    else:
+        job = data.StageRender(stage, seed=seed, drop_prob=cfg.drop_prob,
+                               passes=cfg.text_passes if stage == "pretrain" else 1, stats=stats,
+                               plain_prob=cfg.instruct_plain_prob)
     if hf:  # render in the workers, tokenize here in one batched call of the (Rust) tokenizer
         items = data.render(job, traces, workers=cfg.workers)
         if stage == "pretrain" and cfg.pack_order == "shuffled":
             random.Random(seed).shuffle(items)  # as below
         return _hf_split(tokenizer, stage, items, block)
-    if stage == "pretrain":
+    if stage in SCRATCH_STAGES:
         streams = data.render(job, traces, finish=data.TokenizeText(tokenizer), workers=cfg.workers)
         # Steps are packed in random order. In corpus order a step's block also holds its parent's step and the
         # traces before it, and the model learns to read those instead of its own prompt: it then copies counts
@@ -203,6 +224,18 @@ def build_tokenizer(traces, workers: int = 0):
         counts.update(part)
     return TraceTokenizer.from_string_counts(counts)
 
+
+
+def _check_out_dir(cfg: TrainConfig, out: Path) -> None:
+    """The flat baseline and the recursive model never share a directory: their weights and tokenizer would
+    overwrite each other while ``training.json`` kept both records."""
+    existing = set(lm.read_training_json(out).get("stages", {}))
+    if cfg.stage == "flat" and existing - {"flat"}:
+        raise UserError(f"{out}: holds a recursive model (stages {', '.join(sorted(existing))}); train the flat "
+                        "baseline into a directory of its own")
+    if cfg.stage != "flat" and "flat" in existing:
+        raise UserError(f"{out}: holds the flat baseline (--stage flat); train the recursive model into another "
+                        "directory")
 
 
 def hardware(device: str) -> dict:
@@ -287,9 +320,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     torch.manual_seed(cfg.seed + rank)
     on_cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()  # bf16 on GPU, fp32 on CPU
-    lora = cfg.stage != "pretrain" or bool(cfg.base_model)
+    lora = cfg.stage not in SCRATCH_STAGES or bool(cfg.base_model)
     hf = bool(cfg.base_model)
     out = Path(cfg.out)
+    _check_out_dir(cfg, out)
 
     # -- data ---------------------------------------------------------------------------------------------------
     from ..dataset import load_corpora
@@ -311,7 +345,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         tokenizer = load_base_tokenizer(base_source)
         model = load_base_model(base_source, device)
         block = cfg.block_size or min(1024, int(getattr(model.config, "max_position_embeddings", 1024)))
-    elif cfg.stage == "pretrain":
+    elif cfg.stage in SCRATCH_STAGES:
         from .tokenizer import TraceTokenizer
 
         if cfg.init:
@@ -345,6 +379,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             raise UserError(f"{init}: no pre-trained model to tune (run --stage pretrain first, or pass --init DIR)")
         # The plain pre-trained weights: a previous stage's adapter is not stacked under this one.
         training = lm.read_training_json(init)
+        if "flat" in training.get("stages", {}):
+            raise UserError(f"{init}: is the flat baseline (--stage flat); {cfg.stage} tunes a recursive model")
         model, tokenizer = lm.load_base(init, device), lm.load_tokenizer(init, training)
         model_config = lm.TraceLMConfig.from_dict(training["config"]) if training.get("config") else None
         block = cfg.block_size or int(model.config.max_position_embeddings)
@@ -422,11 +458,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         return {"step": step, "best_val_loss": best_val, "history": history, "tokens_seen": tokens_seen,
                 "train_seconds": train_seconds, "model_config": model_config.to_dict() if model_config else {}}
 
-    if master and cfg.stage == "pretrain" and not hf:
+    if master and cfg.stage in SCRATCH_STAGES and not hf:
         checkpoint_dir(cfg).mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(checkpoint_dir(cfg))
         what = f"continuing {cfg.init}" if continued_from else cfg.config
-        log(f"pretrain {what}: {lm.count_parameters(raw_model):,} parameters, vocab {tokenizer.vocab_size}, "
+        log(f"{cfg.stage} {what}: {lm.count_parameters(raw_model):,} parameters, vocab {tokenizer.vocab_size}, "
             f"{len(train_split)} train / {len(val_split)} val blocks of {block} tokens, device {device}")
     elif master:
         trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
@@ -512,9 +548,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
             out.mkdir(parents=True, exist_ok=True)
             Catalog.from_traces(splits["train"]).save(out)  # what the constrained sampler may write
-        if cfg.stage == "pretrain" and not hf:
+        if cfg.stage in SCRATCH_STAGES and not hf:
             card.update(config=model_config.to_dict(), parameters=lm.count_parameters(raw_model), tokenizer="trace",
                         data=data_info, base_model=None)
+            if cfg.stage == "flat":
+                card["encoding"] = "flat"  # the GReaT baseline: what a harness checks before sampling it
             lm.save_model(raw_model, tokenizer, out, card)
             from ..sampling.catalog import Catalog
 

@@ -46,6 +46,9 @@ class Catalog:
     max_root_duration_us: int = 0
     # root service -> root operation -> "spans/levels" -> traces: the sizes requests without --calls/--depth draw
     sizes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    # root service -> root operation -> the p90 of its traces' latency in µs: "high latency" means above it (the
+    # instruct adapter's definition, computed the same way), and the grammar holds such a request's root above it
+    high_latency_us: dict[str, dict[str, float]] = field(default_factory=dict)
 
     # --- building ---
 
@@ -56,6 +59,7 @@ class Catalog:
         edges: dict[str, Counter] = defaultdict(Counter)
         entries: dict[str, Counter] = defaultdict(Counter)
         sizes: dict[tuple[str, str], Counter] = defaultdict(Counter)
+        latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
         cat = cls()
         attr_counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
         for trace in traces:
@@ -68,6 +72,7 @@ class Catalog:
             cat.max_root_duration_us = max(cat.max_root_duration_us, root.duration_ns // 1000)
             entries[root.service][root.name] += 1
             sizes[root.service, root.name][f"{len(trace)}/{trace.depth}"] += 1
+            latencies[root.service, root.name].append(root.duration_ns // 1000)  # = encoding.trace_latency_us
             below: dict[str, int] = {}
             for span, _ in reversed(list(trace.walk())):  # children before parents
                 kids = trace.children(span)
@@ -90,7 +95,17 @@ class Catalog:
         cat.entries = {s: dict(sorted(c.items())) for s, c in sorted(entries.items())}
         for (svc, op), c in sorted(sizes.items()):
             cat.sizes.setdefault(svc, {})[op] = dict(sorted(c.items()))
+        from ..lm.data import HIGH_LATENCY_QUANTILE, interpolated_quantile
+
+        for (svc, op), lats in sorted(latencies.items()):
+            cat.high_latency_us.setdefault(svc, {})[op] = interpolated_quantile(sorted(lats), HIGH_LATENCY_QUANTILE)
         return cat
+
+    def high_latency_floor_us(self, service: str, operation: str) -> int | None:
+        """The smallest root duration (µs) that is "high latency" for this entry, or None when unknown (a catalog
+        written before the p90s were recorded)."""
+        p90 = self.high_latency_us.get(service, {}).get(operation)
+        return None if p90 is None else int(p90) + 1
 
     def size_mix(self, service: str, operation: str | None = None) -> list[tuple[str, int, int, int]]:
         """(root operation, spans, levels, traces) of the training traces entered at ``service`` (and
@@ -113,9 +128,10 @@ class Catalog:
         edges = {s: {c: n for c, n in cs.items() if c in ops} for s, cs in self.edges.items() if s in ops}
         entries = {s: {o: n for o, n in os.items() if o in ops[s]} for s, os in self.entries.items() if s in ops}
         sizes = {s: {o: m for o, m in os.items() if o in entries.get(s, {})} for s, os in self.sizes.items()}
+        high = {s: {o: p for o, p in os.items() if o in entries.get(s, {})} for s, os in self.high_latency_us.items()}
         return Catalog(ops, {s: c for s, c in edges.items() if c}, {s: o for s, o in entries.items() if o},
                        self.traces, self.max_depth, self.max_spans, self.max_root_duration_us,
-                       {s: o for s, o in sizes.items() if o})  # fmt: skip
+                       {s: o for s, o in sizes.items() if o}, {s: o for s, o in high.items() if o})  # fmt: skip
 
     # --- saving ---
 
@@ -123,7 +139,7 @@ class Catalog:
         return {
             "traces": self.traces, "max_depth": self.max_depth, "max_spans": self.max_spans,
             "max_root_duration_us": self.max_root_duration_us, "entries": self.entries, "sizes": self.sizes,
-            "edges": self.edges,
+            "high_latency_us": self.high_latency_us, "edges": self.edges,
             "operations": {s: {o: {"count": st.count, "kinds": st.kinds, "statuses": st.statuses,
                                    "max_below": st.max_below, "attributes": st.attributes} for o, st in os.items()}
                            for s, os in self.operations.items()},
@@ -138,7 +154,8 @@ class Catalog:
             return cls(ops, {s: dict(c) for s, c in d["edges"].items()}, {s: dict(o) for s, o in d["entries"].items()},
                        int(d["traces"]), int(d["max_depth"]), int(d["max_spans"]), int(d["max_root_duration_us"]),
                        {s: {o: {k: int(n) for k, n in m.items()} for o, m in os.items()}
-                        for s, os in (d.get("sizes") or {}).items()})  # fmt: skip
+                        for s, os in (d.get("sizes") or {}).items()},
+                       {s: {o: float(p) for o, p in os.items()} for s, os in (d.get("high_latency_us") or {}).items()})  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"catalog: malformed ({type(e).__name__}: {e})") from None
 

@@ -275,7 +275,14 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         budget = cond.budget
         if client:
             start = yield from _read_int(v, IntSet.range(0, 0), v.key["dur"])
-            dur_set = IntSet.range(budget, budget) if budget is not None else IntSet.range(0, limits.max_duration_us)
+            if budget is not None:
+                dur_set = IntSet.range(budget, budget)
+            else:
+                # "High latency" is a root above its entry's p90 (the catalog's, from the training data): the
+                # instruction is held like calls and depth are, and the model still writes the duration.
+                floor = v.catalog.high_latency_floor_us(service, operation) if cond.high_latency else None
+                lo = floor if floor is not None else 0
+                dur_set = IntSet.range(lo, max(lo, limits.max_duration_us))
         else:
             hi = budget if budget is not None else prev_start + limits.max_duration_us
             start = yield from _read_int(v, IntSet.range(min(prev_start, hi), hi), v.key["dur"])
