@@ -107,10 +107,13 @@ def test_score_conditioned_bins_and_rates():
             TraceRequest(service="a", calls=2, depth=2)]
     answers = [Generated(tree(A)), Generated(tree(A, "t2")), Generated(None, "refused: no")]
     rates, cells = h.score_conditioned(reqs, answers, 0)
-    assert rates == {"conditioned_valid": 2 / 3, "calls_exact": 1 / 3, "depth_exact": 1 / 3,
+    assert rates == {"conditioned_valid": 2 / 3, "calls_exact": 1 / 3, "depth_exact": 1 / 3, "size_exact": 1 / 3,
                      "conditioned_accuracy": 1 / 3}
     c4, d3 = h.bin_of(4, h.CALL_BINS), h.bin_of(3, h.DEPTH_BINS)
-    assert cells[(c4, d3)] == [1, 1] and cells[(h.bin_of(2, h.CALL_BINS), 1)] == [2, 0]
+    assert (cells[(c4, d3)].requests, cells[(c4, d3)].valid, cells[(c4, d3)].accurate) == (1, 1, 1)
+    small = cells[(h.bin_of(2, h.CALL_BINS), 1)]
+    assert (small.requests, small.valid, small.accurate) == (2, 1, 0)
+    assert small.violations == {"calls_mismatch": 1, "depth_mismatch": 1, "no trace": 1}
     assert [h.bin_label(b) for b in h.CALL_BINS[:3]] == ["1", "2-3", "4-7"] and h.bin_label(h.CALL_BINS[-1]) == "128+"
 
 
@@ -125,6 +128,9 @@ def test_score_instructions():
     answers = [Generated(tree(A, dur=5000)), Generated(tree(A, "t3", dur=100)), Generated(high)]
     assert h.score_instructions(reqs, answers, "include", p90) == (3, 2)
     assert h.score_instructions(reqs, answers, "both", p90) == (3, 1)
+    # Entered elsewhere: not what was asked, however slow.
+    elsewhere = tree(("x", "run", [("c", "y", [("d", "z", [])])]), dur=9000)
+    assert h.score_instructions(reqs[:1], [Generated(elsewhere)], "include", p90) == (1, 0)
 
 
 def test_validity_counts_unanswered_requests_as_invalid():
@@ -153,6 +159,19 @@ def test_replay_of_the_real_set_scores_like_the_real_set():
     # Every request set was asked of both, the same requests.
     assert len(replay.traces) == len(prob.traces) == 60
     assert set(ev.table()) >= set(h.METRICS) - {"include_following", "both_following"}
+
+
+def test_a_failing_generator_is_reported_and_the_others_still_scored():
+    class Broken:
+        name, honours = "broken", frozenset()
+
+        def generate(self, requests, *, seed=0, progress=None):
+            raise RuntimeError("out of memory")
+
+    train = app(40, seed=1)
+    ev = h.evaluate(app(40, seed=2), generators=[Broken(), ReplayGenerator(train)], train=train,
+                    settings=h.Settings(n=10, n_instructions=0, utility=False))
+    assert ev.scores[0].error == "RuntimeError: out of memory" and ev.scores[1].values["validity"] == 1.0
 
 
 def test_files_are_scored_as_a_free_set():
@@ -192,7 +211,7 @@ def test_exclusive_time_and_critical_service_by_hand():
 
 def test_utility_gap_is_zero_when_synthetic_is_the_real_training_set():
     train, test = app(120, seed=5), app(60, seed=6)
-    p90 = {e: m.quantile([t.root.duration_ns / 1000 for t in train if m.entry_of(t) == e], 0.9)
+    p90 = {e: float(np.quantile([t.root.duration_ns / 1000 for t in train if m.entry_of(t) == e], 0.9))
            for e in {m.entry_of(t) for t in train}}
     u = utility(train, list(train), test, p90)
     assert u.gaps() == {"high_latency_balanced": 0.0, "high_latency_accuracy": 0.0, "critical_service": 0.0}

@@ -65,6 +65,8 @@ def test_kl_missing_call_is_infinite_unsmoothed_and_finite_smoothed():
     # Smoothed: P = (1.5/3, 1.5/3), Q = (2.5/3, 0.5/3): 0.5 ln(1.5/2.5) + 0.5 ln(1.5/0.5).
     assert m.kl_divergence(p, q) == pytest.approx(0.5 * math.log(0.6) + 0.5 * math.log(3))
     assert math.isnan(m.kl_divergence(Counter(), Counter()))
+    # A generator that makes no call at all is not "close": nothing is compared.
+    assert math.isnan(m.kl_divergence(Counter({"x": 100}), Counter()))
 
 
 # --- heavy hitters ---------------------------------------------------------------------------------------------
@@ -83,6 +85,15 @@ def test_top_k_overlap_by_hand():
 
 def test_top_k_ties_break_by_name():
     assert m.top_k(Counter({"b": 2, "a": 2, "c": 3}), 2) == ["c", "a"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from("abcdefghij"), st.integers(1, 5)),
+       st.dictionaries(st.sampled_from("abcdefghijkl"), st.integers(1, 5)))
+def test_heavy_hitter_curve_equals_the_overlap_at_each_k(real, syn):
+    real, syn = Counter(real), Counter(syn)
+    ks = range(1, 13)
+    assert m.heavy_hitter_curve(real, syn, ks) == {k: m.top_k_overlap(real, syn, k) for k in ks}
 
 
 def test_heavy_hitter_curve_runs_from_five_to_the_number_present():
@@ -109,10 +120,19 @@ def test_emd_identical_is_zero_and_shift_is_the_shift():
     assert m.normalized_emd(a, list(reversed(a))) == 0.0
     shifted = [x + 10 for x in a]
     assert m.wasserstein_1d(a, shifted) == pytest.approx(10.0)
-    # Normalized by the pooled range: 0 .. 109.
-    assert m.normalized_emd(a, shifted) == pytest.approx(10 / 109)
+    # Normalized by the real sample's range: 0 .. 99.
+    assert m.normalized_emd(a, shifted) == pytest.approx(10 / 99)
     assert m.normalized_emd([5, 5], [5]) == 0.0
-    assert m.normalized_emd([0], [1]) == 1.0  # disjoint point masses at the two ends of the range
+    assert m.normalized_emd([0], [3]) == 3.0  # a real range of 0 counts as 1: the distance itself
+
+
+def test_emd_outliers_make_it_worse_not_better():
+    real = list(range(101))
+    worse = [x + 30 for x in real]
+    assert m.normalized_emd(real, worse) == pytest.approx(30 / 100)
+    assert m.normalized_emd(real, worse + [10_000_000]) > m.normalized_emd(real, worse)
+    # log10(1 + µs): 9 and 99 µs are one decade apart.
+    assert m.log_us([9, 99]) == pytest.approx([1.0, 2.0])
 
 
 def test_wasserstein_by_hand_unequal_sizes():
@@ -142,7 +162,7 @@ def test_emd_properties(a, b, c):
     d = m.wasserstein_1d(a, b)
     assert d >= 0 and d == pytest.approx(m.wasserstein_1d(b, a))
     assert m.wasserstein_1d(a, [x + c for x in a]) == pytest.approx(abs(c))
-    assert 0 <= m.normalized_emd(a, b) <= 1 + 1e-12
+    assert m.normalized_emd(a, b) >= 0 and m.normalized_emd(a, a) == 0
 
 
 def test_emd_by_service_counts_missing_services_as_one():
@@ -182,6 +202,26 @@ def test_shape_precision_coverage_jsd_by_hand():
     assert r.jsd == pytest.approx(jsd)
     assert m.shape_metrics(real, Counter(real)).jsd == 0.0
     assert m.shape_metrics(real, m.shape_counts([tree(C)])).jsd == 1.0
+
+
+def test_orphans_start_subtrees_of_their_own():
+    t = tree(A)
+    d = next(s for s in t.spans if s.service == "d")
+    c = next(s for s in t.spans if s.service == "c")
+    broken = Trace([s for s in t.spans if s is not c], "t1")  # d's parent is gone: d is an orphan
+    assert m.shape(broken) == ("", "", tuple(sorted([("a", "get", (("b", "x", ()),)), ("d", "z", ())])))
+    orphans_only = Trace([d], "t1")
+    assert m.shape(orphans_only) == ("d", "z", ())
+    other = Trace([Span("t9", "9", "gone", "e", "q", 0, 1)], "t9")
+    assert m.shape(orphans_only) != m.shape(other)  # two rootless traces do not match unless their trees do
+
+
+def test_memorization_survives_broken_traces():
+    t = tree(B)
+    dup = Trace(t.spans + [t.spans[1]], "t1")  # a duplicated span id
+    r = m.memorization([dup, tree(B)], [dup, tree(B, "s")])
+    assert r.exact_copies == pytest.approx(0.5)  # the broken trace has no modelled view: it copies nothing
+    assert r.shape == 1.0
 
 
 def test_memorization_shape_and_exact_copies():

@@ -141,18 +141,23 @@ def run(args, env, read) -> int:
         generators.append(flat)
     synthetic = {}
     if args.synthetic:
+        if _is_corpus(args.synthetic):
+            raise UserError(f"--synthetic {args.synthetic[0]} is a corpus directory; give the trace files themselves")
         synthetic[args.synthetic_name], _, _ = _load(args.synthetic, args.format, "train", env, read)
 
     progress, factory = _bars(env)
     with progress:
         ev = evaluate(real, generators=generators, synthetic=synthetic, train=train, settings=settings, bar=factory,
                       real_label=real_label, train_label=train_label)  # fmt: skip
+    if args.json:  # first: the numbers survive a failure drawing the figures
+        args.json.write_text(metrics_json(ev) + "\n")
     html_path, md_path = write_report(ev, args.report)
     _print_table(ev, env)
-    if args.json:
-        args.json.write_text(metrics_json(ev) + "\n")
+    for s in ev.scores:
+        if s.error:
+            print(f"otel-tracegen: {s.name} failed and was not scored: {s.error}", file=env.stderr)
     print(f"report: {html_path} and {md_path}", file=env.stdout)
-    return 0
+    return 1 if any(s.error for s in ev.scores) else 0
 
 
 def _print_table(ev, env) -> None:

@@ -80,6 +80,17 @@ class Reference:
 
 
 @dataclass
+class Cell:
+    """Conditioned requests of one (calls bin, depth bin): how many, how many valid, how many valid with exactly
+    the requested calls and depth, and the violations by name (requests with each)."""
+
+    requests: int = 0
+    valid: int = 0
+    accurate: int = 0
+    violations: Counter = field(default_factory=Counter)
+
+
+@dataclass
 class GeneratorScore:
     """Everything the report shows about one generator (or one set of files)."""
 
@@ -90,21 +101,23 @@ class GeneratorScore:
     problems: Counter = field(default_factory=Counter)  # why requests got no trace
     values: dict[str, float] = field(default_factory=dict)  # metric name -> value (see METRICS)
     violations: Counter = field(default_factory=Counter)  # violation kind -> free traces with it
-    heatmap: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # (call bin, depth bin) -> [n, ok]
+    heatmap: dict[tuple[int, int], Cell] = field(default_factory=dict)  # (call bin, depth bin) -> conditioned results
     heavy: dict[str, dict[int, float]] = field(default_factory=dict)  # "service"/"operation" -> K -> overlap
     emd_services: dict[str, dict[str, float]] = field(default_factory=dict)  # quantity -> service -> EMD
     instructions: dict[str, tuple[int, int]] = field(default_factory=dict)  # kind -> (requests, met)
     utility: object | None = None  # utility.UtilityResult
     seconds: float = 0.0
+    error: str = ""  # why the generator stopped, when it failed (the others are still scored)
 
 
 METRICS: dict[str, str] = {
-    "validity": "free traces with no violation (unanswered requests count as invalid)",
-    "structural_validity": "free traces with no violation other than calls/depth",
+    "validity": "free traces with no violation of the validator (unanswered requests count as invalid)",
     "conditioned_valid": "conditioned requests answered with a valid trace (structure and time windows)",
     "calls_exact": "conditioned requests whose trace has exactly the requested spans",
     "depth_exact": "conditioned requests whose trace has exactly the requested depth",
-    "conditioned_accuracy": "conditioned requests answered with a valid trace of exactly the requested calls and depth",
+    "size_exact": "conditioned requests whose trace has exactly the requested calls and depth",
+    "conditioned_accuracy": "conditioned requests answered with a valid trace of exactly the requested calls and depth "
+                            "(the paper's structured reasoning accuracy)",
     "kl_popular_calls": "KL(real || synthetic) of (source service, destination service, kind) calls, nats",
     "heavy_hitters_service_k5": "top-5 overlap of the most-called services",
     "heavy_hitters_service_k10": "top-10 overlap of the most-called services",
@@ -113,17 +126,19 @@ METRICS: dict[str, str] = {
     "heavy_hitters_operation_k50": "top-50 overlap of the most-called (service, operation) pairs",
     "emd_in_degree": "normalized EMD of the calls each (trace, service) node receives",
     "emd_out_degree": "normalized EMD of the calls each (trace, service) node makes",
-    "emd_response_time": "normalized EMD of span durations",
+    "emd_response_time": "normalized EMD of span durations (µs)",
+    "emd_log_response_time": "normalized EMD of log10(1 + span duration in µs)",
     "emd_in_degree_per_service": "per-service normalized EMD of in-degree, weighted mean",
     "emd_out_degree_per_service": "per-service normalized EMD of out-degree, weighted mean",
     "emd_response_time_per_service": "per-service normalized EMD of span durations, weighted mean",
+    "emd_log_response_time_per_service": "per-service normalized EMD of log10(1 + µs), weighted mean",
     "shape_precision": "synthetic traces whose (service, operation) tree occurs in the real set",
     "shape_coverage": "real traces whose tree occurs in the synthetic set",
     "shape_jsd": "Jensen-Shannon divergence of the tree distributions, base 2",
     "memorization": "synthetic traces whose tree equals a training trace's",
     "exact_copies": "synthetic traces equal to a training trace in every modelled field",
-    "high_latency_following": "high-latency requests answered above the entry's p90",
-    "include_following": "include-call requests answered with that call",
+    "high_latency_following": "high-latency requests answered at the requested entry, above its p90",
+    "include_following": "include-call requests answered at the requested entry with that call",
     "both_following": "requests with both answered with both",
 }
 
@@ -136,9 +151,11 @@ def build_reference(real: Sequence[Trace], train: Sequence[Trace] | None, settin
 
     stats = corpus_stats_for_instructions(train if train else real)
     rng = random.Random(f"requests:{settings.seed}")
-    rooted = [t for t in real if t.root is not None]
+    # Requests copy sound real traces only: one root, every span below it (calls = spans, depth = levels).
+    rooted = [t for t in real if t.root is not None and len(m.tops(t)) == 1 and len(t.by_id) == len(t.spans)]
     if not rooted:
-        raise ValueError("the real traces have no trace with a single root to draw requests from")
+        raise ValueError("the real traces have no trace with a single root and every span below it to draw "
+                         "requests from")
     free = [TraceRequest(service=rng.choice(rooted).root.service) for _ in range(settings.n)]
     conditioned = []
     for _ in range(settings.conditioned):
@@ -160,9 +177,12 @@ def build_reference(real: Sequence[Trace], train: Sequence[Trace] | None, settin
 
 
 def _is_high(trace: Trace, entry: tuple[str, str], p90_us: dict) -> bool:
+    """Entered at ``entry`` with a latency above its p90; latency in whole µs (``encoding.trace_latency_us``), as
+    the p90s were computed."""
     root = trace.root
     limit = p90_us.get(entry)
-    return root is not None and limit is not None and root.duration_ns / 1000 > limit
+    return (root is not None and limit is not None and (root.service, root.name) == entry
+            and root.duration_ns // 1000 > limit)  # fmt: skip
 
 
 def _has_call(trace: Trace, includes) -> bool:
@@ -179,9 +199,9 @@ def score_instructions(requests: Sequence, answers: Sequence[Generated], kind: s
         t = g.trace
         if t is None:
             continue
-        ok = True
+        ok = m.entry_of(t) == (r.service, r.operation)
         if kind in ("high_latency", "both"):
-            ok = _is_high(t, (r.service, r.operation), p90_us)
+            ok = ok and _is_high(t, (r.service, r.operation), p90_us)
         if kind in ("include", "both"):
             ok = ok and _has_call(t, r.includes)
         met += ok
@@ -189,28 +209,32 @@ def score_instructions(requests: Sequence, answers: Sequence[Generated], kind: s
 
 
 def score_conditioned(requests: Sequence, answers: Sequence[Generated], tolerance_ns: int) -> tuple[dict, dict]:
-    """Rates over the conditioned requests, and the heatmap cells (call bin, depth bin) -> [requests, accurate]."""
-    cells: dict[tuple[int, int], list[int]] = {}
-    valid = calls = depth = accurate = 0
+    """Rates over the conditioned requests, and the heatmap :class:`Cell` of each (call bin, depth bin)."""
+    cells: dict[tuple[int, int], Cell] = {}
+    valid = calls = depth = size = accurate = 0
     for r, g in zip(requests, answers):
-        cell = cells.setdefault((bin_of(r.calls, CALL_BINS), bin_of(r.depth, DEPTH_BINS)), [0, 0])
-        cell[0] += 1
+        cell = cells.setdefault((bin_of(r.calls, CALL_BINS), bin_of(r.depth, DEPTH_BINS)), Cell())
+        cell.requests += 1
         t = g.trace
         if t is None:
+            cell.violations["no trace"] += 1
             continue
         kinds = {v.kind for v in validate(t, tolerance_ns=tolerance_ns, expect_calls=r.calls, expect_depth=r.depth)}
+        cell.violations.update(k.value for k in kinds)
         ok_valid = not (kinds - SIZE_VIOLATIONS)
         ok_calls = ViolationKind.CALLS_MISMATCH not in kinds
         ok_depth = ViolationKind.DEPTH_MISMATCH not in kinds
         valid += ok_valid
         calls += ok_calls
         depth += ok_depth
+        size += ok_calls and ok_depth
+        cell.valid += ok_valid
         if ok_valid and ok_calls and ok_depth:
             accurate += 1
-            cell[1] += 1
+            cell.accurate += 1
     n = len(requests)
     rates = {"conditioned_valid": valid / n, "calls_exact": calls / n, "depth_exact": depth / n,
-             "conditioned_accuracy": accurate / n} if n else {}  # fmt: skip
+             "size_exact": size / n, "conditioned_accuracy": accurate / n} if n else {}  # fmt: skip
     return rates, cells
 
 
@@ -243,9 +267,12 @@ def score_distributions(score: GeneratorScore, real: Sequence[Trace], train: Seq
         v["heavy_hitters_service_all"] = m.top_k_overlap(real_cache["service"], m.call_counts(syn, "service"),
                                                          n_services)  # fmt: skip
     ins, outs = m.node_degrees(syn)
-    for quantity, r, s in (("in_degree", real_cache["degrees"][0], ins), ("out_degree", real_cache["degrees"][1], outs),
-                           ("response_time", real_cache["rt"], m.response_times(syn))):  # fmt: skip
-        res = m.emd_by_service(r, s, min_samples=settings.min_service_samples)
+    rts = m.response_times(syn)
+    for quantity, r, s, transform in (("in_degree", real_cache["degrees"][0], ins, None),
+                                      ("out_degree", real_cache["degrees"][1], outs, None),
+                                      ("response_time", real_cache["rt"], rts, None),
+                                      ("log_response_time", real_cache["rt"], rts, m.log_us)):  # fmt: skip
+        res = m.emd_by_service(r, s, min_samples=settings.min_service_samples, transform=transform)
         v[f"emd_{quantity}"] = res.overall
         v[f"emd_{quantity}_per_service"] = res.per_service
         score.emd_services[quantity] = res.services
@@ -259,7 +286,8 @@ def score_distributions(score: GeneratorScore, real: Sequence[Trace], train: Seq
 
 
 def score_validity(score: GeneratorScore, answers: Sequence[Generated], tolerance_ns: int) -> None:
-    valid = structural = 0
+    """The validity of the free set: no request size is known there, so every rule but calls/depth."""
+    valid = 0
     for g in answers:
         if g.trace is None:
             score.problems[g.problem.split(":")[0] or "no trace"] += 1
@@ -267,10 +295,8 @@ def score_validity(score: GeneratorScore, answers: Sequence[Generated], toleranc
         kinds = {v.kind for v in validate(g.trace, tolerance_ns=tolerance_ns)}
         score.violations.update(k.value for k in kinds)
         valid += not kinds
-        structural += not (kinds - SIZE_VIOLATIONS)
     if answers:
         score.values["validity"] = valid / len(answers)
-        score.values["structural_validity"] = structural / len(answers)
 
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -361,7 +387,12 @@ def evaluate(real: Sequence[Trace], *, generators: Sequence[Generator] = (),
         raise ValueError("no real traces to compare with")
     reference = build_reference(real, train, settings)
     cache: dict = {}
-    scores = [evaluate_generator(g, reference, real, train, settings, cache, bar) for g in generators]
+    scores = []
+    for g in generators:
+        try:
+            scores.append(evaluate_generator(g, reference, real, train, settings, cache, bar))
+        except Exception as e:  # one generator's crash must not lose the others' (possibly long) runs
+            scores.append(GeneratorScore(g.name, frozenset(g.honours), "generator", error=f"{type(e).__name__}: {e}"))
     for name, traces in (synthetic or {}).items():
         scores.append(score_files(name, traces, reference, real, train, settings, cache))
     return Evaluation(settings, reference, len(real), len(train or []), real_label, train_label, scores, real)

@@ -14,13 +14,16 @@ plain numbers, so a user can recompute any figure of the report by hand. The def
 - **Branching and latency** (:func:`node_degrees`, :func:`response_times`, :func:`normalized_emd`). Each
   (trace, service) pair is a node of the paper's call graph: its in-degree is the calls it receives (its spans in
   that trace, the root's being the client's call), its out-degree the calls it makes (the children of those
-  spans). Response time is each span's duration in µs. The distance is the 1-D Wasserstein distance (EMD)
-  between the two samples after min-max normalizing both by the range of the pooled values, so it lies in [0, 1]:
-  a copy of the real sample shifted by ``d`` scores ``d / (max - min of both samples together)``. Per service,
-  the same over that service's values; a service absent from the synthetic set scores 1 (the maximum), and the
-  per-service figure is the mean weighted by the service's real sample count.
+  spans; every parent -> child span edge counts, same-service ones too). Response time is each span's duration in
+  µs, and (``log_response_time``) log10(1 + µs). The distance is the 1-D Wasserstein distance (EMD) between the
+  two samples after min-max normalizing both by the REAL sample's range: ``W1 / (max(real) - min(real))`` (a
+  range of 0 counts as 1), so identical samples score 0, a copy of the real sample shifted by ``d`` scores
+  ``d / range``, and synthetic values far outside the real range score above 1. Per service, the same over that
+  service's values, for services with at least 5 real values; a service absent from the synthetic set scores 1,
+  and the per-service figure is the mean weighted by the service's real sample count.
 - **Whole-tree shape** (:func:`shape`, :func:`shape_metrics`). A trace's shape is its call tree of
-  (service, operation) with children order-free (times, kinds and statuses ignored). Precision: the fraction of
+  (service, operation) with children order-free (times, kinds and statuses ignored); a trace with several
+  tops (roots, or orphans whose parent is missing) is the sorted set of their trees. Precision: the fraction of
   synthetic traces whose shape occurs in the real set. Coverage: the fraction of real traces whose shape occurs
   in the synthetic set. JSD: the Jensen-Shannon divergence (base 2, so in [0, 1]) of the two shape
   distributions.
@@ -68,11 +71,11 @@ def popular_calls(traces: Iterable[Trace]) -> Counter[Call]:
 def kl_divergence(real: Counter, synthetic: Counter, smoothing: float = KL_SMOOTHING) -> float:
     """KL(P_real || Q_synthetic) in nats, both smoothed with ``smoothing`` pseudo-counts over the union of keys.
 
-    ``nan`` when both are empty. With ``smoothing=0`` a key the synthetic set lacks gives ``inf``.
+    ``nan`` when either side has no calls. With ``smoothing=0`` a key the synthetic set lacks gives ``inf``.
     """
     keys = set(real) | set(synthetic)
-    if not keys:
-        return math.nan
+    if not sum(real.values()) or not sum(synthetic.values()):
+        return math.nan  # no calls on one side: nothing to compare (smoothing alone would make it look uniform)
     n_p = sum(real.values()) + smoothing * len(keys)
     n_q = sum(synthetic.values()) + smoothing * len(keys)
     if n_p <= 0 or n_q <= 0:
@@ -122,7 +125,25 @@ def heavy_hitter_curve(real: Counter, synthetic: Counter, ks: Sequence[int] | No
     if ks is None:
         n = len(real)
         ks = range(min(HEAVY_HITTER_MIN_K, n), n + 1) if n else []
-    return {k: top_k_overlap(real, synthetic, k) for k in ks if k >= 1}
+    wanted = sorted({k for k in ks if k >= 1})
+    if not wanted:
+        return {}
+    # One sort per side, then the overlap grows one rank at a time (re-sorting per K is quadratic on big sets).
+    r_rank, s_rank = top_k(real, wanted[-1]), top_k(synthetic, wanted[-1])
+    seen_r: set = set()
+    seen_s: set = set()
+    both = 0
+    out = {}
+    for k in range(1, wanted[-1] + 1):
+        # A key is counted once, when it enters the second of the two top-k sets.
+        if k <= len(r_rank):
+            seen_r.add(r_rank[k - 1])
+            both += r_rank[k - 1] in seen_s
+        if k <= len(s_rank):
+            seen_s.add(s_rank[k - 1])
+            both += s_rank[k - 1] in seen_r
+        out[k] = both / k
+    return {k: out[k] for k in wanted}
 
 
 # --- branching and latency -------------------------------------------------------------------------------------
@@ -168,18 +189,22 @@ def wasserstein_1d(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.sum(np.abs(cdf_x - cdf_y) * widths))
 
 
-def normalized_emd(a: Sequence[float], b: Sequence[float]) -> float:
-    """EMD after min-max normalizing both samples by the range of the pooled values, in [0, 1]; 0 when every
-    value is the same."""
-    x = np.asarray(a, dtype=float)
-    y = np.asarray(b, dtype=float)
+def normalized_emd(real: Sequence[float], synthetic: Sequence[float]) -> float:
+    """EMD after min-max normalizing both samples by the real sample's range: ``W1(real, synthetic) / (max(real) -
+    min(real))``. 0 for identical samples; a copy of the real sample shifted by ``d`` scores ``d / range``; a
+    synthetic sample far outside the real range scores above 1 (an outlier makes it worse, never better). When
+    every real value is the same, the range is taken as 1 (degrees) so the distance stays defined."""
+    x = np.asarray(real, dtype=float)
+    y = np.asarray(synthetic, dtype=float)
     if x.size == 0 or y.size == 0:
         raise ValueError("normalized_emd needs two non-empty samples")
-    lo = min(x.min(), y.min())
-    hi = max(x.max(), y.max())
-    if hi == lo:
-        return 0.0
-    return wasserstein_1d((x - lo) / (hi - lo), (y - lo) / (hi - lo))
+    span = x.max() - x.min()
+    return wasserstein_1d(x, y) / (span if span > 0 else 1.0)
+
+
+def log_us(values: Sequence[float]) -> list[float]:
+    """log10(1 + µs): response times on the scale their CDFs are read on."""
+    return [math.log10(1 + max(v, 0.0)) for v in values]
 
 
 @dataclass
@@ -190,8 +215,12 @@ class EmdResult:
 
 
 def emd_by_service(real: dict[str, list[float]], synthetic: dict[str, list[float]], *,
-                   min_samples: int = 1) -> EmdResult:
-    """:func:`normalized_emd` overall and per service of ``real`` with at least ``min_samples`` values."""
+                   min_samples: int = 1, transform=None) -> EmdResult:
+    """:func:`normalized_emd` overall and per service of ``real`` with at least ``min_samples`` values, on
+    ``transform(values)`` when given (e.g. ``log_us``)."""
+    if transform is not None:
+        real = {k: transform(v) for k, v in real.items()}
+        synthetic = {k: transform(v) for k, v in synthetic.items()}
     pooled_r = [v for vs in real.values() for v in vs]
     pooled_s = [v for vs in synthetic.values() for v in vs]
     overall = normalized_emd(pooled_r, pooled_s) if pooled_r and pooled_s else math.nan
@@ -211,17 +240,27 @@ def emd_by_service(real: dict[str, list[float]], synthetic: dict[str, list[float
 # --- whole-tree shape ------------------------------------------------------------------------------------------
 
 
+def tops(trace: Trace) -> list:
+    """Where a trace's subtrees start: its roots and its orphans (spans whose parent is not in the trace)."""
+    by_id = trace.by_id
+    return [s for s in trace.spans if s.parent_id is None or s.parent_id not in by_id]
+
+
 def shape(trace: Trace) -> tuple:
     """The call tree of (service, operation) with children order-free: ``(service, operation, (child shapes,
-    sorted))``. A trace without a single root is the sorted tuple of its roots' shapes under ``("", "")``."""
+    sorted))``. A trace with several tops (roots, or orphans whose parent is missing) is the sorted tuple of their
+    shapes under ``("", "")``, so a broken trace matches only a trace broken the same way."""
     keys: dict[int, tuple] = {}
-    order = [s for s, _ in trace.walk()]
-    for s in reversed(order):  # children before parents
-        keys[id(s)] = (s.service, s.name, tuple(sorted(keys[id(c)] for c in trace.children(s) if id(c) in keys)))
-    roots = trace.roots
-    if len(roots) == 1:
-        return keys[id(roots[0])]
-    return ("", "", tuple(sorted(keys[id(r)] for r in roots if id(r) in keys)))
+    starts = tops(trace)
+    for start in starts:
+        order = [s for s, _ in trace.walk(start)]
+        for s in reversed(order):  # children before parents
+            if id(s) not in keys:
+                keys[id(s)] = (s.service, s.name,
+                               tuple(sorted(keys[id(c)] for c in trace.children(s) if id(c) in keys)))  # fmt: skip
+    if len(starts) == 1:
+        return keys[id(starts[0])]
+    return ("", "", tuple(sorted(keys[id(r)] for r in starts if id(r) in keys)))
 
 
 def shape_counts(traces: Iterable[Trace]) -> Counter[tuple]:
@@ -265,9 +304,13 @@ def shape_metrics(real: Counter, synthetic: Counter) -> ShapeResult:
 
 
 def _view(trace: Trace) -> tuple | None:
+    """The modelled fields (:func:`otel_tracegen.dataset.model_view`), or None for a trace that has no such view
+    (no single root, duplicate ids, spans not below the root): it can be no exact copy."""
     from ..dataset import model_view
 
-    return model_view(trace) if trace.root is not None else None
+    if trace.root is None or len(trace.by_id) != len(trace.spans) or len(tops(trace)) != 1:
+        return None
+    return model_view(trace)
 
 
 @dataclass
@@ -307,8 +350,3 @@ def entry_of(trace: Trace) -> tuple[str, str] | None:
     """(root service, root operation), or None without a single root."""
     r = trace.root
     return (r.service, r.name) if r is not None else None
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), as the instruction tuning computes its p90."""
-    return float(np.quantile(np.asarray(values, dtype=float), q))

@@ -19,8 +19,9 @@ from .metrics import KL_SMOOTHING
 
 PAPER_FIGURES = (
     ("Popular calls: KL(real || synthetic)", "0.16 (GReaT 0.11, probabilistic 3.84)", "kl_popular_calls", "lower"),
-    ("Heavy hitters, K <= 50: lowest top-K overlap", "> 90 %", "heavy_hitters_min_k50", "higher"),
-    ("Heavy hitters at K = 500 (or all present)", "65 % (probabilistic 23 %)", "heavy_hitters_k500", "higher"),
+    ("Heavy hitters (services), K <= 50: lowest top-K overlap", "> 90 %", "heavy_hitters_min_k50", "higher"),
+    ("Heavy hitters ((service, operation) pairs) at K = 500, or all present when fewer",
+     "65 % (probabilistic 23 %)", "heavy_hitters_k500", "higher"),
     ("Memorization: trees found in training", "3-5 % (flat baseline 16-24 %)", "memorization", "see text"),
     ("Infill of a missing call", "66-70 %", None, "higher"),
 )
@@ -69,27 +70,41 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
+SHORT_VIOLATION = {"child_outside_parent": "window", "calls_mismatch": "calls", "depth_mismatch": "depth",
+                   "multiple_roots": "roots", "no_root": "no root", "orphan": "orphan", "cycle": "cycle",
+                   "duplicate_span_id": "dup id", "end_before_start": "end<start", "hierarchical_id": "rpc id",
+                   "no trace": "no trace"}  # fmt: skip
+
+
 def fig_heatmaps(ev: Evaluation) -> bytes | None:
+    """Per generator: validity % (top row, with the most frequent violation of each cell) and conditioned
+    accuracy % (bottom row) by requested calls x depth."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     scores = [s for s in ev.scores if s.heatmap]
     if not scores:
         return None
-    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.8), squeeze=False)
-    for ax, s in zip(axes[0], scores):
-        grid = np.full((len(DEPTH_BINS), len(CALL_BINS)), np.nan)
-        for (cb, db), (n, ok) in s.heatmap.items():
-            grid[db, cb] = 100 * ok / n
-        im = ax.imshow(grid, origin="lower", cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-        for (cb, db), (n, ok) in s.heatmap.items():
-            ax.text(cb, db, f"{100 * ok / n:.0f}\nn={n}", ha="center", va="center", fontsize=6)
-        ax.set_xticks(range(len(CALL_BINS)), [bin_label(b) for b in CALL_BINS], rotation=45, fontsize=7)
-        ax.set_yticks(range(len(DEPTH_BINS)), [bin_label(b) for b in DEPTH_BINS], fontsize=7)
-        ax.set_xlabel("requested calls (spans)")
-        ax.set_ylabel("requested depth")
-        ax.set_title(f"{s.name}: accuracy %", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig, axes = plt.subplots(2, len(scores), figsize=(4.4 * len(scores), 7.4), squeeze=False)
+    for col, s in enumerate(scores):
+        for row, (what, count) in enumerate((("validity", lambda c: c.valid), ("accuracy", lambda c: c.accurate))):
+            ax = axes[row][col]
+            grid = np.full((len(DEPTH_BINS), len(CALL_BINS)), np.nan)
+            for (cb, db), cell in s.heatmap.items():
+                grid[db, cb] = 100 * count(cell) / cell.requests
+            im = ax.imshow(grid, origin="lower", cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+            for (cb, db), cell in s.heatmap.items():
+                label = f"{100 * count(cell) / cell.requests:.0f}\nn={cell.requests}"
+                if row == 0 and cell.violations:
+                    top = cell.violations.most_common(1)[0][0]
+                    label += f"\n{SHORT_VIOLATION.get(top, top)}"
+                ax.text(cb, db, label, ha="center", va="center", fontsize=5.5)
+            ax.set_xticks(range(len(CALL_BINS)), [bin_label(b) for b in CALL_BINS], rotation=45, fontsize=7)
+            ax.set_yticks(range(len(DEPTH_BINS)), [bin_label(b) for b in DEPTH_BINS], fontsize=7)
+            ax.set_xlabel("requested calls (spans)")
+            ax.set_ylabel("requested depth")
+            ax.set_title(f"{s.name}: {what} %", fontsize=9)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
     return _png(fig)
 
 
@@ -172,8 +187,8 @@ def fig_metric_bars(ev: Evaluation) -> bytes:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     _bars(axes[0], ["validity", "conditioned_accuracy", "shape_precision", "shape_coverage", "memorization",
                     "exact_copies"], ev, "rates (%, higher is better except memorization)", 100)  # fmt: skip
-    _bars(axes[1], ["emd_in_degree", "emd_out_degree", "emd_response_time", "emd_in_degree_per_service",
-                    "emd_out_degree_per_service", "emd_response_time_per_service"], ev,
+    _bars(axes[1], ["emd_in_degree", "emd_out_degree", "emd_response_time", "emd_log_response_time",
+                    "emd_in_degree_per_service", "emd_out_degree_per_service", "emd_log_response_time_per_service"], ev,
           "normalized EMD (lower is better)")  # fmt: skip
     _bars(axes[2], ["kl_popular_calls", "shape_jsd"], ev, "divergences (lower is better)")
     axes[0].legend(fontsize=7)
@@ -225,7 +240,8 @@ def paper_values(ev: Evaluation, score) -> dict[str, float]:
     curve = score.heavy.get("service", {})
     low = [v for k, v in curve.items() if k <= 50]
     out["heavy_hitters_min_k50"] = min(low) if low else math.nan
-    out["heavy_hitters_k500"] = curve[min(500, max(curve))] if curve else math.nan
+    ops = score.heavy.get("operation", {})
+    out["heavy_hitters_k500"] = ops[min(500, max(ops))] if ops else math.nan
     return out
 
 
@@ -240,8 +256,11 @@ def build_blocks(ev: Evaluation) -> list[Block]:
                         f"KL smoothing {s.smoothing:g} pseudo-counts per call."))  # fmt: skip
     rows = [["generator", "source", "honours", "free traces", "unanswered", "seconds"]]
     for x in ev.scores:
-        rows.append([x.name, x.source, ", ".join(sorted(x.honours)) or "-", str(len(x.traces)),
-                     ", ".join(f"{k}: {n}" for k, n in x.problems.items()) or "0", f"{x.seconds:.1f}"])  # fmt: skip
+        unanswered = ", ".join(f"{k}: {n}" for k, n in x.problems.items()) or "0"
+        if x.error:
+            unanswered = f"FAILED, not scored: {x.error}"
+        rows.append([x.name, x.source, ", ".join(sorted(x.honours)) or "-", str(len(x.traces)), unanswered,
+                     f"{x.seconds:.1f}"])  # fmt: skip
     b.append(Block("table", rows=rows))
     b.append(Block("p", "A generator is asked every request; fields it does not honour it ignores, so its "
                         "conditioned and instruction scores show what it meets by chance."))  # fmt: skip
@@ -280,7 +299,8 @@ def build_blocks(ev: Evaluation) -> list[Block]:
     b.append(Block("p", f"For scale: {real_bad}"))
     fig = fig_heatmaps(ev)
     if fig:
-        b.append(Block("figure", "Conditioned accuracy by requested calls x depth (valid and both exact).", figure=fig,
+        b.append(Block("figure", "By requested calls x depth: validity (top, with each cell's most frequent violation) "
+                                 "and conditioned accuracy (bottom: valid, and calls and depth exact).", figure=fig,
                        name="validity_heatmap.png"))  # fmt: skip
 
     b.append(Block("h2", "Distributions"))
@@ -322,14 +342,20 @@ def build_blocks(ev: Evaluation) -> list[Block]:
 DEFINITIONS = (
     f"Popular calls: a call is a parent -> child span edge counted as (parent service, child service, child kind); "
     f"KL(real || synthetic) in nats over the union of calls, both smoothed with {KL_SMOOTHING:g} pseudo-counts per "
-    "call. Heavy hitters: calls per service (its spans) or per (service, operation); |TopK(synthetic) ∩ "
-    "TopK(real)| / K, ties broken by name. Branching: each (trace, service) is a node; in-degree = its spans, "
-    "out-degree = their children. EMD: 1-D Wasserstein distance after min-max normalizing both samples by the "
-    "range of the pooled values (so in [0, 1]); per service, a service absent from the synthetic set scores 1, "
-    "averaged with weights = real sample counts. Shape: the (service, operation) call tree with children "
-    "order-free; precision = synthetic traces whose shape is in the real set, coverage = real traces whose shape "
-    "was generated, JSD base 2. Memorization = synthetic traces whose shape is a training trace's; exact copies = "
-    "equal in every modelled field (tree, kinds, statuses, µs times)."
+    "call; a side with no calls gives n/a. Heavy hitters: calls per service (its spans) or per (service, "
+    "operation); |TopK(synthetic) ∩ TopK(real)| / K, ties broken by name. Branching: each (trace, service) is a "
+    "node; in-degree = its spans, out-degree = their children (every parent -> child span edge counts, "
+    "same-service ones too). Response time: span durations in µs, and log10(1 + µs). EMD: the 1-D Wasserstein "
+    "distance divided by the real sample's range (max - min; 1 when 0), so a copy of the real sample shifted by d "
+    "scores d / range and values far outside the real range score above 1. Per service: services with at least 5 "
+    "real values; a service absent from the synthetic set scores 1; averaged with weights = real sample counts. "
+    "Shape: the (service, operation) call tree with children order-free (a trace with several tops, roots or "
+    "orphans, is the set of their trees); precision = synthetic traces whose shape is in the real set, coverage = "
+    "real traces whose shape was generated, JSD base 2. Memorization = synthetic traces whose shape is a training "
+    "trace's; exact copies = equal in every modelled field (tree, kinds, statuses, µs times). Requests copy the "
+    "entry, spans and depth of real traces with one root and every span below it. Instructions count only traces "
+    "entered where asked; high latency compares whole µs with the p90 of the training traces' latencies (whole "
+    "µs, over the traces the encoding can write)."
 )
 UTILITY_TEXT = (
     "Utility: the same classifier is trained on real training traces and on as many synthetic traces, and both "
@@ -440,12 +466,40 @@ def write_report(ev: Evaluation, path: str | Path) -> tuple[Path, Path]:
 
 
 def metrics_json(ev: Evaluation) -> str:
-    """The metric table and the paper comparison as JSON (nan as null)."""
+    """Everything the report shows, as JSON: the metric table, the paper comparison, and per generator the top-K
+    curves, per-service EMDs, heatmap cells, violations, unanswered requests, instructions and utility scores
+    (nan as null, infinities as "inf" / "-inf")."""
 
     def clean(v):
-        return None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, float) and math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
 
     table = {k: {n: clean(v) for n, v in row.items()} for k, row in ev.table().items()}
     paper = {x.name: {k: clean(v) for k, v in paper_values(ev, x).items()} for x in ev.scores}
-    return json.dumps({"metrics": table, "paper_comparison": paper, "real_traces": ev.real_traces,
-                       "train_traces": ev.train_traces}, indent=1)  # fmt: skip
+    details = {}
+    for x in ev.scores:
+        u = x.utility
+        details[x.name] = {
+            "source": x.source, "honours": sorted(x.honours), "error": x.error or None,
+            "free_traces": len(x.traces), "unanswered": dict(x.problems), "violations": dict(x.violations),
+            "heavy_hitters": {by: {str(k): v for k, v in c.items()} for by, c in x.heavy.items()},
+            "emd_per_service": {q: {svc: clean(v) for svc, v in d.items()} for q, d in x.emd_services.items()},
+            "heatmap": [{"calls": bin_label(CALL_BINS[cb]), "depth": bin_label(DEPTH_BINS[db]),
+                         "requests": c.requests, "valid": c.valid, "accurate": c.accurate,
+                         "violations": dict(c.violations)} for (cb, db), c in sorted(x.heatmap.items())],
+            "instructions": {k: {"asked": n, "met": met} for k, (n, met) in x.instructions.items()},
+            "utility": None if u is None else {
+                "high_latency_balanced_accuracy": {k: clean(v) for k, v in u.high_latency_balanced.items()},
+                "high_latency_accuracy": {k: clean(v) for k, v in u.high_latency_accuracy.items()},
+                "critical_service_top1": {k: clean(v) for k, v in u.critical_service.items()},
+                "train_traces": u.train_sizes, "test_traces": u.test_size},
+        }  # fmt: skip
+    s = ev.settings
+    return json.dumps({"metrics": table, "paper_comparison": paper, "generators": details,
+                       "real_traces": ev.real_traces, "train_traces": ev.train_traces,
+                       "settings": {"n": s.n, "n_conditioned": s.conditioned, "n_instructions": s.n_instructions,
+                                    "seed": s.seed, "tolerance_us": s.tolerance_us, "kl_smoothing": s.smoothing,
+                                    "min_service_samples": s.min_service_samples}}, indent=1)  # fmt: skip

@@ -16,8 +16,8 @@ tasks, as in the paper:
   balanced class weights) scores each service; the prediction is the trace's top-scoring service. Scored by the
   fraction of test traces whose critical service is predicted.
 
-Both classifiers are fitted here with numpy (full-batch Adam on a convex loss from a zero start), so results are
-deterministic and need no extra package.
+Both classifiers are fitted here with numpy (full-batch Adam on a convex loss from a zero start): no extra
+package, and the same results on the same machine (BLAS summation order may differ between machines).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class UtilityResult:
     high_latency_accuracy: dict[str, float]
     critical_service: dict[str, float]  # "real" / "synthetic" -> top-1 accuracy on real test traces
     train_sizes: dict[str, int]
-    test_size: int
+    test_size: int  # real test traces given (traces whose entry has no p90 give no high-latency row)
 
     def gaps(self) -> dict[str, float]:
         """Real minus synthetic, per score (positive: synthetic training data does worse)."""
