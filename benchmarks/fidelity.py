@@ -1,7 +1,7 @@
 """Fidelity of the shipped model against its baselines, on the validation split of the corpus it was trained on.
 
     python3 benchmarks/fidelity.py [--corpus DIR] [--model DIR] [--flat-model DIR] [--n 200]
-        [--n-instructions 50] [--seed 0] [--report OUT.html] [--json F]
+        [--n-instructions 50] [--seed 0] [--report OUT.html] [--json F] [--save-traces DIR]
 
 The shipped model was trained on TrainTicket + Online Boutique (``model/training.json``). Without ``--corpus`` the
 corpus is built from ``../shared/datasets`` as ``scripts/train_default_model.sh`` documents (the two span-CSV sets,
@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     ap.add_argument("--report", type=Path, default=Path("fidelity-report.html"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--save-traces", type=Path, metavar="DIR",
+                    help="write each generator's free traces to DIR/NAME.otlp.jsonl (score them again with "
+                         "`otel-tracegen eval --synthetic`)")
     args = ap.parse_args()
 
     from otel_tracegen.dataset import load_corpus
@@ -102,6 +105,12 @@ def main() -> None:
     ev = evaluate(real, generators=generators, train=train, settings=settings, bar=bar,
                   real_label=f"{corpus}, validation split", train_label=f"{corpus}, train split")  # fmt: skip
     html_path, md_path = write_report(ev, args.report)
+    if args.save_traces:
+        from otel_tracegen.formats import write_traces
+
+        args.save_traces.mkdir(parents=True, exist_ok=True)
+        for s in ev.scores:
+            write_traces("otlp-json", s.traces, args.save_traces / f"{s.name}.otlp.jsonl")
 
     names = [s.name for s in ev.scores]
     width = max(len(k) for k in ev.table()) + 2

@@ -207,6 +207,11 @@ def test_exclusive_time_and_critical_service_by_hand():
     # a: 100 - union[10, 90] = 20; b: 30; c: 60 - 10 = 50; d: 10.
     assert ex == {"a": 20, "b": 30, "c": 50, "d": 10}
     assert critical_service(Trace(spans, tid)) == "c"
+    # The entry is never the answer, even when it holds the most exclusive time.
+    slow_gateway = [Span(tid, "1", None, "gw", "r", 0, 1000), Span(tid, "2", "1", "b", "x", 10, 40)]
+    assert exclusive_time_ns(Trace(slow_gateway, tid)) == {"gw": 970, "b": 30}
+    assert critical_service(Trace(slow_gateway, tid)) == "b"
+    assert critical_service(Trace(slow_gateway[:1], tid)) is None
 
 
 def test_utility_gap_is_zero_when_synthetic_is_the_real_training_set():

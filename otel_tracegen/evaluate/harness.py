@@ -347,13 +347,29 @@ def _finish(score: GeneratorScore, reference: Reference, real, train, settings: 
     if settings.utility and score.traces:
         from .utility import utility
 
-        real_train = list(train) if train else []
-        if real_train:
-            rng = random.Random(f"utility:{settings.seed}")
-            real_train = rng.sample(real_train, min(len(real_train), len(score.traces)))
+        if train:
+            real_train = utility_training_sample(train, reference.free, settings.seed)
             score.utility = utility(real_train, score.traces, list(real), reference.p90_us)
             for k, val in score.utility.gaps().items():
                 score.values[f"utility_gap_{k}"] = val
+
+
+def utility_training_sample(train: Sequence[Trace], free_requests: Sequence, seed: int) -> list[Trace]:
+    """Real training traces for utility, as many per entry service as the free requests asked of the generators
+    (as far as training has them), so real and synthetic training sets share their entry mix: the held-out split
+    may mix applications differently from training, and the classifier must not be scored on that shift."""
+    rng = random.Random(f"utility:{seed}")
+    by_service: dict[str, list[Trace]] = {}
+    for t in train:
+        if t.root is not None:
+            by_service.setdefault(t.root.service, []).append(t)
+    wanted = Counter(r.service for r in free_requests if r.service is not None)
+    out: list[Trace] = []
+    for service, n in sorted(wanted.items()):
+        pool = by_service.get(service, [])
+        out.extend(rng.sample(pool, min(n, len(pool))))
+    rng.shuffle(out)
+    return out
 
 
 @dataclass

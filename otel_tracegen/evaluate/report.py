@@ -361,7 +361,8 @@ UTILITY_TEXT = (
     "Utility: the same classifier is trained on real training traces and on as many synthetic traces, and both "
     "are tested on the real traces. High latency: root duration above the entry's p90, predicted without any "
     "duration (entry, size, depth, services, errors; logistic regression). Critical service (FIRM-style): the "
-    "service with the most exclusive time, ranked by a linear SVM over per-service features; top-1 accuracy."
+    "backend service (any but the entry) with the most exclusive time, ranked by a linear SVM over per-service "
+    "features; top-1 accuracy."
 )
 
 

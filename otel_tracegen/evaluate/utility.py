@@ -9,9 +9,11 @@ tasks, as in the paper:
   features are the entry (one-hot), log(1 + spans), depth, log(1 + spans) of each service and the error spans.
   Logistic regression with balanced class weights. Scored by balanced accuracy (the mean of the true-positive
   and true-negative rates: always answering "not high" scores 0.5, not 0.9) and plain accuracy.
-- **Critical service** (FIRM-style). The critical service of a trace is the one with the most exclusive time
-  (its spans' durations minus the time covered by their children). One sample per (trace, service): the service
-  (one-hot), log(1 + its spans), log(1 + the calls it makes), its shallowest level over the trace's depth, its
+- **Critical service** (FIRM-style). The critical service of a trace is the backend service (any but the entry
+  service) with the most exclusive time (its spans' durations minus the time covered by their children): the
+  bottleneck behind the entry. (The entry itself would be a trivial answer: on TrainTicket + Online Boutique it
+  holds the most exclusive time in 98 % of traces, while the backend bottleneck varies over 20+ services.) One
+  sample per (trace, backend service): the service (one-hot), log(1 + its spans), log(1 + the calls it makes), its shallowest level over the trace's depth, its
   longest span over the root's duration and log(1 + its total span time in µs). A linear SVM (squared hinge,
   balanced class weights) scores each service; the prediction is the trace's top-scoring service. Scored by the
   fraction of test traces whose critical service is predicted.
@@ -161,8 +163,13 @@ def exclusive_time_ns(trace: Trace) -> Counter[str]:
 
 
 def critical_service(trace: Trace) -> str | None:
-    """The service with the most exclusive time (ties: the first by name)."""
+    """The backend service (not the root's) with the most exclusive time (ties: the first by name); None when
+    the trace has no backend service or no single root."""
+    root = trace.root
+    if root is None:
+        return None
     ex = exclusive_time_ns(trace)
+    ex.pop(root.service, None)
     return min(ex, key=lambda s: (-ex[s], s)) if ex else None
 
 
@@ -179,9 +186,9 @@ class CriticalServiceTask:
         k = len(self.services)
         for g, t in enumerate(traces):
             root = t.root
-            if root is None or len(t) < 2:
+            crit = critical_service(t) if root is not None else None
+            if crit is None:
                 continue
-            crit = critical_service(t)
             depth = max(t.depth, 1)
             root_ns = max(root.duration_ns, 1)
             per: dict[str, list] = {}
@@ -193,6 +200,8 @@ class CriticalServiceTask:
                 p[3] = max(p[3], s.duration_ns)
                 p[4] += s.duration_ns
             for svc, (n, calls, level, longest, total) in per.items():
+                if svc == root.service:
+                    continue  # the entry is never the answer
                 f = np.zeros(width)
                 j = self._service.get(svc)
                 if j is not None:
