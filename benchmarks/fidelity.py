@@ -71,7 +71,8 @@ def main() -> None:
     from otel_tracegen.evaluate.baselines import ProbabilisticGenerator, ReplayGenerator
     from otel_tracegen.evaluate.generators import ModelGenerator
     from otel_tracegen.evaluate.harness import Settings, evaluate
-    from otel_tracegen.evaluate.report import fmt_value, is_rate, metrics_json, paper_values, write_report
+    from otel_tracegen.evaluate.command import print_table
+    from otel_tracegen.evaluate.report import fmt_value, metrics_json, paper_values, write_report
     from otel_tracegen.lm.data import corpus_stats_for_instructions
 
     corpus = args.corpus
@@ -112,12 +113,8 @@ def main() -> None:
         for s in ev.scores:
             write_traces("otlp-json", s.traces, args.save_traces / f"{s.name}.otlp.jsonl")
 
-    names = [s.name for s in ev.scores]
-    width = max(len(k) for k in ev.table()) + 2
     print()
-    print("metric".ljust(width) + "".join(n.rjust(15) for n in names))
-    for key, row in ev.table().items():
-        print(key.ljust(width) + "".join(fmt_value(row[n], is_rate(key)).rjust(15) for n in names))
+    print_table(ev, sys.stdout)
     print()
     print("paper comparison (paper: KL 0.16; heavy hitters > 90 % at K <= 50, 65 % at K = 500; memorization 3-5 %)")
     for s in ev.scores:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from ..trace import Span, SpanKind, Status, StatusCode, Trace
 from .generators import HONOURS_ALL, Generated, Progress
-from .metrics import entry_of
+from .metrics import entry_of, has_calls, is_high_latency
 
 
 def _hex(rng: random.Random, nbytes: int) -> str:
@@ -69,17 +69,10 @@ class ReplayGenerator:
             self._by_service[e[0]].append(t)
 
     def _meets_instructions(self, t: Trace, request) -> bool:
-        if request.high_latency:
-            limit = self.high_latency_us.get(entry_of(t))
-            if limit is None or t.root.duration_ns / 1000 <= limit:
-                return False
-        if request.includes:
-            from ..lm.data import trace_edges
-
-            edges = trace_edges(t)
-            if any((i.src, i.dst, i.kind) not in edges for i in request.includes):
-                return False
-        return True
+        """The harness's own tests of the instructions (:mod:`.metrics`), at the trace's entry."""
+        if request.high_latency and not is_high_latency(t, entry_of(t), self.high_latency_us):
+            return False
+        return not request.includes or has_calls(t, request.includes)
 
     def candidates(self, request) -> list[Trace]:
         """Training traces meeting the request; each unmet group (instructions, size, entry) is dropped in turn."""

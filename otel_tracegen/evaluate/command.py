@@ -152,7 +152,7 @@ def run(args, env, read) -> int:
     if args.json:  # first: the numbers survive a failure drawing the figures
         args.json.write_text(metrics_json(ev) + "\n")
     html_path, md_path = write_report(ev, args.report)
-    _print_table(ev, env)
+    print_table(ev, env.stdout)
     for s in ev.scores:
         if s.error:
             print(f"otel-tracegen: {s.name} failed and was not scored: {s.error}", file=env.stderr)
@@ -160,7 +160,8 @@ def run(args, env, read) -> int:
     return 1 if any(s.error for s in ev.scores) else 0
 
 
-def _print_table(ev, env) -> None:
+def print_table(ev, file) -> None:
+    """The metric table, one column per generator, on ``file``."""
     import math
 
     from rich.console import Console
@@ -174,4 +175,4 @@ def _print_table(ev, env) -> None:
         if all(isinstance(v, float) and math.isnan(v) for v in row.values()):
             continue
         table.add_row(key, *(fmt_value(row[n], is_rate(key)) for n in names))
-    Console(file=env.stdout, width=160, highlight=False).print(table)
+    Console(file=file, width=160, highlight=False).print(table)

@@ -78,7 +78,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..encoding import NS_PER_US, EncodingError, Lexeme, lex, render_str, single_root
+from ..encoding import NS_PER_US, Call, EncodingError, Lexeme, lex, render_str, single_root
 from ..report import UserError
 from ..trace import Span, SpanKind, Status, StatusCode, Trace
 from .generators import Generated, Progress
@@ -142,9 +142,8 @@ class TableRow:
     status: StatusCode
 
     def text(self) -> str:
-        return (f"<call> {self.index} src={self.parent} svc={render_str(self.service)} "
-                f"op={render_str(self.operation)} kind={self.kind.name} start={self.start} dur={self.duration} "
-                f"status={self.status.name}")  # fmt: skip
+        fields = Call(self.index, self.service, self.operation, self.kind, self.start, self.duration, self.status)
+        return f"<call> {self.index} src={self.parent} {fields.fields_text()}"  # the recursive encoding's fields
 
 
 # --- trace -> table ---------------------------------------------------------------------------------------------

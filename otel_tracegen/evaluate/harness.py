@@ -70,10 +70,9 @@ class Settings:
 
 @dataclass
 class Reference:
-    """What the real and training traces say, computed once: entry p90s, uncommon calls, the request sets."""
+    """What the real and training traces say, computed once: the entry p90s and the request sets."""
 
     p90_us: dict[tuple[str, str], float]
-    uncommon: dict[tuple[str, str], frozenset]
     free: list
     conditioned: list
     instructions: dict[str, list]
@@ -173,23 +172,7 @@ def build_reference(real: Sequence[Trace], train: Sequence[Trace] | None, settin
         inc = (Include(a, b, kind),)
         instructions["include"].append(TraceRequest(service=svc, operation=op, includes=inc))
         instructions["both"].append(TraceRequest(service=svc, operation=op, includes=inc, high_latency=True))
-    return Reference(dict(stats.p90_us), dict(stats.uncommon), free, conditioned, instructions)
-
-
-def _is_high(trace: Trace, entry: tuple[str, str], p90_us: dict) -> bool:
-    """Entered at ``entry`` with a latency above its p90; latency in whole µs (``encoding.trace_latency_us``), as
-    the p90s were computed."""
-    root = trace.root
-    limit = p90_us.get(entry)
-    return (root is not None and limit is not None and (root.service, root.name) == entry
-            and root.duration_ns // 1000 > limit)  # fmt: skip
-
-
-def _has_call(trace: Trace, includes) -> bool:
-    from ..lm.data import trace_edges
-
-    edges = trace_edges(trace)
-    return all((i.src, i.dst, i.kind) in edges for i in includes)
+    return Reference(dict(stats.p90_us), free, conditioned, instructions)
 
 
 def score_instructions(requests: Sequence, answers: Sequence[Generated], kind: str, p90_us: dict) -> tuple[int, int]:
@@ -201,9 +184,9 @@ def score_instructions(requests: Sequence, answers: Sequence[Generated], kind: s
             continue
         ok = m.entry_of(t) == (r.service, r.operation)
         if kind in ("high_latency", "both"):
-            ok = ok and _is_high(t, (r.service, r.operation), p90_us)
+            ok = ok and m.is_high_latency(t, (r.service, r.operation), p90_us)
         if kind in ("include", "both"):
-            ok = ok and _has_call(t, r.includes)
+            ok = ok and m.has_calls(t, r.includes)
         met += ok
     return len(requests), met
 

@@ -350,3 +350,20 @@ def entry_of(trace: Trace) -> tuple[str, str] | None:
     """(root service, root operation), or None without a single root."""
     r = trace.root
     return (r.service, r.name) if r is not None else None
+
+
+def is_high_latency(trace: Trace, entry: tuple[str, str], p90_us: dict) -> bool:
+    """Entered at ``entry`` with a latency above its p90; latency in whole µs (``encoding.trace_latency_us``), as
+    the p90s were computed."""
+    root = trace.root
+    limit = p90_us.get(entry)
+    return (root is not None and limit is not None and (root.service, root.name) == entry
+            and root.duration_ns // 1000 > limit)  # fmt: skip
+
+
+def has_calls(trace: Trace, includes) -> bool:
+    """Whether every include (src service, dst service, kind) is a call of ``trace``."""
+    from ..lm.data import trace_edges
+
+    edges = trace_edges(trace)
+    return all((i.src, i.dst, i.kind) in edges for i in includes)
