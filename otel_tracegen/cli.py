@@ -111,6 +111,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_eval_arguments(e)
 
+    inf = sub.add_parser("infill", help="repair incomplete traces: an OTLP receiver (serve) or offline (file)")
+    from .infill.command import add_arguments as _add_infill_arguments
+
+    _add_infill_arguments(inf)
+
     mdl = sub.add_parser("model", help="describe trained models")
     msub = mdl.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
     mi = msub.add_parser("info", help="parameters, size, vocabulary, adapters and training data of a model")
@@ -265,6 +270,7 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "train": lambda: cmd_train(args, env),
             "generate": lambda: cmd_generate(args, env),
             "eval": lambda: cmd_eval(args, env),
+            "infill": lambda: cmd_infill(args, env),
             "model": lambda: _MODEL[args.model_command](args, env),
         }[args.command]
         return int(handler())
@@ -478,6 +484,12 @@ def cmd_validate(args, env: Environment) -> ExitStatus:
 
 def cmd_eval(args, env: Environment) -> ExitStatus:
     from .evaluate.command import run
+
+    return ExitStatus(run(args, env, _read))
+
+
+def cmd_infill(args, env: Environment) -> ExitStatus:
+    from .infill.command import run
 
     return ExitStatus(run(args, env, _read))
 

@@ -105,7 +105,7 @@ def merge_duplicate_spans(trace: Trace, report: ReadReport) -> bool:
     return True
 
 
-def _host_key(span: Span) -> str:
+def host_key(span: Span) -> str:
     res = span.resource
     if res is not None:
         for key in HOST_KEYS:
@@ -115,7 +115,7 @@ def _host_key(span: Span) -> str:
     return span.service
 
 
-def _skew(child: Span, parent: Span) -> int:
+def clock_skew_delta(child: Span, parent: Span) -> int:
     """Jaeger's ``calculateSkew``: how far to shift ``child`` so it sits inside ``parent``."""
     if child.duration_ns > parent.duration_ns:
         # Not a proper parent-child pair in time (async work): only fix a start before the parent's.
@@ -136,12 +136,12 @@ def adjust_clock_skew(trace: Trace) -> int:
     root = trace.root
     if root is None:
         return 0
-    stack: list[tuple[Span, Span | None, str, int]] = [(root, None, _host_key(root), 0)]
+    stack: list[tuple[Span, Span | None, str, int]] = [(root, None, host_key(root), 0)]
     while stack:
         span, parent, parent_host, delta = stack.pop()
-        host = _host_key(span)
+        host = host_key(span)
         if parent is not None and host != parent_host:
-            delta = _skew(span, parent)
+            delta = clock_skew_delta(span, parent)
         if delta:
             span.start_ns += delta
             span.end_ns += delta

@@ -890,6 +890,20 @@ def encoding_order(trace: Trace) -> list[Span]:
     return [n.span for n in _bfs(_build_tree(trace))]
 
 
+def step_positions(trace: Trace) -> dict[str, tuple[int, int]]:
+    """Where each span is written in :func:`encode_trace`'s steps: span id -> (step index, call index). The root
+    is call 0 of the client's step 0; every other span is a call of its parent's step."""
+    root = _build_tree(trace)
+    out = {root.span.span_id: (0, 0)}
+    k = 1
+    for node in _bfs(root):
+        if node.kids:
+            for i, kid in enumerate(node.kids):
+                out[kid.span.span_id] = (k, i)
+            k += 1
+    return out
+
+
 def trace_latency_us(trace: Trace) -> int:
     """The latency the encoding states for a trace (the client step's budget): the root's duration in µs."""
     root = _build_tree(trace)

@@ -72,6 +72,7 @@ class ExportOutcome:
     sent_spans: int
     failed_spans: int
     error: str | None = None
+    retryable: bool = False  # the failure was transient (the retries ran out, or shutdown came): sending again may work
 
 
 def _parse_headers(text: str) -> dict[str, str]:
@@ -247,14 +248,14 @@ class GrpcExporter:
                         or self._stopping.is_set()):
                     _logger.error("Failed to export traces to %s, error code: %s, error details: %s",
                                   cfg.endpoint, code, error.details())  # fmt: skip
-                    return ExportOutcome(0, spans, f"{code.name}: {error.details()}")
+                    return ExportOutcome(0, spans, f"{code.name}: {error.details()}", code in self._retryable)
                 _logger.warning("Transient error %s encountered while exporting traces to %s, retrying in %.2fs.",
                                 code, cfg.endpoint, delay)  # fmt: skip
                 if self._stopping.wait(delay):
                     break
                 continue
             return _outcome(spans, parse_partial_success(response or b""))
-        return ExportOutcome(0, spans, "shut down while retrying")
+        return ExportOutcome(0, spans, "shut down while retrying", True)
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -413,12 +414,12 @@ class HttpExporter:
             if (not retryable or attempt + 1 == MAX_ATTEMPTS or delay > deadline - time.time()
                     or self._stopping.is_set()):
                 _logger.error("Failed to export spans batch: %s", reason)
-                return ExportOutcome(0, spans, reason)
+                return ExportOutcome(0, spans, reason, retryable)
             _logger.warning("Transient error %s encountered while exporting span batch, retrying in %.2fs.",
                             reason, delay)  # fmt: skip
             if self._stopping.wait(delay):
                 break
-        return ExportOutcome(0, spans, "shut down while retrying")
+        return ExportOutcome(0, spans, "shut down while retrying", True)
 
     def shutdown(self) -> None:
         self._stopping.set()

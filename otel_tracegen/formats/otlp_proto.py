@@ -526,9 +526,13 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
 
 
 def _decode_scope_spans(
-    buf: bytes, pos: int, end: int, service: str, resource: Resource, report: ReadReport, cache: dict, where: str
+    buf: bytes, pos: int, end: int, service: str, resource: Resource, report: ReadReport, cache: dict, where: str,
+    keep: list | None = None, resource_raw: tuple[bytes | None, str] = (None, ""),
 ) -> list[Span]:
-    """``ScopeSpans``: scope 1, spans 2, schema_url 3. ``where`` names it in problems."""
+    """``ScopeSpans``: scope 1, spans 2, schema_url 3. ``where`` names it in problems.
+
+    ``keep``: a list that gets, per span kept, ``(span, its bytes, resource_raw, (scope bytes or None, scope
+    schema_url))``, for a receiver that forwards spans byte for byte (:mod:`otel_tracegen.infill.wire`)."""
     scope_raw: bytes | None = None
     spans: list[tuple[int, int]] = []
     schema_url = ""
@@ -548,7 +552,10 @@ def _decode_scope_spans(
     bad_links: list[str] = []
     for k, (start, stop) in enumerate(spans):
         try:
-            out.append(_decode_span(buf, start, stop, service, resource, scope, report, cache, bad_links))
+            span = _decode_span(buf, start, stop, service, resource, scope, report, cache, bad_links)
+            out.append(span)
+            if keep is not None:
+                keep.append((span, buf[start:stop], resource_raw, (scope_raw, schema_url)))
         except BadRecord as e:
             report.problem(f"{where}.spans[{k}]", e.reason, e.detail)
             bad_links.clear()  # the span is dropped, and its links with it
@@ -564,7 +571,8 @@ def _decode_scope_spans(
     return out
 
 
-def _decode_resource_spans(buf: bytes, pos: int, end: int, report: ReadReport, cache: dict, where: str) -> list[Span]:
+def _decode_resource_spans(buf: bytes, pos: int, end: int, report: ReadReport, cache: dict, where: str,
+                           keep: list | None = None) -> list[Span]:
     """``ResourceSpans``: resource 1, scope_spans 2, schema_url 3. ``where`` names it in problems.
 
     OTLP 0.15 to 0.18 senders may put the spans in the deprecated ``instrumentation_library_spans`` (1000) instead,
@@ -597,20 +605,23 @@ def _decode_resource_spans(buf: bytes, pos: int, end: int, report: ReadReport, c
     service, repair = service_of(resource)
     out: list[Span] = []
     for j, (start, stop) in enumerate(scope_spans):
-        out.extend(_decode_scope_spans(buf, start, stop, service, resource, report, cache, f"{where}.scopeSpans[{j}]"))
+        out.extend(_decode_scope_spans(buf, start, stop, service, resource, report, cache, f"{where}.scopeSpans[{j}]",
+                                       keep, (resource_raw, schema_url)))
     if repair and out:
         report.repair(repair, len(out))
     return out
 
 
-def _decode_request_bytes(buf: bytes, report: ReadReport, where: str, cache: dict | None = None) -> list[Span]:
-    """Spans of a serialized request that upb has already parsed (so its structure is sound)."""
+def _decode_request_bytes(buf: bytes, report: ReadReport, where: str, cache: dict | None = None,
+                          keep: list | None = None) -> list[Span]:
+    """Spans of a serialized request that upb has already parsed (so its structure is sound). ``keep``: see
+    :func:`_decode_scope_spans`."""
     cache = cache if cache is not None else {}
     out: list[Span] = []
     i = 0
     for tag, start, stop in _fields(buf, 0, len(buf)):
         if tag == 0x0A:
-            out.extend(_decode_resource_spans(buf, start, stop, report, cache, f"{where}resourceSpans[{i}]"))
+            out.extend(_decode_resource_spans(buf, start, stop, report, cache, f"{where}resourceSpans[{i}]", keep))
             i += 1
     return out
 

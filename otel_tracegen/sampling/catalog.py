@@ -49,6 +49,9 @@ class Catalog:
     # root service -> root operation -> the p90 of its traces' latency in µs: "high latency" means above it (the
     # instruct adapter's definition, computed the same way), and the grammar holds such a request's root above it
     high_latency_us: dict[str, dict[str, float]] = field(default_factory=dict)
+    # parent service -> parent operation -> child service -> child operation -> calls: who calls whom by operation,
+    # which tells repair which lost span can sit between a grandparent and its orphans (empty in older catalogs)
+    op_edges: dict[str, dict[str, dict[str, dict[str, int]]]] = field(default_factory=dict)
 
     # --- building ---
 
@@ -57,6 +60,7 @@ class Catalog:
         """Count everything over ``traces`` (single-rooted ones; others are skipped)."""
         ops: dict[str, dict[str, OperationStats]] = defaultdict(dict)
         edges: dict[str, Counter] = defaultdict(Counter)
+        op_edges: Counter = Counter()
         entries: dict[str, Counter] = defaultdict(Counter)
         sizes: dict[tuple[str, str], Counter] = defaultdict(Counter)
         latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -87,12 +91,15 @@ class Catalog:
                         (k, v) for k, v in span.attributes.items() if isinstance(v, (str, bool, int, float)))
                 for k in kids:
                     edges[span.service][k.service] += 1
+                    op_edges[span.service, span.name, k.service, k.name] += 1
         for (svc, op), counts in attr_counts.items():
             st = ops[svc][op]
             st.attributes = {k: v for (k, v), n in sorted(counts.items(), key=lambda kv: kv[0][0]) if n >= 0.9 * st.count}
         cat.operations = {s: dict(sorted(o.items())) for s, o in sorted(ops.items())}
         cat.edges = {s: dict(sorted(c.items())) for s, c in sorted(edges.items())}
         cat.entries = {s: dict(sorted(c.items())) for s, c in sorted(entries.items())}
+        for (ps, po, cs, co), n in sorted(op_edges.items()):
+            cat.op_edges.setdefault(ps, {}).setdefault(po, {}).setdefault(cs, {})[co] = n
         for (svc, op), c in sorted(sizes.items()):
             cat.sizes.setdefault(svc, {})[op] = dict(sorted(c.items()))
         from ..lm.data import HIGH_LATENCY_QUANTILE, interpolated_quantile
@@ -129,9 +136,18 @@ class Catalog:
         entries = {s: {o: n for o, n in os.items() if o in ops[s]} for s, os in self.entries.items() if s in ops}
         sizes = {s: {o: m for o, m in os.items() if o in entries.get(s, {})} for s, os in self.sizes.items()}
         high = {s: {o: p for o, p in os.items() if o in entries.get(s, {})} for s, os in self.high_latency_us.items()}
+        op_edges = {}
+        for ps, pos in self.op_edges.items():
+            for po, css in pos.items():
+                if po not in ops.get(ps, {}):
+                    continue
+                for cs, cos in css.items():
+                    kept = {co: n for co, n in cos.items() if co in ops.get(cs, {})}
+                    if kept:
+                        op_edges.setdefault(ps, {}).setdefault(po, {})[cs] = kept
         return Catalog(ops, {s: c for s, c in edges.items() if c}, {s: o for s, o in entries.items() if o},
                        self.traces, self.max_depth, self.max_spans, self.max_root_duration_us,
-                       {s: o for s, o in sizes.items() if o}, {s: o for s, o in high.items() if o})  # fmt: skip
+                       {s: o for s, o in sizes.items() if o}, {s: o for s, o in high.items() if o}, op_edges)  # fmt: skip
 
     # --- saving ---
 
@@ -139,7 +155,7 @@ class Catalog:
         return {
             "traces": self.traces, "max_depth": self.max_depth, "max_spans": self.max_spans,
             "max_root_duration_us": self.max_root_duration_us, "entries": self.entries, "sizes": self.sizes,
-            "high_latency_us": self.high_latency_us, "edges": self.edges,
+            "high_latency_us": self.high_latency_us, "edges": self.edges, "op_edges": self.op_edges,
             "operations": {s: {o: {"count": st.count, "kinds": st.kinds, "statuses": st.statuses,
                                    "max_below": st.max_below, "attributes": st.attributes} for o, st in os.items()}
                            for s, os in self.operations.items()},
@@ -155,7 +171,9 @@ class Catalog:
                        int(d["traces"]), int(d["max_depth"]), int(d["max_spans"]), int(d["max_root_duration_us"]),
                        {s: {o: {k: int(n) for k, n in m.items()} for o, m in os.items()}
                         for s, os in (d.get("sizes") or {}).items()},
-                       {s: {o: float(p) for o, p in os.items()} for s, os in (d.get("high_latency_us") or {}).items()})  # fmt: skip
+                       {s: {o: float(p) for o, p in os.items()} for s, os in (d.get("high_latency_us") or {}).items()},
+                       {ps: {po: {cs: {co: int(n) for co, n in cos.items()} for cs, cos in css.items()}
+                             for po, css in pos.items()} for ps, pos in (d.get("op_edges") or {}).items()})  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"catalog: malformed ({type(e).__name__}: {e})") from None
 
@@ -188,6 +206,22 @@ class Catalog:
     def learned_attributes(self, service: str, operation: str) -> dict:
         st = self.operations.get(service, {}).get(operation)
         return st.attributes if st else {}
+
+    def op_callees(self, service: str, operation: str) -> set[tuple[str, str]]:
+        """(service, operation) pairs that spans of ``service``/``operation`` were seen calling."""
+        return {(cs, co) for cs, cos in self.op_edges.get(service, {}).get(operation, {}).items() for co in cos}
+
+    def op_callers(self, service: str, operation: str) -> set[tuple[str, str]]:
+        """(service, operation) pairs seen calling ``service``/``operation``."""
+        if not hasattr(self, "_op_callers"):
+            inverse: dict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
+            for ps, pos in self.op_edges.items():
+                for po, css in pos.items():
+                    for cs, cos in css.items():
+                        for co in cos:
+                            inverse[cs, co].add((ps, po))
+            self._op_callers = inverse
+        return self._op_callers.get((service, operation), set())
 
     def calls(self, src: str, dst: str) -> bool:
         return dst in self.edges.get(src, {})

@@ -1,0 +1,300 @@
+"""The infill receiver as one running service: receive -> log -> buffer -> repair -> queue -> forward.
+
+Where accepted data lives at each moment, so that nothing acknowledged is lost (at-least-once):
+
+1. **Accepted.** The accepted spans of a request are appended to the write-ahead log (``<queue dir>/inbound``,
+   fsynced) *before* the client gets its answer. A request the receiver cannot take (its queue is full) is
+   refused with ``RESOURCE_EXHAUSTED`` / 503 and retry advice, never taken and dropped.
+2. **Held.** The spans wait in the :class:`~otel_tracegen.infill.buffer.TraceBuffer` for their trace.
+3. **Repaired.** A released trace is repaired and written, as OTLP requests, to the outbound queue
+   (``<queue dir>/outbound``, fsynced). Only then are the log records it came in acknowledged (a record is
+   acknowledged when every trace that had spans in it is queued).
+4. **Forwarded.** The :class:`~otel_tracegen.infill.forward.Forwarder` sends queued requests and acknowledges
+   each once the downstream took it.
+
+A restart (also after ``kill -9``) replays the log's unacknowledged records into the buffer and sends what the
+outbound queue still holds; a trace caught between 3 and its log acknowledgement is sent twice, never zero times.
+A graceful stop (SIGTERM, SIGINT) stops receiving, releases every held trace, and drains the outbound queue for up
+to ``drain_s`` seconds; what is left stays on disk for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..report import ReadReport, UserError
+from . import wire
+from .buffer import ReleasedTrace, TraceBuffer
+from .detect import DetectSettings
+from .forward import Forwarder, ForwardSettings, make_exporter
+from .metrics import Metrics
+from .queue import DiskQueue
+from .repair import RepairSettings, TraceRepairer
+
+log = logging.getLogger(__name__)
+
+
+class Pressure(Exception):
+    """The receiver cannot take more now (``RESOURCE_EXHAUSTED`` / HTTP 503); ``retry_after_s`` is the advice."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class InfillConfig:
+    """Every setting of ``otel-tracegen infill serve``. In YAML the fields are grouped by their prefix
+    (``receiver:``, ``buffer:``, ``repair:``, ``queue:``, ``exporter:``), e.g. ``buffer: {wait_s: 2}``; on the
+    command line they are flags (``--buffer-wait-s 2``)."""
+
+    receiver_grpc: str | None = "127.0.0.1:4327"  # host:port, or none
+    receiver_http: str | None = "127.0.0.1:4328"  # host:port, or none; also serves /metrics
+    receiver_max_message_mib: float = 16.0
+    receiver_tls_cert: str | None = None
+    receiver_tls_key: str | None = None
+    receiver_bearer_token: str | None = None
+    buffer_wait_s: float = 2.0
+    buffer_max_traces: int = 100_000
+    buffer_max_mib: float = 256.0
+    repair_model: str | None = None  # a model directory; None: the shipped model
+    repair_no_model: bool = False  # rules only (re-parent to the nearest ancestor, clock skew)
+    repair_confidence: float = 0.5
+    repair_skew_tolerance_ms: float = 1.0
+    repair_batch_traces: int = 256
+    repair_threads: int | None = None
+    queue_directory: str = "otel-tracegen-infill-queue"
+    queue_max_mib: float = 1024.0
+    queue_fsync: bool = True
+    exporter_endpoint: str | None = None
+    exporter_protocol: str = "grpc"
+    exporter_insecure: bool | None = None
+    exporter_headers: dict = field(default_factory=dict)
+    exporter_compression: str | None = None
+    exporter_timeout_s: float = 10.0
+    exporter_retry_initial_s: float = 0.5
+    exporter_retry_max_s: float = 30.0
+    exporter_max_request_mib: float = 4.0
+    drain_s: float = 30.0
+
+    SECTIONS = ("receiver", "buffer", "repair", "queue", "exporter")
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: str = "config") -> InfillConfig:
+        """From a YAML document's mapping (sections of fields); an unknown key is an error naming it."""
+        names = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in (data or {}).items():
+            if key in cls.SECTIONS:
+                if not isinstance(value, dict):
+                    raise UserError(f"{where}: {key}: expected a mapping of settings, got {type(value).__name__}")
+                for sub, v in value.items():
+                    name = f"{key}_{sub}"
+                    if name not in names:
+                        known = ", ".join(n[len(key) + 1 :] for n in names if n.startswith(key + "_"))
+                        raise UserError(f"{where}: unknown setting {key}.{sub} (known: {known})")
+                    kwargs[name] = v
+            elif key in names:
+                kwargs[key] = value
+            else:
+                raise UserError(f"{where}: unknown setting {key!r} (sections: {', '.join(cls.SECTIONS)}, drain_s)")
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> InfillConfig:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"no config file at {p}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML ({e})") from None
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"{p}: expected a mapping at the top")
+        return cls.from_mapping(data or {}, str(p))
+
+    def repair_settings(self) -> RepairSettings:
+        return RepairSettings(confidence=self.repair_confidence,
+                              detect=DetectSettings(skew_tolerance_ns=int(self.repair_skew_tolerance_ms * 1e6)))
+
+    def forward_settings(self) -> ForwardSettings:
+        return ForwardSettings(self.exporter_endpoint, self.exporter_protocol, self.exporter_insecure,
+                               self.exporter_headers or None, self.exporter_compression, self.exporter_timeout_s,
+                               self.exporter_retry_initial_s, self.exporter_retry_max_s)  # fmt: skip
+
+
+def load_repairer(config: InfillConfig) -> TraceRepairer:
+    """The repairer the config asks for: the model's infill adapter, or rules only."""
+    settings = config.repair_settings()
+    if config.repair_no_model:
+        catalog = None
+        if config.repair_model:
+            from ..sampling.catalog import Catalog
+
+            catalog = Catalog.load(config.repair_model)
+        return TraceRepairer(None, catalog, settings)
+    from ..lm.model import load_model
+    from .filler import ModelFiller
+
+    if config.repair_threads:
+        import torch
+
+        torch.set_num_threads(config.repair_threads)
+    lm = load_model(config.repair_model, "cpu" if config.repair_threads else None, dtype="auto")
+    return TraceRepairer(ModelFiller(lm), None, settings)
+
+
+class InfillService:
+    """The pipeline (see the module docstring). ``exporter``: an object with ``export(body, spans)`` and
+    ``shutdown()`` (default: from the config's exporter settings)."""
+
+    def __init__(self, config: InfillConfig, repairer: TraceRepairer | None = None, exporter=None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.repairer = repairer if repairer is not None else load_repairer(config)
+        qdir = Path(config.queue_directory)
+        qdir.mkdir(parents=True, exist_ok=True)
+        self.wal = DiskQueue(qdir / "inbound", fsync=config.queue_fsync, name="inbound")
+        self.outbound = DiskQueue(qdir / "outbound", fsync=config.queue_fsync, name="outbound")
+        self.buffer = TraceBuffer(wait_s=config.buffer_wait_s, max_traces=config.buffer_max_traces,
+                                  max_bytes=int(config.buffer_max_mib * (1 << 20)))  # fmt: skip
+        self.forwarder = Forwarder(self.outbound, exporter if exporter is not None else make_exporter(
+            config.forward_settings()), config.forward_settings(), self.metrics, qdir / "dead-letter")  # fmt: skip
+        self._max_queue_bytes = int(config.queue_max_mib * (1 << 20))
+        self._open: dict[int, int] = {}  # log record -> traces with spans in it not yet queued
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.recovered = 0
+        m = self.metrics
+        m.gauge("buffered_traces", lambda: self.buffer.traces)
+        m.gauge("buffered_spans", lambda: self.buffer.spans)
+        m.gauge("queued_requests", lambda: len(self.outbound))
+        m.gauge("queued_bytes", lambda: self.outbound.stats().bytes)
+        m.gauge("log_records", lambda: len(self.wal))
+
+    # --- life cycle ---
+
+    def start(self) -> None:
+        """Replay what an earlier run left, then start repairing and forwarding."""
+        for seq, body in self.wal.pending():
+            try:
+                spans = wire.decode(body)
+            except wire.MalformedRequest as e:  # cannot happen for what we wrote; never block the log on it
+                log.error("write-ahead log record %d does not parse (%s); skipped", seq, e)
+                self.wal.ack(seq)
+                continue
+            self._hold(spans, seq)
+            self.recovered += 1
+        if self.recovered:
+            log.info("replayed %d accepted request(s) from the write-ahead log", self.recovered)
+        self.forwarder.start()
+        self._thread = threading.Thread(target=self._run, name="infill-repair", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True) -> None:
+        """Release every held trace, queue it, drain the outbound queue (``drain_s``), and close."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._release(self.buffer.due(everything=True))
+        if drain and not self.forwarder.drain(self.config.drain_s):
+            log.warning("%d request(s) not forwarded within %.0fs; they stay queued in %s for the next start",
+                        len(self.outbound), self.config.drain_s, self.config.queue_directory)  # fmt: skip
+        self.forwarder.stop()
+        self.wal.close()
+        self.outbound.close()
+
+    # --- receiving ---
+
+    def export(self, body: bytes, content_type: str = wire.PROTOBUF) -> tuple[int, str]:
+        """Take one OTLP request body: ``(rejected spans, message)`` for the partial-success answer. Raises
+        :class:`wire.MalformedRequest` (nothing taken) or :class:`Pressure` (nothing taken; retry later)."""
+        report = ReadReport(max_problems=20)
+        try:
+            spans = wire.decode(body, content_type, report)
+        except wire.MalformedRequest:
+            self.metrics.inc("refused_requests_total", reason="malformed")
+            raise
+        if spans:
+            queued = self.outbound.stats().bytes + self.wal.stats().bytes
+            if queued > self._max_queue_bytes:
+                self.metrics.inc("refused_requests_total", reason="queue_full")
+                raise Pressure(f"the infill queue holds {queued} bytes, over its limit of {self._max_queue_bytes} "
+                               f"(downstream: {self.forwarder.last_error or 'slow'}); retry later", 5.0)  # fmt: skip
+            seq = self.wal.append(wire.encode(spans))
+            self._hold(spans, seq)
+            self.metrics.inc("received_spans_total", len(spans))
+        rejected = report.total_dropped
+        message = ""
+        if rejected:
+            self.metrics.inc("rejected_spans_total", rejected)
+            shown = "; ".join(str(p) for p in report.problems[:5])
+            more = f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else ""
+            message = f"{rejected} span(s) rejected: {shown}{more}"
+        return rejected, message
+
+    def _hold(self, spans: list[wire.WireSpan], seq: int) -> None:
+        with self._lock:
+            self._open[seq] = len({w.span.trace_id for w in spans})
+        self.buffer.add(spans, seq)
+        self._wake.set()
+
+    # --- repairing ---
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait = self.buffer.next_due_in()
+            self._wake.wait(0.5 if wait is None else min(wait, 0.5))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._release(self.buffer.due())
+            except Exception:  # noqa: BLE001 - a bug here must not stop the receiver; the log keeps the data
+                log.exception("repair failed; the traces stay in the write-ahead log and are replayed on restart")
+                time.sleep(1.0)
+
+    def _release(self, traces: list[ReleasedTrace]) -> None:
+        n = max(1, self.config.repair_batch_traces)
+        for b in range(0, len(traces), n):
+            batch = traces[b : b + n]
+            results = self.repairer.repair([(t.spans, t.released) for t in batch])
+            bodies = []
+            limit = int(self.config.exporter_max_request_mib * (1 << 20))
+            out_spans = [w for r in results for w in r.spans]
+            for part in wire.split(out_spans, limit):
+                bodies.append(wire.encode(part))
+            if bodies:
+                self.outbound.append_many(bodies)
+            done = []
+            reasons: Counter = Counter()
+            with self._lock:
+                for t in batch:
+                    for seq in t.seqs:
+                        self._open[seq] -= 1
+                        if self._open[seq] == 0:
+                            del self._open[seq]
+                            done.append(seq)
+            if done:
+                self.wal.ack_many(done)
+            m = self.metrics
+            m.inc("released_traces_total", len(batch))
+            for r in results:
+                for reason, k in r.repairs.items():
+                    m.inc("repaired_spans_total", k, reason=reason)
+                    reasons[reason] += 1
+                for method, k in r.methods.items():
+                    m.inc("repairs_total", k, method=method)
+            for reason, k in reasons.items():
+                m.inc("repaired_traces_total", k, reason=reason)

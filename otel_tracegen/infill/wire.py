@@ -1,0 +1,249 @@
+"""OTLP trace requests as the infill receiver holds them: each span with the exact bytes it arrived in.
+
+"Valid spans pass through unchanged, byte for byte": a span the receiver does not repair is forwarded as the very
+``Span`` message it received, inside the very ``Resource`` and ``InstrumentationScope`` messages it came with. The
+canonical :class:`~otel_tracegen.trace.Span` (decoded by the OTLP protobuf adapter, with the same rules for bad
+records) is what detection and repair read; the bytes are what is sent on.
+
+A span that *is* repaired is edited at the wire level (:func:`edit_span`): the fields that change (the parent id,
+the times, the name) are dropped and written anew, and the repair attributes are appended as ``KeyValue``\\ s, so
+everything the receiver does not understand (unknown fields, events, links, flags) stays as it came. Spans the
+receiver makes (a lost parent, a missing root) are encoded from canonical spans.
+
+OTLP/JSON bodies have no protobuf bytes: their spans are encoded once on arrival with the protobuf adapter's
+encoder, which writes what the SDK would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ..formats import otlp_json, otlp_proto
+from ..formats._otlp_common import length_delimited, paused_gc, read_varint
+from ..report import ReadReport
+from ..trace import SERVICE_NAME, AttrValue, Span
+
+ResourceKey = tuple[bytes | None, str]
+"""A ``Resource`` message's bytes (None: the ``ResourceSpans`` had none) and the ``ResourceSpans.schema_url``."""
+ScopeKey = tuple[bytes | None, str]
+"""An ``InstrumentationScope`` message's bytes (None: none) and the ``ScopeSpans.schema_url``."""
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class WireSpan:
+    """One received span: ``span`` to reason about, ``raw`` (its ``Span`` message) and the messages around it to
+    forward."""
+
+    span: Span
+    raw: bytes
+    resource: ResourceKey
+    scope: ScopeKey
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds (what the trace buffer's memory bound counts)."""
+        return len(self.raw) + 64
+
+
+class MalformedRequest(ValueError):
+    """A body that is not an ``ExportTraceServiceRequest`` at all (OTLP: ``INVALID_ARGUMENT`` / HTTP 400)."""
+
+
+def decode(body: bytes, content_type: str = PROTOBUF, report: ReadReport | None = None) -> list[WireSpan]:
+    """The valid spans of one OTLP/gRPC or OTLP/HTTP body (protobuf or JSON). Malformed spans go to ``report``
+    (named by their place in the request) and the rest are kept; a body that is not a request at all raises
+    :class:`MalformedRequest` saying why."""
+    report = report if report is not None else ReadReport()
+    if content_type.split(";")[0].strip().lower() == JSON:
+        return _decode_json(body, report)
+    body = bytes(body)
+    error = otlp_proto._parses(body)
+    if error is not None:
+        raise MalformedRequest(f"the body is not an OTLP ExportTraceServiceRequest: {error}")
+    keep: list = []
+    with paused_gc():
+        otlp_proto._decode_request_bytes(body, report, "request: ", keep=keep)
+    return [WireSpan(span, raw, resource, scope) for span, raw, resource, scope in keep]
+
+
+def _decode_json(body: bytes, report: ReadReport) -> list[WireSpan]:
+    try:
+        doc = json.loads(bytes(body).decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise MalformedRequest(f"the body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise MalformedRequest(f"the body is JSON {type(doc).__name__}, not an ExportTraceServiceRequest object")
+    with paused_gc():
+        spans = otlp_json.decode_document(doc, report, "request")
+    return from_spans(spans)
+
+
+def from_spans(spans: Iterable[Span]) -> list[WireSpan]:
+    """Canonical spans as received spans (encoded as the SDK would), e.g. spans read from a file."""
+    cache: dict = {}
+    resources: dict[int, ResourceKey] = {}
+    scopes: dict[int, ScopeKey] = {}
+    out = []
+    with paused_gc():
+        for s in spans:
+            r = s.resource_or_default()
+            rk = resources.get(id(r))
+            if rk is None:
+                rk = resources[id(r)] = (otlp_proto._encode_resource(r, cache), r.schema_url)
+            if s.scope is None:
+                sk: ScopeKey = (None, "")
+            else:
+                sk = scopes.get(id(s.scope))  # type: ignore[assignment]
+                if sk is None:
+                    sk = scopes[id(s.scope)] = (otlp_proto._encode_scope(s.scope, cache), s.scope.schema_url)
+            out.append(WireSpan(s, otlp_proto._encode_span(s, cache), rk, sk))
+    return out
+
+
+def encode(spans: Iterable[WireSpan]) -> bytes:
+    """One ``ExportTraceServiceRequest`` of ``spans``, grouped by resource then scope in first-seen order (spans
+    in their given order within a group), every message written with the bytes it holds."""
+    groups: dict[ResourceKey, dict[ScopeKey, list[bytes]]] = {}
+    for w in spans:
+        groups.setdefault(w.resource, {}).setdefault(w.scope, []).append(w.raw)
+    out = []
+    for (resource, resource_schema), scopes in groups.items():
+        rs = [] if resource is None else [length_delimited(b"\x0a", resource)]
+        for (scope, scope_schema), raws in scopes.items():
+            ss = [] if scope is None else [length_delimited(b"\x0a", scope)]
+            ss += [length_delimited(b"\x12", raw) for raw in raws]
+            if scope_schema:
+                ss.append(length_delimited(b"\x1a", scope_schema.encode()))
+            rs.append(length_delimited(b"\x12", b"".join(ss)))
+        if resource_schema:
+            rs.append(length_delimited(b"\x1a", resource_schema.encode()))
+        out.append(length_delimited(b"\x0a", b"".join(rs)))
+    return b"".join(out)
+
+
+def count_spans(body: bytes) -> int:
+    """Spans in a serialized request (for counting what a queued request holds, without decoding it)."""
+    n = 0
+    for tag, a, b in otlp_proto._fields(body, 0, len(body)):
+        if tag == 0x0A:
+            for t2, c, d in otlp_proto._fields(body, a, b):
+                if t2 == 0x12:
+                    n += sum(1 for t3, _, _ in otlp_proto._fields(body, c, d) if t3 == 0x12)
+    return n
+
+
+# --- editing messages at the wire level -----------------------------------------------------------------------
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, int]]:
+    """``(field number, start, end)`` of every field of a message, ``buf[start:end]`` being the whole field
+    (tag included)."""
+    out = []
+    pos, n = 0, len(buf)
+    while pos < n:
+        start = pos
+        tag, pos = read_varint(buf, pos)
+        wire_type = tag & 7
+        if wire_type == 0:
+            pos = read_varint(buf, pos)[1]
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 2:
+            length, pos = read_varint(buf, pos)
+            pos += length
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > n:
+            raise ValueError("a field runs past the end of the message")
+        out.append((tag >> 3, start, pos))
+    return out
+
+
+def _key_of(key_value_field: bytes) -> str:
+    """The key of a length-delimited ``KeyValue`` field (tag included)."""
+    pos = read_varint(key_value_field, 0)[1]
+    _, pos = read_varint(key_value_field, pos)  # the length
+    body = key_value_field[pos:]
+    for number, a, b in _fields(body):
+        if number == 1:
+            p = read_varint(body, a)[1]
+            n, p = read_varint(body, p)
+            return body[p : p + n].decode("utf-8", "replace")
+    return ""
+
+
+def _attributes(tag: bytes, attributes: Mapping[str, AttrValue]) -> list[bytes]:
+    return [length_delimited(tag, otlp_proto._encode_key_value(k, v)) for k, v in attributes.items()]
+
+
+def edit_span(
+    raw: bytes,
+    *,
+    parent_id: str | None = None,
+    start_ns: int | None = None,
+    end_ns: int | None = None,
+    name: str | None = None,
+    set_attributes: Mapping[str, AttrValue] | None = None,
+) -> bytes:
+    """``raw`` (a ``Span`` message) with the given fields replaced and ``set_attributes`` set (an attribute of the
+    same key is replaced); every other field is kept as it came. ``parent_id`` is hex."""
+    drop = set()
+    new: list[bytes] = []
+    if parent_id is not None:
+        drop.add(4)
+        new.append(length_delimited(b"\x22", bytes.fromhex(parent_id)))
+    if name is not None:
+        drop.add(5)
+        new.append(length_delimited(b"\x2a", name.encode("utf-8", "replace")))
+    if start_ns is not None:
+        drop.add(7)
+        new.append(b"\x39" + start_ns.to_bytes(8, "little"))
+    if end_ns is not None:
+        drop.add(8)
+        new.append(b"\x41" + end_ns.to_bytes(8, "little"))
+    keys = set(set_attributes or ())
+    kept = []
+    for number, a, b in _fields(raw):
+        if number in drop or (number == 9 and keys and _key_of(raw[a:b]) in keys):
+            continue
+        kept.append(raw[a:b])
+    return b"".join(kept + new + _attributes(b"\x4a", set_attributes or {}))
+
+
+def edit_resource(raw: bytes | None, set_attributes: Mapping[str, AttrValue]) -> bytes:
+    """A ``Resource`` message with ``set_attributes`` set (replacing attributes of the same keys), e.g. a filled
+    ``service.name``."""
+    raw = raw or b""
+    keys = set(set_attributes)
+    kept = [raw[a:b] for number, a, b in _fields(raw) if not (number == 1 and _key_of(raw[a:b]) in keys)]
+    return b"".join(kept + _attributes(b"\x0a", set_attributes))
+
+
+def with_service(resource: ResourceKey, service: str) -> ResourceKey:
+    """``resource`` with its ``service.name`` set to ``service``."""
+    return edit_resource(resource[0], {SERVICE_NAME: service}), resource[1]
+
+
+def split(spans: Sequence[WireSpan], max_bytes: int) -> list[list[WireSpan]]:
+    """``spans`` in consecutive batches whose span bytes stay under ``max_bytes`` (a span bigger than that goes
+    alone), so a forwarded request stays under the downstream's message size limit."""
+    out: list[list[WireSpan]] = []
+    batch: list[WireSpan] = []
+    size = 0
+    for w in spans:
+        n = len(w.raw) + 16
+        if batch and size + n > max_bytes:
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(w)
+        size += n
+    if batch:
+        out.append(batch)
+    return out
