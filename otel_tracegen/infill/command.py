@@ -55,10 +55,6 @@ _HELP = {
 }
 
 
-def _none_or(text: str) -> str | None:
-    return None if text.lower() in ("none", "off", "") else text
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="infill_command", required=True)
     s = sub.add_parser("serve", help="run the infill receiver: OTLP in, repaired OTLP out")
@@ -76,8 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         elif f.name == "repair_threads":
             s.add_argument(flag, dest=f.name, type=int, default=None, help=_HELP[f.name])
         else:
-            s.add_argument(flag, dest=f.name, type=_none_or if f.name.startswith("receiver_") else str, default=None,
-                           help=_HELP[f.name])  # fmt: skip
+            s.add_argument(flag, dest=f.name, default=None, help=_HELP[f.name])
     f = sub.add_parser("file", help="repair trace files offline")
     f.add_argument("inputs", nargs="+", help="trace files or directories (any readable format)")
     f.add_argument("--format", help="input format (default: detected per file)")

@@ -85,6 +85,14 @@ class InfillConfig:
 
     SECTIONS = ("receiver", "buffer", "repair", "queue", "exporter")
 
+    def __post_init__(self) -> None:
+        for name in ("receiver_grpc", "receiver_http"):  # "none" (a flag or YAML) turns a receiver off
+            v = getattr(self, name)
+            if v is not None and str(v).strip().lower() in ("", "none", "off", "false"):
+                setattr(self, name, None)
+        if self.buffer_wait_s < 0 or self.repair_batch_traces < 1 or self.queue_max_mib <= 0:
+            raise ValueError("need buffer.wait_s >= 0, repair.batch_traces >= 1 and queue.max_mib > 0")
+
     @classmethod
     def from_mapping(cls, data: dict[str, Any], where: str = "config") -> InfillConfig:
         """From a YAML document's mapping (sections of fields); an unknown key is an error naming it."""

@@ -1,0 +1,429 @@
+"""The infill receiver over real sockets: OTLP gRPC and HTTP in, a grpcio sink behind it, rotel in front of it,
+an outage of the downstream and a ``kill -9`` of the receiver.
+
+Everything here is real: loopback sockets, the receiver's own gRPC and HTTP servers, the on-disk queue, the
+``otel-tracegen`` process for the crash test and the ``rotel`` collector binary from PyPI. The repairer runs on
+rules (``--repair-no-model``) except where a test says otherwise, to keep the suite fast; the model's repairs
+are tested in ``test_infill_repair.py``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+
+from otel_tracegen.formats import otlp_json, otlp_proto
+from otel_tracegen.infill import wire
+from otel_tracegen.infill.receiver import GrpcReceiver, HttpReceiver
+from otel_tracegen.infill.repair import MARK_METHOD, MARK_ORIGINAL_PARENT, MARK_REPAIR, TraceRepairer
+from otel_tracegen.infill.service import InfillConfig, InfillService
+from otel_tracegen.otlp_native import GrpcExporter, resolve_grpc
+from otel_tracegen.otlp_wire import parse_partial_success, parse_retry_delay
+from otel_tracegen.report import UserError
+from otel_tracegen.trace import Resource, Span, SpanKind, Status
+
+from .cli_helpers import run
+
+EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+MS = 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+class Sink:
+    """An OTLP/gRPC endpoint recording raw request bytes (the downstream: Jaeger or Tempo in production)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.bodies: list[bytes] = []
+        self.replies: list = []
+        handler = grpc.method_handlers_generic_handler(SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self._export)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler])
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        self.server.start()
+
+    def _export(self, request: bytes, context) -> bytes:
+        if self.replies:
+            return self.replies.pop(0)(context)
+        self.bodies.append(request)
+        return b""
+
+    def spans(self) -> list[wire.WireSpan]:
+        return [w for b in self.bodies for w in wire.decode(b)]
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def trace_spans(trace: str = "ab" * 16, prefix: str = "00000000000000") -> list[Span]:
+    """root(a) -> b -> c, root -> d, each service on its own host."""
+
+    def span(i, parent, service, name, start, end):
+        return Span(trace, f"{prefix}{i:02x}", f"{prefix}{parent:02x}" if parent else None, service, name,
+                    start * MS, end * MS, SpanKind.SERVER, Status(), {"k": i},
+                    Resource({"service.name": service, "host.name": f"h-{service}"}))  # fmt: skip
+
+    return [span(1, 0, "a", "GET /", 0, 100), span(2, 1, "b", "call", 10, 60), span(3, 2, "c", "query", 20, 40),
+            span(4, 1, "d", "work", 70, 90)]  # fmt: skip
+
+
+class Running:
+    def __init__(self, service: InfillService, grpc_r: GrpcReceiver, http_r: HttpReceiver) -> None:
+        self.service, self.grpc, self.http = service, grpc_r, http_r
+        self.url = f"http://127.0.0.1:{http_r.port}"
+
+    def stop(self) -> None:
+        self.grpc.stop(0)
+        self.http.stop()
+        self.service.stop()
+
+
+@pytest.fixture
+def sink():
+    s = Sink()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def start(tmp_path):
+    running: list[Running] = []
+
+    def _start(downstream_port: int, *, token: str | None = None, **overrides) -> Running:
+        settings = dict(receiver_grpc="127.0.0.1:0", receiver_http="127.0.0.1:0", buffer_wait_s=0.2,
+                        repair_no_model=True, queue_directory=str(tmp_path / "queue"),
+                        exporter_endpoint=f"127.0.0.1:{downstream_port}", exporter_insecure=True,
+                        exporter_retry_initial_s=0.05, exporter_retry_max_s=0.2, exporter_timeout_s=2, drain_s=5)
+        config = InfillConfig(**{**settings, **overrides})
+        service = InfillService(config, TraceRepairer(None, None, config.repair_settings()))
+        limit = int(config.receiver_max_message_mib * (1 << 20))
+        g = GrpcReceiver(service, "127.0.0.1:0", max_message_bytes=limit, token=token)
+        h = HttpReceiver(service, "127.0.0.1:0", max_message_bytes=limit, token=token)
+        service.start()
+        g.start()
+        h.start()
+        r = Running(service, g, h)
+        running.append(r)
+        return r
+
+    yield _start
+    for r in running:
+        try:
+            r.stop()
+        except Exception:  # noqa: BLE001 - already stopped by the test
+            pass
+
+
+def grpc_call(port: int, body: bytes, metadata=None):
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)
+        return call.with_call(body, metadata=metadata, timeout=10)
+
+
+# --- pass-through and partial success -------------------------------------------------------------------------
+
+
+def test_complete_traces_pass_through_byte_for_byte(sink, start):
+    r = start(sink.port)
+    spans = trace_spans()
+    body = otlp_proto.dumps(spans)
+    sent = {w.raw for w in wire.decode(body)}
+    exporter = GrpcExporter(resolve_grpc(f"127.0.0.1:{r.grpc.port}", True, env={}))
+    assert exporter.export(body, 4).failed_spans == 0
+    exporter.shutdown()
+    wait_for(lambda: len(sink.spans()) == 4, what="4 spans at the sink")
+    assert {w.raw for w in sink.spans()} == sent  # every span message as it came
+    assert b"".join(sink.bodies) == body  # one trace, one request: even the framing is the same
+    assert r.service.metrics.value("forwarded_spans_total") == 4
+
+
+def test_a_bad_span_is_refused_alone_with_a_partial_success(sink, start):
+    r = start(sink.port)
+    good = wire.from_spans(trace_spans())
+    raw = good[1].raw
+    bad = wire.WireSpan(good[1].span, b"\x0a\x0c" + raw[2:14] + raw[18:], good[1].resource, good[1].scope)
+    response, _ = grpc_call(r.grpc.port, wire.encode([good[0], bad, good[2], good[3]]))
+    rejected, message = parse_partial_success(response)
+    assert rejected == 1 and "invalid trace id" in message and "spans[0]" in message
+    wait_for(lambda: len(sink.spans()) == 3, what="the 3 good spans")
+    assert r.service.metrics.value("rejected_spans_total") == 1
+
+
+def test_malformed_bodies_are_refused_with_what_was_wrong(sink, start):
+    r = start(sink.port)
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_call(r.grpc.port, b"\xff\xff\xff\xff")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an OTLP ExportTraceServiceRequest" in e.value.details()
+    resp = requests.post(r.url + "/v1/traces", data=b"\xff\xff", headers={"Content-Type": "application/x-protobuf"})
+    assert resp.status_code == 400
+    assert b"not an OTLP ExportTraceServiceRequest" in resp.content  # a google.rpc.Status
+    resp = requests.post(r.url + "/v1/traces", data=b"{oops", headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["message"]
+    resp = requests.post(r.url + "/v1/traces", data=b"x", headers={"Content-Type": "text/plain"})
+    assert resp.status_code == 415
+    resp = requests.post(r.url + "/v1/traces", data=b"notgzip",
+                         headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"})
+    assert resp.status_code == 400 and b"not valid gzip" in resp.content
+    assert r.service.metrics.value("refused_requests_total", reason="malformed") == 4
+    assert not sink.bodies
+
+
+def test_http_json_and_gzip(sink, start):
+    r = start(sink.port)
+    spans = trace_spans()
+    doc = json.loads(otlp_json.dumps(spans))
+    doc["resourceSpans"][0]["scopeSpans"][0]["spans"].append({"traceId": "zz", "spanId": "01"})  # malformed
+    resp = requests.post(r.url + "/v1/traces", data=gzip.compress(json.dumps(doc).encode()),
+                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    partial = resp.json()["partialSuccess"]
+    assert partial["rejectedSpans"] == "1" and "traceId" in partial["errorMessage"]
+    wait_for(lambda: len(sink.spans()) == 4, what="4 spans")
+    assert sorted(w.span.span_id for w in sink.spans()) == sorted(s.span_id for s in spans)
+    # protobuf answers protobuf; a full success has no partial_success
+    resp = requests.post(r.url + "/v1/traces", data=otlp_proto.dumps(trace_spans("cd" * 16)),
+                         headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
+    assert resp.status_code == 200 and resp.content == b""
+    assert resp.headers["Content-Type"] == "application/x-protobuf"
+
+
+def test_bearer_token(sink, start):
+    r = start(sink.port, token="s3cret")
+    body = otlp_proto.dumps(trace_spans())
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_call(r.grpc.port, body)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    grpc_call(r.grpc.port, body, metadata=(("authorization", "Bearer s3cret"),))
+    resp = requests.post(r.url + "/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    assert resp.status_code == 401
+    resp = requests.post(r.url + "/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf",
+                                                                   "Authorization": "Bearer s3cret"})  # fmt: skip
+    assert resp.status_code == 200
+
+
+def test_orphans_are_repaired_and_marked_on_the_way_through(sink, start):
+    r = start(sink.port)
+    spans = [s for s in trace_spans() if s.span_id != "0000000000000002"]
+    requests.post(r.url + "/v1/traces", data=otlp_proto.dumps(spans), headers={"Content-Type": "application/x-protobuf"})
+    wait_for(lambda: len(sink.spans()) == 3, what="3 spans")
+    got = {w.span.span_id: w.span for w in sink.spans()}
+    c = got["0000000000000003"]
+    assert c.parent_id == "0000000000000001" and c.attributes[MARK_REPAIR] == "orphan"
+    assert c.attributes[MARK_METHOD] == "rule" and c.attributes[MARK_ORIGINAL_PARENT] == "0000000000000002"
+    assert r.service.metrics.value("repaired_traces_total", reason="orphan") == 1
+    text = requests.get(r.url + "/metrics").text
+    assert 'otel_tracegen_infill_repaired_traces_total{reason="orphan"} 1.0' in text
+    assert "otel_tracegen_infill_received_spans_total 3.0" in text
+
+
+def test_spans_of_one_trace_are_gathered_across_requests(sink, start):
+    r = start(sink.port, buffer_wait_s=1.0)
+    spans = trace_spans()
+    for s in spans:  # one span per request, child first: no orphan once the trace is whole
+        grpc_call(r.grpc.port, otlp_proto.dumps([s]))
+    wait_for(lambda: len(sink.spans()) == 4, what="4 spans")
+    assert not any(w.span.attributes.get(MARK_REPAIR) for w in sink.spans())
+    assert len(sink.bodies) == 1  # released together
+
+
+# --- pressure, outage, shutdown, crash ------------------------------------------------------------------------
+
+
+def test_a_full_queue_pushes_back_with_retry_advice(start):
+    dead = free_port()
+    r = start(dead, queue_max_mib=0.0001)  # ~100 bytes
+    body = otlp_proto.dumps(trace_spans())
+    grpc_call(r.grpc.port, body)  # taken: the queue was empty
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_call(r.grpc.port, otlp_proto.dumps(trace_spans("cd" * 16)))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(e.value.trailing_metadata())
+    assert parse_retry_delay(trailers["google.rpc.retryinfo-bin"]) == 5.0
+    resp = requests.post(r.url + "/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+    assert r.service.metrics.value("refused_requests_total", reason="queue_full") == 2
+
+
+def test_a_downstream_outage_delays_but_loses_nothing(start):
+    port = free_port()
+    r = start(port)
+    for i in range(5):
+        grpc_call(r.grpc.port, otlp_proto.dumps(trace_spans(f"{i + 1:032x}")))
+    wait_for(lambda: r.service.metrics.value("export_retries_total") >= 2, what="retries against the dead endpoint")
+    assert len(r.service.outbound) >= 1
+    sink = Sink(port)  # the downstream comes back on the same port
+    try:
+        wait_for(lambda: len(sink.spans()) == 20, timeout=30, what="all 20 spans after the outage")
+        assert len({(w.span.trace_id, w.span.span_id) for w in sink.spans()}) == 20
+    finally:
+        sink.stop()
+
+
+def test_a_permanent_refusal_is_kept_as_a_dead_letter(sink, start, tmp_path):
+    sink.replies.append(lambda ctx: ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "sink says no"))
+    r = start(sink.port)
+    grpc_call(r.grpc.port, otlp_proto.dumps(trace_spans()))
+    wait_for(lambda: r.service.metrics.value("failed_spans_total") == 4, what="the refusal")
+    dead = list((tmp_path / "queue" / "dead-letter").glob("*.binpb"))
+    assert len(dead) == 1 and len(wire.decode(dead[0].read_bytes())) == 4
+    assert "sink says no" in json.loads(dead[0].with_suffix(".json").read_text())["reason"]
+
+
+def test_graceful_stop_releases_and_drains(sink, start):
+    r = start(sink.port, buffer_wait_s=60)  # nothing is due before the stop
+    grpc_call(r.grpc.port, otlp_proto.dumps(trace_spans()))
+    assert not sink.bodies
+    r.stop()
+    assert len(sink.spans()) == 4
+
+
+def _serve(tmp_path: Path, downstream: int, grpc_port: int, http_port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "otel_tracegen", "infill", "serve", "--repair-no-model",
+           "--receiver-grpc", f"127.0.0.1:{grpc_port}", "--receiver-http", f"127.0.0.1:{http_port}",
+           "--queue-directory", str(tmp_path / "queue"), "--buffer-wait-s", "0.3",
+           "--exporter-endpoint", f"127.0.0.1:{downstream}", "--exporter-insecure",
+           "--exporter-retry-initial-s", "0.05", "--exporter-retry-max-s", "0.2", "--exporter-timeout-s", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "ab"))
+    wait_for(lambda: requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).ok if _open(http_port) else False,
+             what="the receiver to listen")  # fmt: skip
+    return proc
+
+
+def _open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_nothing_acknowledged_is_lost_across_an_outage_and_kill_9(tmp_path):
+    downstream, g, h = free_port(), free_port(), free_port()
+    proc = _serve(tmp_path, downstream, g, h)
+    sent = set()
+    try:
+        for i in range(20):
+            spans = trace_spans(f"{i + 1:032x}")
+            grpc_call(g, otlp_proto.dumps(spans))  # acknowledged
+            sent |= {(s.trace_id, s.span_id) for s in spans}
+        time.sleep(0.5)  # some are repaired and queued, some still in the buffer or the log
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    sink = Sink(downstream)
+    proc = _serve(tmp_path, downstream, g, h)
+    try:
+        wait_for(lambda: sent <= {(w.span.trace_id, w.span.span_id) for w in sink.spans()}, timeout=30,
+                 what="every acknowledged span after the restart")  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        sink.stop()
+    log = (tmp_path / "serve.log").read_text()
+    assert "replayed" in log or "request(s) replayed" in log
+
+
+# --- a real collector in front ----------------------------------------------------------------------------------
+
+
+def _rotel_binary() -> str | None:
+    try:
+        import rotel
+    except ImportError:
+        return None
+    p = Path(rotel.__file__).parent / "rotel-agent"
+    return str(p) if p.is_file() else None
+
+
+def test_rotel_in_front_of_the_receiver(sink, start, tmp_path):
+    binary = _rotel_binary()
+    if binary is None:
+        pytest.skip("rotel (pip install rotel) is not installed: no real collector to put in front")
+    r = start(sink.port)
+    grpc_port, http_port = free_port(), free_port()
+    cmd = [binary, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
+           "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
+           "--otlp-exporter-endpoint", f"http://127.0.0.1:{r.grpc.port}", "--otlp-exporter-protocol", "grpc",
+           "--traces-batch-timeout", "100ms", "--pid-file", str(tmp_path / "rotel.pid"),
+           "--log-file", str(tmp_path / "rotel.log")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _open(grpc_port), what="rotel to listen")
+        complete = trace_spans("11" * 16)
+        broken = [s for s in trace_spans("22" * 16) if s.span_id != "0000000000000002"]
+        exporter = GrpcExporter(resolve_grpc(f"127.0.0.1:{grpc_port}", True, env={}))
+        assert exporter.export(otlp_proto.dumps(complete + broken), 7).failed_spans == 0
+        exporter.shutdown()
+        wait_for(lambda: len(sink.spans()) == 7, what="7 spans through rotel and the receiver")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    got = {(w.span.trace_id, w.span.span_id): w.span for w in sink.spans()}
+    for s in complete:
+        out = got[s.trace_id, s.span_id]
+        assert (out.parent_id, out.service, out.name, out.start_ns, out.end_ns, out.attributes) == (
+            s.parent_id, s.service, s.name, s.start_ns, s.end_ns, s.attributes)
+        assert MARK_REPAIR not in out.attributes
+    c = got["22" * 16, "0000000000000003"]
+    assert c.parent_id == "0000000000000001" and c.attributes[MARK_REPAIR] == "orphan"
+
+
+# --- configuration and the file command -------------------------------------------------------------------------
+
+
+def test_yaml_config_and_flags(tmp_path):
+    p = tmp_path / "infill.yaml"
+    p.write_text("receiver:\n  grpc: 0.0.0.0:5317\nbuffer:\n  wait_s: 5\nexporter:\n  endpoint: jaeger:4317\n"
+                 "  headers: {x-tenant: a}\n")
+    c = InfillConfig.load(p)
+    assert (c.receiver_grpc, c.buffer_wait_s, c.exporter_endpoint, c.exporter_headers) == (
+        "0.0.0.0:5317", 5, "jaeger:4317", {"x-tenant": "a"})
+    p.write_text("buffer:\n  wait: 5\n")
+    with pytest.raises(UserError, match=r"unknown setting buffer.wait \(known: wait_s"):
+        InfillConfig.load(p)
+    from otel_tracegen.cli import _build_parser
+    from otel_tracegen.infill.command import config_from_args
+
+    p.write_text("buffer:\n  wait_s: 5\n")
+    args = _build_parser().parse_args(["infill", "serve", "--config", str(p), "--buffer-wait-s", "7",
+                                       "--receiver-http", "none", "--exporter-header", "a=b"])  # fmt: skip
+    c = config_from_args(args)
+    assert (c.buffer_wait_s, c.receiver_http, c.exporter_headers) == (7.0, None, {"a": "b"})
+
+
+def test_infill_file_repairs_offline(tmp_path):
+    spans = [s for s in trace_spans() if s.span_id != "0000000000000002"]
+    src = tmp_path / "in.otlp.json"
+    src.write_text(otlp_json.dumps(spans))
+    out = tmp_path / "out.otlp.json"
+    rc, stdout, err = run("infill", "file", str(src), "--out", str(out), "--no-model")
+    assert rc == 0, err
+    assert "1 trace(s) repaired (orphan: 1; methods rule: 1)" in stdout
+    got = {s.span_id: s for s in otlp_json.loads(out.read_text())}
+    assert got["0000000000000003"].parent_id == "0000000000000001"
+    assert got["0000000000000004"] == replace(spans[2])
