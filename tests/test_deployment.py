@@ -103,3 +103,40 @@ def test_mounted_files_and_build_context_exist(compose):
     for copied in re.findall(r"^COPY (.+) \./?\S*$", DOCKERFILE.read_text(), re.M):
         for name in copied.split():
             assert (ROOT / name).exists(), name
+
+
+# --- the repairing pipeline: gateway -> infill replicas -> collector -----------------------------------------
+
+INFILL_COMPOSE = ROOT / "docker" / "compose.infill.yaml"
+GATEWAY = ROOT / "collector-config" / "infill-gateway.yaml"
+INFILL = ROOT / "collector-config" / "infill.yaml"
+
+
+def test_infill_replicas_parse_and_chain_gateway_to_collector(compose):
+    from otel_tracegen.infill.command import config_from_args
+
+    extra = load(INFILL_COMPOSE)["services"]
+    gateway = load(GATEWAY)
+    lb = gateway["exporters"]["loadbalancing"]
+    assert lb["routing_key"] == "traceID"  # every span of a trace reaches the same replica
+    hostnames = lb["resolver"]["static"]["hostnames"]
+    replicas = [name for name, svc in extra.items() if svc.get("command", [None])[0] == "infill"]
+    assert sorted(host_of(h) for h in hostnames) == sorted(replicas)
+    collector_grpc = port_of(load(COLLECTOR)["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"])
+    for name in replicas:
+        svc = extra[name]
+        args = _build_parser().parse_args(svc["command"])
+        mounted = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+        config_file = mounted[str(args.config)]
+        assert (INFILL_COMPOSE.parent / config_file).resolve() == INFILL.resolve()
+        args.config = INFILL  # read the file the container mounts
+        config = config_from_args(args)
+        for h in hostnames:
+            if host_of(h) == name:
+                assert port_of(h) == port_of(config.receiver_grpc)
+        assert host_of(config.exporter_endpoint) == "otel-collector" and "otel-collector" in compose["services"]
+        assert port_of(config.exporter_endpoint) == collector_grpc
+        assert config.queue_directory in mounted  # the queue lives on a volume, so it survives a restart
+    for stage in ("receivers", "processors", "exporters"):
+        for n in gateway["service"]["pipelines"]["traces"][stage]:
+            assert n in gateway[stage]

@@ -427,3 +427,64 @@ def test_infill_file_repairs_offline(tmp_path):
     got = {s.span_id: s for s in otlp_json.loads(out.read_text())}
     assert got["0000000000000003"].parent_id == "0000000000000001"
     assert got["0000000000000004"] == replace(spans[2])
+
+
+def test_tls_on_both_receivers(sink, tmp_path, pki):
+    config = InfillConfig(repair_no_model=True, queue_directory=str(tmp_path / "queue"), buffer_wait_s=0.1,
+                          exporter_endpoint=f"127.0.0.1:{sink.port}", exporter_insecure=True)  # fmt: skip
+    service = InfillService(config, TraceRepairer(None, None))
+    cert, key = pki["server.pem"], pki["server.key"]
+    g = GrpcReceiver(service, "localhost:0", max_message_bytes=1 << 20,
+                     tls=(Path(cert).read_bytes(), Path(key).read_bytes()))  # fmt: skip
+    h = HttpReceiver(service, "127.0.0.1:0", max_message_bytes=1 << 20, tls=(cert, key))
+    service.start()
+    g.start()
+    h.start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(pki["ca.pem"]).read_bytes())
+        with grpc.secure_channel(f"localhost:{g.port}", creds) as ch:
+            ch.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)(
+                otlp_proto.dumps(trace_spans()), timeout=10)
+        resp = requests.post(f"https://127.0.0.1:{h.port}/v1/traces", data=otlp_proto.dumps(trace_spans("cd" * 16)),
+                             headers={"Content-Type": "application/x-protobuf"}, verify=pki["ca.pem"])  # fmt: skip
+        assert resp.status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):  # plaintext clients cannot talk to it unknowingly
+            requests.post(f"https://127.0.0.1:{h.port}/v1/traces", data=b"", verify=True)
+        wait_for(lambda: len(sink.spans()) == 8, what="8 spans over TLS")
+    finally:
+        g.stop(0)
+        h.stop()
+        service.stop()
+
+
+def test_the_model_repairs_inside_the_running_receiver(sink, tmp_path, corpus):
+    pytest.importorskip("torch")
+    from otel_tracegen.dataset import load_corpus
+    from otel_tracegen.infill.filler import ModelFiller
+    from otel_tracegen.infill.repair import MARK_SYNTHETIC
+    from otel_tracegen.lm.model import load_model
+
+    _, splits = load_corpus(corpus)
+    trace = next(t for t in splits["train"] if len(t) >= 10)
+    lost = next(s for s in trace.spans if s.parent_id is not None and trace.children(s))
+    spans = [s for s in trace.spans if s.span_id != lost.span_id]
+    config = InfillConfig(queue_directory=str(tmp_path / "queue"), buffer_wait_s=0.1,
+                          exporter_endpoint=f"127.0.0.1:{sink.port}", exporter_insecure=True)  # fmt: skip
+    repairer = TraceRepairer(ModelFiller(load_model(Path(__file__).resolve().parents[1] / "model", "cpu")), None,
+                             config.repair_settings())  # fmt: skip
+    service = InfillService(config, repairer)
+    h = HttpReceiver(service, "127.0.0.1:0", max_message_bytes=1 << 24)
+    service.start()
+    h.start()
+    try:
+        resp = requests.post(f"http://127.0.0.1:{h.port}/v1/traces", data=otlp_proto.dumps(spans),
+                             headers={"Content-Type": "application/x-protobuf"})  # fmt: skip
+        assert resp.status_code == 200
+        wait_for(lambda: len(sink.spans()) == len(trace), what="the trace with its lost span written back")
+    finally:
+        h.stop()
+        service.stop()
+    made = [w.span for w in sink.spans() if w.span.attributes.get(MARK_SYNTHETIC)]
+    assert len(made) == 1 and (made[0].service, made[0].name) == (lost.service, lost.name)
+    assert made[0].parent_id == lost.parent_id and made[0].resource.attributes[MARK_SYNTHETIC] is True
+    assert service.metrics.value("repairs_total", method="model") >= 1
