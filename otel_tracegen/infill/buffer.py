@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .repair import Released
-from .wire import WireSpan
+from .wire import SPAN_OVERHEAD, WireSpan
 
 
 @dataclass
@@ -63,15 +63,20 @@ class TraceBuffer:
         """Hold ``spans`` (of any traces), which came in log record ``seq``."""
         now = self._clock()
         with self._lock:
+            added = 0
             for w in spans:
                 tid = w.span.trace_id
                 held = self._held.get(tid)
                 if held is None:
                     held = self._held[tid] = HeldTrace(tid, now)
+                    held.seqs.add(seq)
+                elif seq not in held.seqs:
+                    held.seqs.add(seq)
                 held.spans.append(w)
-                held.seqs.add(seq)
-                held.size += w.size
-                self._bytes += w.size
+                n = len(w.raw) + SPAN_OVERHEAD
+                held.size += n
+                added += n
+            self._bytes += added
             while self._held and (len(self._held) > self.max_traces or self._bytes > self.max_bytes):
                 self._overflow.append(self._release(next(iter(self._held)), early=True))
                 self.evicted += 1

@@ -116,7 +116,7 @@ def serve(config: InfillConfig, env, log_level: str = "info", ready: threading.E
           stop: threading.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully."""
     from .receiver import GrpcReceiver, HttpReceiver
-    from .service import InfillService
+    from .service import InfillService, tune_gc
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=env.stderr)  # fmt: skip
@@ -128,6 +128,7 @@ def serve(config: InfillConfig, env, log_level: str = "info", ready: threading.E
             raise UserError("TLS needs both --receiver-tls-cert and --receiver-tls-key")
         tls_files = (config.receiver_tls_cert, config.receiver_tls_key)
     service = InfillService(config)
+    tune_gc()
     limit = int(config.receiver_max_message_mib * (1 << 20))
     receivers = []
     try:

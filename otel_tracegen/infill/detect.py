@@ -120,7 +120,10 @@ def detect(
     tol = settings.skew_tolerance_ns
     for s in spans:
         p = by_id.get(s.parent_id) if s.parent_id is not None else None
-        if p is None or host_key(p) == host_key(s):
+        # cheap tests first: most children sit inside their parent, and spans of one resource share a host
+        if p is None or (p.start_ns <= s.start_ns and s.end_ns <= p.end_ns) or p.resource is s.resource:
+            continue
+        if host_key(p) == host_key(s):
             continue
         early, late = p.start_ns - s.start_ns, s.end_ns - p.end_ns
         # Jaeger's rule decides what is skew (a child longer than its parent that starts inside it is an
@@ -130,11 +133,15 @@ def detect(
             out.findings.append(Finding(CLOCK_SKEW, (s.span_id,), f"span {s.span_id} ({s.service}) {what} its "
                                         f"parent {p.span_id} ({p.service}), on another process"))
     if settings.attributes:
+        placeholder: dict[str, bool] = {}  # services repeat: decide each name once
         for s in spans:
-            if is_placeholder_service(s.service, settings):
+            bad = placeholder.get(s.service)
+            if bad is None:
+                bad = placeholder[s.service] = is_placeholder_service(s.service, settings)
+            if bad:
                 out.findings.append(Finding(MISSING_ATTRIBUTE, (s.span_id,), f"span {s.span_id} has no service "
                                             f"name ({s.service!r})", field=Field.SERVICE, key=SERVICE))
-            if not s.name.strip():
+            if not s.name or s.name.isspace():
                 out.findings.append(Finding(MISSING_ATTRIBUTE, (s.span_id,), f"span {s.span_id} has an empty name",
                                             field=Field.OPERATION, key=OPERATION))
             if catalog is not None:

@@ -31,6 +31,7 @@ ScopeKey = tuple[bytes | None, str]
 """An ``InstrumentationScope`` message's bytes (None: none) and the ``ScopeSpans.schema_url``."""
 
 PROTOBUF = "application/x-protobuf"
+SPAN_OVERHEAD = 64  # bytes a held span costs beyond its message (the canonical span is counted too roughly)
 JSON = "application/json"
 
 
@@ -47,7 +48,7 @@ class WireSpan:
     @property
     def size(self) -> int:
         """Bytes it holds (what the trace buffer's memory bound counts)."""
-        return len(self.raw) + 64
+        return len(self.raw) + SPAN_OVERHEAD
 
 
 class MalformedRequest(ValueError):
