@@ -47,7 +47,7 @@ class ReleasedTrace:
 
 class TraceBuffer:
     def __init__(self, *, wait_s: float = 2.0, max_traces: int = 100_000, max_bytes: int = 256 << 20,
-                 remember: int = 200_000, clock=time.monotonic) -> None:
+                 remember: int = 20_000, clock=time.monotonic) -> None:
         if wait_s < 0 or max_traces < 1 or max_bytes < 1:
             raise ValueError("need wait_s >= 0, max_traces >= 1 and max_bytes >= 1")
         self.wait_s, self.max_traces, self.max_bytes, self.remember = wait_s, max_traces, max_bytes, remember

@@ -33,6 +33,8 @@ _HELP = {
     "buffer_wait_s": "how long a trace is gathered from its first span before repair (default 2)",
     "buffer_max_traces": "traces held at most; the oldest go early beyond it (default 100000)",
     "buffer_max_mib": "span bytes held at most, MiB (default 256)",
+    "buffer_remember_traces": "released traces remembered so that their late spans join them (default 20000; "
+                              "about 7 KB each for 70-span traces)",
     "repair_model": "trace model directory (default: the shipped model/)",
     "repair_no_model": "rules only: re-parent orphans to the nearest ancestor, adjust clock skew",
     "repair_confidence": "below it the model's answer is not used (default 0.5)",

@@ -63,6 +63,7 @@ class InfillConfig:
     buffer_wait_s: float = 2.0
     buffer_max_traces: int = 100_000
     buffer_max_mib: float = 256.0
+    buffer_remember_traces: int = 20_000  # released traces whose span ids are kept, so late spans join them
     repair_model: str | None = None  # a model directory; None: the shipped model
     repair_no_model: bool = False  # rules only (re-parent to the nearest ancestor, clock skew)
     repair_confidence: float = 0.5
@@ -224,7 +225,8 @@ class InfillService:
         self.outbound = DiskQueue(qdir / "outbound", fsync=config.queue_fsync, name="outbound")
         self._log = GroupCommit(self.wal)
         self.buffer = TraceBuffer(wait_s=config.buffer_wait_s, max_traces=config.buffer_max_traces,
-                                  max_bytes=int(config.buffer_max_mib * (1 << 20)))  # fmt: skip
+                                  max_bytes=int(config.buffer_max_mib * (1 << 20)),
+                                  remember=config.buffer_remember_traces)  # fmt: skip
         self.forwarder = Forwarder(self.outbound, exporter if exporter is not None else make_exporter(
             config.forward_settings()), config.forward_settings(), self.metrics, qdir / "dead-letter")  # fmt: skip
         self._max_queue_bytes = int(config.queue_max_mib * (1 << 20))
