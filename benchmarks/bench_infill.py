@@ -1,8 +1,17 @@
-"""Infill accuracy: how often the receiver's repair writes back what was really lost, against simple baselines, on
-held-out traces of the corpus the shipped model was trained on.
+"""Infill accuracy and throughput: how often the receiver's repair writes back what was really lost, against simple
+baselines, on held-out traces of the corpus the shipped model was trained on; and how fast it passes complete
+traces through, against the rotel collector in the same run.
 
     python3 benchmarks/bench_infill.py [--corpus DIR] [--model DIR] [--n 300] [--seed 0] [--confidence 0.5]
         [--batch 64] [--device cpu] [--dtype auto] [--examples 3] [--json OUT.json]
+        [--throughput-spans 150000] [--repeats 3] [--skip-accuracy]
+
+**Throughput.** Complete validation traces, packed into requests of ~500 spans, are sent over OTLP/gRPC from 4
+threads of this process through (a) ``rotel`` (the Rust collector from PyPI: OTLP in, OTLP out) and (b)
+``otel-tracegen infill serve`` (its own process, the shipped model loaded, fsync on), each forwarding to the same
+counting gRPC sink in this process; spans/s from the first send until the sink has every span, runs alternated,
+medians compared. The goal is >= 25 % of rotel. The load driver and the sink share the machine with the pipeline
+under test, as they do for both.
 
 ``--n`` validation traces (whole ones: one root, no orphans) are drawn with ``--seed`` for each of the two tasks.
 Without ``--corpus`` the corpus is ``.gpu-data/ttob``, built from ``../shared/datasets`` as
@@ -51,8 +60,11 @@ import json
 import math
 import os
 import random
+import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -547,6 +559,157 @@ def _run_with_bar(desc: str, total: int, fn):
             bar.close()
 
 
+# --- throughput: pass-through spans/s against rotel's, in the same run ------------------------------------------
+
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+
+
+class CountingSink:
+    """The downstream of both pipelines: an OTLP/gRPC endpoint that counts the spans it receives."""
+
+    def __init__(self) -> None:
+        import grpc
+        from concurrent import futures
+
+        self.spans = 0
+        self._lock = threading.Lock()
+        handler = grpc.method_handlers_generic_handler(
+            TRACE_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self._export)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler],
+                                  options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _export(self, request: bytes, context) -> bytes:
+        from otel_tracegen.infill.wire import count_spans
+
+        n = count_spans(request)
+        with self._lock:
+            self.spans += n
+        return b""
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc, what: str, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on {port}")
+
+
+def _drive(port: int, bodies: list[bytes], sink: CountingSink, senders: int) -> float:
+    """Send every body from ``senders`` threads; spans/s from the first send until the sink has them all."""
+    import grpc
+    from concurrent import futures
+
+    from otel_tracegen.infill.wire import count_spans
+
+    sent = sum(count_spans(b) for b in bodies)
+    target = sink.spans + sent
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+    call = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
+    start = time.perf_counter()
+    with futures.ThreadPoolExecutor(senders) as pool:
+        list(pool.map(lambda b: call(b, timeout=120), bodies))
+    deadline = time.time() + 300
+    while sink.spans < target and time.time() < deadline:
+        time.sleep(0.005)
+    took = time.perf_counter() - start
+    channel.close()
+    if sink.spans < target:
+        raise RuntimeError(f"only {sent - (target - sink.spans)} of {sent} spans arrived")
+    return sent / took
+
+
+def _rotel_binary() -> str | None:
+    try:
+        import rotel
+    except ImportError:
+        return None
+    p = Path(rotel.__file__).parent / "rotel-agent"
+    return str(p) if p.is_file() else None
+
+
+def start_rotel(sink_port: int, workdir: Path):
+    binary = _rotel_binary()
+    if binary is None:
+        raise RuntimeError("rotel is not installed (pip install rotel)")
+    g, h = _free_port(), _free_port()
+    proc = subprocess.Popen([binary, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{g}",
+                             "--otlp-http-endpoint", f"127.0.0.1:{h}", "--exporter", "otlp",
+                             "--otlp-exporter-endpoint", f"http://127.0.0.1:{sink_port}",
+                             "--otlp-exporter-protocol", "grpc", "--traces-batch-timeout", "100ms",
+                             "--pid-file", str(workdir / "rotel.pid"), "--log-file", str(workdir / "rotel.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    _wait_listening(g, proc, "rotel")
+    return proc, g
+
+
+def start_infill(sink_port: int, workdir: Path, model: str | None, extra: list[str]):
+    g, h = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "otel_tracegen", "infill", "serve", "--receiver-grpc", f"127.0.0.1:{g}",
+           "--receiver-http", f"127.0.0.1:{h}", "--queue-directory", str(workdir / "queue"),
+           "--buffer-wait-s", "0.2", "--receiver-max-message-mib", "64", "--exporter-endpoint",
+           f"127.0.0.1:{sink_port}", "--exporter-insecure", *(["--repair-model", model] if model else []), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(workdir / "infill.log", "ab"))
+    _wait_listening(h, proc, "otel-tracegen infill serve")
+    return proc, g
+
+
+def measure_passthrough(traces: list, *, spans_per_request: int = 500, max_spans: int = 150_000, repeats: int = 3,
+                        senders: int = 4, model: str | None = None, extra: list[str] | None = None) -> dict:
+    """Pass-through spans/s of complete traces: rotel (Rust collector, OTLP in -> OTLP out) against the infill
+    receiver (log, buffer, detect, forward), each between the same Python load driver and the same counting sink,
+    alternated ``repeats`` times; medians and their ratio."""
+    import tempfile
+
+    from otel_tracegen.formats import otlp_proto
+
+    bodies, batch, n = [], [], 0
+    for t in traces:
+        batch.extend(t.spans)
+        if len(batch) >= spans_per_request:
+            bodies.append(otlp_proto.dumps(batch))
+            n += len(batch)
+            batch = []
+            if n >= max_spans:
+                break
+    sink = CountingSink()
+    runs: dict[str, list[float]] = {"rotel": [], "infill": []}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            for r in range(repeats):
+                for name in ("rotel", "infill"):
+                    work = Path(d) / f"{name}-{r}"
+                    work.mkdir()
+                    proc, port = (start_rotel(sink.port, work) if name == "rotel"
+                                  else start_infill(sink.port, work, model, extra or []))  # fmt: skip
+                    try:
+                        runs[name].append(_drive(port, bodies, sink, senders))
+                    finally:
+                        proc.terminate()
+                        proc.wait(60)
+    finally:
+        sink.stop()
+    rotel, infill = statistics.median(runs["rotel"]), statistics.median(runs["infill"])
+    return {"requests": len(bodies), "spans": n, "senders": senders, "repeats": repeats, "runs": runs,
+            "rotel_spans_per_s": rotel, "infill_spans_per_s": infill, "ratio": infill / rotel}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path)
@@ -559,6 +722,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     ap.add_argument("--examples", type=int, default=3, help="failed model cases to print per task")
     ap.add_argument("--json", type=Path, help="write every figure and the per-case records here")
+    ap.add_argument("--throughput-spans", type=int, default=150_000,
+                    help="complete-trace spans sent through each pipeline per repeat (0: skip throughput)")
+    ap.add_argument("--repeats", type=int, default=3, help="throughput runs per pipeline, alternated (median)")
+    ap.add_argument("--skip-accuracy", action="store_true", help="throughput only")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_all = time.perf_counter()
@@ -586,93 +753,110 @@ def main() -> None:
     print(f"train counts: {len(stats.paths)} paths, {len(stats.parent_of_set)} child sets "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    rng = random.Random(args.seed)
-    missing = missing_call_cases(held, args.n, rng, stats)
-    attrs = attribute_cases(held, args.n, rng)
+    result: dict = {"corpus": str(corpus), "machine": machine(args.device), "goals": GOALS, "paper": PAPER}
+    if not args.skip_accuracy:
+        rng = random.Random(args.seed)
+        missing = missing_call_cases(held, args.n, rng, stats)
+        attrs = attribute_cases(held, args.n, rng)
 
-    lm = load_model(args.model, args.device, dtype=args.dtype)
-    filler = ModelFiller(lm)
-    settings = RepairSettings() if args.confidence is None else RepairSettings(confidence=args.confidence)
-    model = TraceRepairer(filler, settings=settings)
-    rule = TraceRepairer(None, filler.catalog, settings=settings)
-    dtype = str(lm.model.dtype).removeprefix("torch.")
-    print(f"model {lm.path} ({dtype}, {args.device}); confidence threshold {model.settings.confidence}", flush=True)
+        lm = load_model(args.model, args.device, dtype=args.dtype)
+        filler = ModelFiller(lm)
+        settings = RepairSettings() if args.confidence is None else RepairSettings(confidence=args.confidence)
+        model = TraceRepairer(filler, settings=settings)
+        rule = TraceRepairer(None, filler.catalog, settings=settings)
+        dtype = str(lm.model.dtype).removeprefix("torch.")
+        print(f"model {lm.path} ({dtype}, {args.device}); confidence threshold {model.settings.confidence}", flush=True)
 
-    run_repairer(model, [c.kept for c in missing[:4]], args.batch)  # warm-up, not timed
-    m_recs, m_outs, m_sec = _run_with_bar("missing calls: model", len(missing),
-                                          lambda adv: measure_missing_calls(missing, model, args.batch, adv))
-    r_recs, r_outs, _ = _run_with_bar("missing calls: rule", len(missing),
-                                      lambda adv: measure_missing_calls(missing, rule, args.batch, adv))
-    l_recs = measure_lookup(missing, lookup_baseline(stats), r_outs)
-    p_recs = measure_lookup(missing, PathLookupBaseline(stats), r_outs)
-    a_recs, a_sec = _run_with_bar("attributes: model", len(attrs),
-                                  lambda adv: measure_attributes(attrs, model, args.batch, adv))
-    f_recs = measure_attribute_baseline(attrs, FrequencyBaseline(stats))
-    g_recs = measure_attribute_baseline(attrs, FrequencyBaseline(stats, given_parent=True))
+        run_repairer(model, [c.kept for c in missing[:4]], args.batch)  # warm-up, not timed
+        m_recs, m_outs, m_sec = _run_with_bar("missing calls: model", len(missing),
+                                              lambda adv: measure_missing_calls(missing, model, args.batch, adv))
+        r_recs, r_outs, _ = _run_with_bar("missing calls: rule", len(missing),
+                                          lambda adv: measure_missing_calls(missing, rule, args.batch, adv))
+        l_recs = measure_lookup(missing, lookup_baseline(stats), r_outs)
+        p_recs = measure_lookup(missing, PathLookupBaseline(stats), r_outs)
+        a_recs, a_sec = _run_with_bar("attributes: model", len(attrs),
+                                      lambda adv: measure_attributes(attrs, model, args.batch, adv))
+        f_recs = measure_attribute_baseline(attrs, FrequencyBaseline(stats))
+        g_recs = measure_attribute_baseline(attrs, FrequencyBaseline(stats, given_parent=True))
 
-    m_sum, r_sum, l_sum, p_sum = map(missing_summary, (m_recs, r_recs, l_recs, p_recs))
-    result = {
-        "corpus": str(corpus), "model": str(lm.path), "dtype": dtype, "device": args.device, "n": args.n,
-        "seed": args.seed, "confidence": model.settings.confidence,
-        "cases": {"missing_call": len(missing), "attribute": len(attrs)},
-        "rows": {
-            "model": {"missing": m_sum["all"], "missing_by_path": m_sum["by_path"],
-                      "attribute": summarize_attributes(a_recs)},
-            "nearest ancestor": {"missing": r_sum["all"], "missing_by_path": r_sum["by_path"]},
-            "lookup": {"missing": l_sum["all"], "missing_by_path": l_sum["by_path"]},
-            "path lookup": {"missing": p_sum["all"], "missing_by_path": p_sum["by_path"]},
-            "most frequent": {"attribute": summarize_attributes(f_recs)},
-            "most frequent | parent": {"attribute": summarize_attributes(g_recs)},
-        },
-        "speed": {"missing_call_traces_per_s": len(missing) / m_sec if m_sec else None,
-                  "missing_call_seconds": round(m_sec, 2),
-                  "attribute_traces_per_s": len(attrs) / a_sec if a_sec else None,
-                  "attribute_seconds": round(a_sec, 2)},
-        "goals": GOALS, "paper": PAPER, "machine": machine(args.device),
-    }  # fmt: skip
+        m_sum, r_sum, l_sum, p_sum = map(missing_summary, (m_recs, r_recs, l_recs, p_recs))
+        result |= {
+            "corpus": str(corpus), "model": str(lm.path), "dtype": dtype, "device": args.device, "n": args.n,
+            "seed": args.seed, "confidence": model.settings.confidence,
+            "cases": {"missing_call": len(missing), "attribute": len(attrs)},
+            "rows": {
+                "model": {"missing": m_sum["all"], "missing_by_path": m_sum["by_path"],
+                          "attribute": summarize_attributes(a_recs)},
+                "nearest ancestor": {"missing": r_sum["all"], "missing_by_path": r_sum["by_path"]},
+                "lookup": {"missing": l_sum["all"], "missing_by_path": l_sum["by_path"]},
+                "path lookup": {"missing": p_sum["all"], "missing_by_path": p_sum["by_path"]},
+                "most frequent": {"attribute": summarize_attributes(f_recs)},
+                "most frequent | parent": {"attribute": summarize_attributes(g_recs)},
+            },
+            "speed": {"missing_call_traces_per_s": len(missing) / m_sec if m_sec else None,
+                      "missing_call_seconds": round(m_sec, 2),
+                      "attribute_traces_per_s": len(attrs) / a_sec if a_sec else None,
+                      "attribute_seconds": round(a_sec, 2)},
+            "goals": GOALS, "paper": PAPER, "machine": machine(args.device),
+        }  # fmt: skip
 
-    print()
-    print(f"{len(missing)} missing-call cases, {len(attrs)} attribute cases (validation split, "
-          f"seed {args.seed}); {len(held)} held-out traces to draw from")
-    print()
-    print_table(result)
-    print()
-    print("missing calls by how often the lost span's path (grandparent op -> lost op -> child op) is in train:")
-    print_by_path(result)
-    print()
-    mm, ma = result["rows"]["model"]["missing"], result["rows"]["model"]["attribute"]
-    for label, key, got, paper in (("missing-call accuracy", "missing_call", mm["accuracy"], "66 %"),
-                                   ("attribute accuracy", "attribute", ma["accuracy"], "> 70 %")):
-        verdict = "met" if (got or 0) >= GOALS[key] else "NOT met"
-        print(f"goal (issue): {label} >= {pct(GOALS[key])}: model {pct(got)}, {verdict}  (paper: {paper})")
-    print(f"model attributes: {pct(ma['written'])} written; below the threshold {ma['unsure']} suggestion(s), "
-          f"{pct(ma['suggestion_accuracy'])} of them right; accuracy at threshold 0 {pct(ma['answer_accuracy'])}")
-    sp = result["speed"]
-    print(f"model repair speed: missing calls {num(sp['missing_call_traces_per_s'], '{:.1f}')} traces/s "
-          f"({sp['missing_call_seconds']} s), attributes {num(sp['attribute_traces_per_s'], '{:.1f}')} traces/s "
-          f"({sp['attribute_seconds']} s); {args.batch} traces per repair call")
-    if args.examples:
         print()
-        failed = [r for r in m_recs if not r["correct"]]
-        print(f"failed model cases (missing calls): {len(failed)}" + (":" if failed else ""))
-        for r in failed[: args.examples]:
-            what = (f"wrote {'/'.join(r['wrote'])} (conf {r['confidence']}), parent "
-                    f"{'right' if r['right_parent'] else 'wrong'}" if r["made"] else
-                    f"nothing made ({r.get('method')}, conf {r['confidence']}), parent "
-                    f"{'right' if r['right_parent'] else 'wrong'}")  # fmt: skip
-            print(f"  {r['trace_id'][:16]} lost {'/'.join(r['lost'])} [{r['bucket']}]: {what}")
-        failed = [r for r in a_recs if not r["correct"]]
-        print(f"failed model cases (attributes): {len(failed)}" + (":" if failed else ""))
-        for r in failed[: args.examples]:
-            print(f"  {r['trace_id'][:16]} {r['field']} {r['truth']!r}: "
-                  + (f"wrote {r['value']!r}" if r["written"] else f"unsure, suggested {r.get('suggested')!r}")
-                  + f" (conf {r.get('confidence')})")
+        print(f"{len(missing)} missing-call cases, {len(attrs)} attribute cases (validation split, "
+              f"seed {args.seed}); {len(held)} held-out traces to draw from")
+        print()
+        print_table(result)
+        print()
+        print("missing calls by how often the lost span's path (grandparent op -> lost op -> child op) is in train:")
+        print_by_path(result)
+        print()
+        mm, ma = result["rows"]["model"]["missing"], result["rows"]["model"]["attribute"]
+        for label, key, got, paper in (("missing-call accuracy", "missing_call", mm["accuracy"], "66 %"),
+                                       ("attribute accuracy", "attribute", ma["accuracy"], "> 70 %")):
+            verdict = "met" if (got or 0) >= GOALS[key] else "NOT met"
+            print(f"goal (issue): {label} >= {pct(GOALS[key])}: model {pct(got)}, {verdict}  (paper: {paper})")
+        print(f"model attributes: {pct(ma['written'])} written; below the threshold {ma['unsure']} suggestion(s), "
+              f"{pct(ma['suggestion_accuracy'])} of them right; accuracy at threshold 0 {pct(ma['answer_accuracy'])}")
+        sp = result["speed"]
+        print(f"model repair speed: missing calls {num(sp['missing_call_traces_per_s'], '{:.1f}')} traces/s "
+              f"({sp['missing_call_seconds']} s), attributes {num(sp['attribute_traces_per_s'], '{:.1f}')} traces/s "
+              f"({sp['attribute_seconds']} s); {args.batch} traces per repair call")
+        if args.examples:
+            print()
+            failed = [r for r in m_recs if not r["correct"]]
+            print(f"failed model cases (missing calls): {len(failed)}" + (":" if failed else ""))
+            for r in failed[: args.examples]:
+                what = (f"wrote {'/'.join(r['wrote'])} (conf {r['confidence']}), parent "
+                        f"{'right' if r['right_parent'] else 'wrong'}" if r["made"] else
+                        f"nothing made ({r.get('method')}, conf {r['confidence']}), parent "
+                        f"{'right' if r['right_parent'] else 'wrong'}")  # fmt: skip
+                print(f"  {r['trace_id'][:16]} lost {'/'.join(r['lost'])} [{r['bucket']}]: {what}")
+            failed = [r for r in a_recs if not r["correct"]]
+            print(f"failed model cases (attributes): {len(failed)}" + (":" if failed else ""))
+            for r in failed[: args.examples]:
+                print(f"  {r['trace_id'][:16]} {r['field']} {r['truth']!r}: "
+                      + (f"wrote {r['value']!r}" if r["written"] else f"unsure, suggested {r.get('suggested')!r}")
+                      + f" (conf {r.get('confidence')})")
+    if args.throughput_spans:
+        print()
+        print(f"pass-through: {args.throughput_spans} spans of complete validation traces per run, through rotel and "
+              f"through `otel-tracegen infill serve` (shipped model loaded), {args.repeats} alternated runs each ...",
+              flush=True)  # fmt: skip
+        tp = measure_passthrough(held, max_spans=args.throughput_spans, repeats=args.repeats, model=args.model)
+        result["throughput"] = tp
+        goal = 0.25
+        print(f"pass-through spans/s (median): infill {tp['infill_spans_per_s']:,.0f}, rotel "
+              f"{tp['rotel_spans_per_s']:,.0f}: {tp['ratio'] * 100:.1f} % of rotel (goal >= {goal * 100:.0f} %: "
+              f"{'met' if tp['ratio'] >= goal else 'NOT met'}); {tp['requests']} requests of ~500 spans from "
+              f"{tp['senders']} senders; runs: infill {[round(x) for x in tp['runs']['infill']]}, rotel "
+              f"{[round(x) for x in tp['runs']['rotel']]}")  # fmt: skip
     print()
     print(f"machine: {result['machine']}  ({time.perf_counter() - t_all:.0f} s in all)")
     if args.json:
-        result["records"] = {"missing_call": {"model": m_recs, "nearest ancestor": r_recs, "lookup": l_recs,
-                                              "path lookup": p_recs},
-                             "attribute": {"model": a_recs, "most frequent": f_recs, "most frequent | parent": g_recs}}
+        if not args.skip_accuracy:
+            result["records"] = {"missing_call": {"model": m_recs, "nearest ancestor": r_recs, "lookup": l_recs,
+                                                  "path lookup": p_recs},
+                                 "attribute": {"model": a_recs, "most frequent": f_recs,
+                                               "most frequent | parent": g_recs}}
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 

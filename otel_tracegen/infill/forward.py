@@ -1,12 +1,13 @@
-"""Forwarding: repaired requests from the on-disk outbound queue to the downstream OTLP endpoint.
+"""Forwarding: repaired requests from the outbound queue to the downstream OTLP endpoint.
 
-A request leaves the queue only when the downstream has taken it. A transient failure (the endpoint is down,
-``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, HTTP 429/502/503/504) is retried with exponential backoff (from
-``retry_initial_s`` doubling to ``retry_max_s``, with jitter) for as long as it takes, so an outage costs
-latency, not data: the queue is on disk and survives a restart. A permanent refusal (``INVALID_ARGUMENT``, HTTP
-400, or spans the downstream rejected in a partial success) cannot succeed by resending; those requests are
-written to ``dead-letter/`` beside the queue with the reason, counted as failed and logged, never dropped
-silently.
+A request leaves the queue only when the downstream has taken it; then ``on_done`` tells the service, which
+acknowledges the write-ahead log records whose traces are now all delivered. A transient failure (the endpoint is
+down, ``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, HTTP 429/502/503/504) is retried with exponential backoff (from
+``retry_initial_s`` doubling to ``retry_max_s``, with jitter) for as long as it takes, so an outage costs latency,
+not data: what is not delivered stays in the write-ahead log, on disk, across restarts. A permanent refusal
+(``INVALID_ARGUMENT``, HTTP 400, or spans the downstream rejected in a partial success) cannot succeed by
+resending; those requests are written to ``dead-letter/`` beside the queue with the reason, counted as failed and
+logged, never dropped silently.
 
 The exporters are :mod:`otel_tracegen.otlp_native`'s (gRPC or HTTP, every ``OTEL_EXPORTER_OTLP_*`` setting).
 """
@@ -19,6 +20,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +59,9 @@ class Forwarder:
     """Sends the queue's requests in order on one thread (``start``/``stop``)."""
 
     def __init__(self, queue: DiskQueue, exporter, settings: ForwardSettings, metrics: Metrics,
-                 dead_letter: str | os.PathLike) -> None:
+                 dead_letter: str | os.PathLike, on_done: Callable[[int], None] | None = None) -> None:
         self.queue, self.exporter, self.settings, self.metrics = queue, exporter, settings, metrics
+        self.on_done = on_done  # called with a record's sequence number once it is delivered or a dead letter
         self.dead_letter = Path(dead_letter)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,6 +100,8 @@ class Forwarder:
             if self._send(seq, body):
                 self.queue.ack(seq)
                 after = seq
+                if self.on_done is not None:
+                    self.on_done(seq)
             # else: stopping; the request stays queued for the next start
 
     def _send(self, seq: int, body: bytes) -> bool:

@@ -204,7 +204,7 @@ class TraceRepairer:
     # --- lost spans ---
 
     def _lost_spans(self, works: list[_Work], found: list[d.TraceFindings]) -> None:
-        jobs = []  # (work, finding, candidates (parent span or None for a root), queries)
+        jobs = []  # (work, finding, candidates (parent span, None for a root), the nearest, orphans, queries)
         for w, f in zip(works, found):
             for finding in f.of(d.ORPHAN) + f.of(d.MISSING_ROOT):
                 lost = finding.missing_parent
@@ -221,11 +221,17 @@ class TraceRepairer:
                 else:
                     cands = self._candidates(w, kids)
                 queries = [self._span_query(w, c, kids) for c in cands] if self.filler is not None else []
-                jobs.append((w, finding, cands, kids, queries))
+                nearest = cands[0] if cands else None
+                if any(q.pairs for q in queries):
+                    # Only grandparents through which the data has seen this path can win (see below): the model
+                    # need not answer for the others.
+                    keep = [i for i, q in enumerate(queries) if q.pairs]
+                    cands, queries = [cands[i] for i in keep], [queries[i] for i in keep]
+                jobs.append((w, finding, cands, nearest, kids, queries))
         flat = [q for *_, qs in jobs for q in qs]
         answers = self.filler.fill_spans(flat) if flat else []
         k = 0
-        for w, finding, cands, kids, queries in jobs:
+        for w, finding, cands, nearest, kids, queries in jobs:
             mine = answers[k : k + len(queries)]
             k += len(queries)
             # A grandparent through which the data has seen this path beats one it has not; then the model decides.
@@ -233,8 +239,8 @@ class TraceRepairer:
             lost = finding.missing_parent
             if best is not None and mine[best].confidence >= self.settings.confidence:
                 self._make(w, finding, cands[best], kids, queries[best], mine[best])
-            elif finding.reason == d.ORPHAN and cands and cands[0] is not None:
-                near = cands[0]
+            elif finding.reason == d.ORPHAN and nearest is not None:
+                near = nearest
                 conf = mine[best].confidence if best is not None else None
                 for s in kids:
                     w.set_parent(s.span_id, near.span_id)

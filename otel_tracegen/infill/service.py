@@ -3,19 +3,21 @@
 Where accepted data lives at each moment, so that nothing acknowledged is lost (at-least-once):
 
 1. **Accepted.** The accepted spans of a request are appended to the write-ahead log (``<queue dir>/inbound``,
-   fsynced) *before* the client gets its answer. A request the receiver cannot take (its queue is full) is
-   refused with ``RESOURCE_EXHAUSTED`` / 503 and retry advice, never taken and dropped.
+   fsynced; concurrent requests share one fsync) *before* the client gets its answer. A request the receiver
+   cannot take (its queue is full) is refused with ``RESOURCE_EXHAUSTED`` / 503 and retry advice, never taken and
+   dropped.
 2. **Held.** The spans wait in the :class:`~otel_tracegen.infill.buffer.TraceBuffer` for their trace.
 3. **Repaired.** A released trace is repaired and written, as OTLP requests, to the outbound queue
-   (``<queue dir>/outbound``, fsynced). Only then are the log records it came in acknowledged (a record is
-   acknowledged when every trace that had spans in it is queued).
-4. **Forwarded.** The :class:`~otel_tracegen.infill.forward.Forwarder` sends queued requests and acknowledges
-   each once the downstream took it.
+   (``<queue dir>/outbound``: a spill to disk, not fsynced, because the log still holds every trace in it).
+4. **Forwarded.** The :class:`~otel_tracegen.infill.forward.Forwarder` sends queued requests in order. A log
+   record is acknowledged (and may be deleted) only once every trace that had spans in it was delivered
+   downstream, or kept as a dead letter.
 
-A restart (also after ``kill -9``) replays the log's unacknowledged records into the buffer and sends what the
-outbound queue still holds; a trace caught between 3 and its log acknowledgement is sent twice, never zero times.
-A graceful stop (SIGTERM, SIGINT) stops receiving, releases every held trace, and drains the outbound queue for up
-to ``drain_s`` seconds; what is left stays on disk for the next start.
+The log is thus the one durable copy of everything not yet delivered. A restart (also after ``kill -9``) drops
+whatever the outbound queue held (all of it is still in the log) and replays the log's unacknowledged records
+into the buffer: traces caught between delivery and their log acknowledgement are sent twice, never zero times.
+A graceful stop (SIGTERM, SIGINT) stops receiving, releases every held trace, and forwards what is queued for up
+to ``drain_s`` seconds; what is left stays in the log for the next start.
 """
 
 from __future__ import annotations
@@ -211,6 +213,14 @@ def load_repairer(config: InfillConfig) -> TraceRepairer:
     return TraceRepairer(ModelFiller(lm), None, settings)
 
 
+@dataclass(eq=False)
+class _Delivery:
+    """One released trace on its way out: the log records it came in and its outbound requests not yet done."""
+
+    seqs: set[int]
+    requests: int = 0
+
+
 class InfillService:
     """The pipeline (see the module docstring). ``exporter``: an object with ``export(body, spans)`` and
     ``shutdown()`` (default: from the config's exporter settings)."""
@@ -222,15 +232,17 @@ class InfillService:
         qdir = Path(config.queue_directory)
         qdir.mkdir(parents=True, exist_ok=True)
         self.wal = DiskQueue(qdir / "inbound", fsync=config.queue_fsync, name="inbound")
-        self.outbound = DiskQueue(qdir / "outbound", fsync=config.queue_fsync, name="outbound")
+        self.outbound = DiskQueue(qdir / "outbound", fsync=False, name="outbound")
         self._log = GroupCommit(self.wal)
         self.buffer = TraceBuffer(wait_s=config.buffer_wait_s, max_traces=config.buffer_max_traces,
                                   max_bytes=int(config.buffer_max_mib * (1 << 20)),
                                   remember=config.buffer_remember_traces)  # fmt: skip
         self.forwarder = Forwarder(self.outbound, exporter if exporter is not None else make_exporter(
-            config.forward_settings()), config.forward_settings(), self.metrics, qdir / "dead-letter")  # fmt: skip
+            config.forward_settings()), config.forward_settings(), self.metrics, qdir / "dead-letter",
+            on_done=self._delivered)  # fmt: skip
         self._max_queue_bytes = int(config.queue_max_mib * (1 << 20))
-        self._open: dict[int, int] = {}  # log record -> traces with spans in it not yet queued
+        self._open: dict[int, int] = {}  # log record -> traces with spans in it not yet delivered
+        self._requests: dict[int, list[_Delivery]] = {}  # outbound record -> the traces with spans in it
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -247,6 +259,9 @@ class InfillService:
 
     def start(self) -> None:
         """Replay what an earlier run left, then start repairing and forwarding."""
+        # Everything the outbound queue still holds is also in the log (a log record is acknowledged only once
+        # its traces were delivered), and is sent again from there.
+        self.outbound.ack_many(self.outbound.pending_seqs())
         for seq, body in self.wal.pending():
             try:
                 spans = wire.decode(body)
@@ -288,7 +303,7 @@ class InfillService:
             self.metrics.inc("refused_requests_total", reason="malformed")
             raise
         if spans:
-            queued = self.outbound.stats().bytes + self.wal.stats().bytes
+            queued = self.wal.stats().bytes  # the log holds everything not yet delivered
             if queued > self._max_queue_bytes:
                 self.metrics.inc("refused_requests_total", reason="queue_full")
                 raise Pressure(f"the infill queue holds {queued} bytes, over its limit of {self._max_queue_bytes} "
@@ -313,6 +328,30 @@ class InfillService:
         self.buffer.add(spans, seq)
         self._wake.set()
 
+    # --- delivery: a log record goes once all its traces are delivered ---
+
+    def _delivered(self, seq: int) -> None:
+        """The forwarder is done with outbound record ``seq`` (delivered, or kept as a dead letter)."""
+        with self._lock:
+            finished = []
+            for d in self._requests.pop(seq, ()):
+                d.requests -= 1
+                if d.requests == 0:
+                    finished.append(d)
+        self._done(finished)
+
+    def _done(self, deliveries: list[_Delivery]) -> None:
+        acked = []
+        with self._lock:
+            for d in deliveries:
+                for seq in d.seqs:
+                    self._open[seq] -= 1
+                    if self._open[seq] == 0:
+                        del self._open[seq]
+                        acked.append(seq)
+        if acked:
+            self.wal.ack_many(acked)
+
     # --- repairing ---
 
     def _run(self) -> None:
@@ -333,24 +372,22 @@ class InfillService:
         for b in range(0, len(traces), n):
             batch = traces[b : b + n]
             results = self.repairer.repair([(t.spans, t.released) for t in batch])
-            bodies = []
             limit = int(self.config.exporter_max_request_mib * (1 << 20))
-            out_spans = [w for r in results for w in r.spans]
-            for part in wire.split(out_spans, limit):
-                bodies.append(wire.encode(part))
-            if bodies:
-                self.outbound.append_many(bodies)
-            done = []
+            deliveries = [_Delivery(t.seqs) for t in batch]
+            owner = {id(w): d for r, d in zip(results, deliveries) for w in r.spans}
+            parts = wire.split([w for r in results for w in r.spans], limit)
+            bodies = [wire.encode(part) for part in parts]
+            with self._lock:  # registered before the forwarder can report the records done
+                seqs = self.outbound.append_many(bodies) if bodies else []
+                for seq, part in zip(seqs, parts):
+                    ds = list({id(owner[id(w)]): owner[id(w)] for w in part}.values())
+                    for d in ds:
+                        d.requests += 1
+                    self._requests[seq] = ds
+            for d in deliveries:
+                if not d.requests:  # nothing to send (cannot happen: a released trace has spans)
+                    self._done([d])
             reasons: Counter = Counter()
-            with self._lock:
-                for t in batch:
-                    for seq in t.seqs:
-                        self._open[seq] -= 1
-                        if self._open[seq] == 0:
-                            del self._open[seq]
-                            done.append(seq)
-            if done:
-                self.wal.ack_many(done)
             m = self.metrics
             m.inc("released_traces_total", len(batch))
             for r in results:
