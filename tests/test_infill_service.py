@@ -279,12 +279,41 @@ def test_a_downstream_outage_delays_but_loses_nothing(start):
         grpc_call(r.grpc.port, otlp_proto.dumps(trace_spans(f"{i + 1:032x}")))
     wait_for(lambda: r.service.metrics.value("export_retries_total") >= 2, what="retries against the dead endpoint")
     assert len(r.service.outbound) >= 1
+    assert len(r.service.wal) == 5  # the log keeps every request until its traces are delivered
     sink = Sink(port)  # the downstream comes back on the same port
     try:
         wait_for(lambda: len(sink.spans()) == 20, timeout=30, what="all 20 spans after the outage")
         assert len({(w.span.trace_id, w.span.span_id) for w in sink.spans()}) == 20
+        wait_for(lambda: len(r.service.wal) == 0, what="the log to be acknowledged after delivery")
     finally:
         sink.stop()
+
+
+def test_concurrent_requests_share_an_fsync(tmp_path):
+    from otel_tracegen.infill.queue import DiskQueue
+    from otel_tracegen.infill.service import GroupCommit
+
+    q = DiskQueue(tmp_path / "log", name="log")
+    calls = []
+    original = q.append_many
+
+    def counting(payloads):
+        calls.append(len(payloads))
+        time.sleep(0.05)  # a slow disk: requests pile up behind the first fsync
+        return original(payloads)
+
+    q.append_many = counting
+    log = GroupCommit(q)
+    seqs: list[int] = []
+    threads = [threading.Thread(target=lambda i=i: seqs.append(log.append(b"r%d" % i))) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seqs) == list(range(12))  # every caller got its own record
+    assert sum(calls) == 12 and len(calls) < 12  # in fewer writes than requests
+    assert sorted(p for _, p in q.pending()) == sorted(b"r%d" % i for i in range(12))
+    q.close()
 
 
 def test_a_permanent_refusal_is_kept_as_a_dead_letter(sink, start, tmp_path):
