@@ -101,10 +101,31 @@ def detect(
     out = TraceFindings()
     by_id = {s.span_id: s for s in spans}
     groups: dict[str, list[Span]] = defaultdict(list)
-    for s in spans:
-        if s.parent_id is not None and s.parent_id not in by_id and s.parent_id not in released:
-            groups[s.parent_id].append(s)
-    has_root = released_root or any(s.parent_id is None for s in spans)
+    skewed: list[Finding] = []
+    has_root = released_root
+    tol = settings.skew_tolerance_ns
+    for s in spans:  # one pass: the parent decides both orphans and skew
+        pid = s.parent_id
+        if pid is None:
+            has_root = True
+            continue
+        p = by_id.get(pid)
+        if p is None:
+            if pid not in released:
+                groups[pid].append(s)
+            continue
+        # cheap tests first: most children sit inside their parent, and spans of one resource share a host
+        if (p.start_ns <= s.start_ns and s.end_ns <= p.end_ns) or p.resource is s.resource:
+            continue
+        if host_key(p) == host_key(s):
+            continue
+        early, late = p.start_ns - s.start_ns, s.end_ns - p.end_ns
+        # Jaeger's rule decides what is skew (a child longer than its parent that starts inside it is an
+        # asynchronous call, which no shift can fit); the tolerance keeps the everyday sub-millisecond overruns.
+        if clock_skew_delta(s, p) and (early > tol or late > tol):
+            what = f"starts {early / 1e6:.3f} ms before" if early > tol else f"ends {late / 1e6:.3f} ms after"
+            skewed.append(Finding(CLOCK_SKEW, (s.span_id,), f"span {s.span_id} ({s.service}) {what} its parent "
+                                  f"{p.span_id} ({p.service}), on another process"))
     root_group = None
     if groups and not has_root:
         # The lost root is the parent of the outermost orphans: the earliest start, then the longest.
@@ -117,34 +138,22 @@ def detect(
         else:
             out.findings.append(Finding(ORPHAN, ids, f"parent span {pid} is not in the trace ({len(ids)} span(s) "
                                         "name it)", missing_parent=pid))
-    tol = settings.skew_tolerance_ns
-    for s in spans:
-        p = by_id.get(s.parent_id) if s.parent_id is not None else None
-        # cheap tests first: most children sit inside their parent, and spans of one resource share a host
-        if p is None or (p.start_ns <= s.start_ns and s.end_ns <= p.end_ns) or p.resource is s.resource:
-            continue
-        if host_key(p) == host_key(s):
-            continue
-        early, late = p.start_ns - s.start_ns, s.end_ns - p.end_ns
-        # Jaeger's rule decides what is skew (a child longer than its parent that starts inside it is an
-        # asynchronous call, which no shift can fit); the tolerance keeps the everyday sub-millisecond overruns.
-        if clock_skew_delta(s, p) and (early > tol or late > tol):
-            what = f"starts {early / 1e6:.3f} ms before" if early > tol else f"ends {late / 1e6:.3f} ms after"
-            out.findings.append(Finding(CLOCK_SKEW, (s.span_id,), f"span {s.span_id} ({s.service}) {what} its "
-                                        f"parent {p.span_id} ({p.service}), on another process"))
-    if settings.attributes:
-        placeholder: dict[str, bool] = {}  # services repeat: decide each name once
+    out.findings.extend(skewed)
+    if not settings.attributes:
+        return out
+    # Names repeat within a trace: decide each once, and walk the spans only when one is missing.
+    bad_services = {x for x in {s.service for s in spans} if is_placeholder_service(x, settings)}
+    bad_names = any(not n or n.isspace() for n in {s.name for s in spans})
+    learned = catalog is not None and catalog.has_learned_attributes
+    if bad_services or bad_names or learned:
         for s in spans:
-            bad = placeholder.get(s.service)
-            if bad is None:
-                bad = placeholder[s.service] = is_placeholder_service(s.service, settings)
-            if bad:
+            if s.service in bad_services:
                 out.findings.append(Finding(MISSING_ATTRIBUTE, (s.span_id,), f"span {s.span_id} has no service "
                                             f"name ({s.service!r})", field=Field.SERVICE, key=SERVICE))
             if not s.name or s.name.isspace():
                 out.findings.append(Finding(MISSING_ATTRIBUTE, (s.span_id,), f"span {s.span_id} has an empty name",
                                             field=Field.OPERATION, key=OPERATION))
-            if catalog is not None:
+            if learned:
                 st = catalog.operations.get(s.service, {}).get(s.name)
                 for key in sorted(st.attributes) if st is not None else ():
                     if key not in s.attributes:

@@ -62,6 +62,7 @@ class Forwarder:
                  dead_letter: str | os.PathLike, on_done: Callable[[int], None] | None = None) -> None:
         self.queue, self.exporter, self.settings, self.metrics = queue, exporter, settings, metrics
         self.on_done = on_done  # called with a record's sequence number once it is delivered or a dead letter
+        self.span_counts: dict[int, int] = {}  # record -> spans, when the writer knows (saves walking the body)
         self.dead_letter = Path(dead_letter)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -107,7 +108,9 @@ class Forwarder:
     def _send(self, seq: int, body: bytes) -> bool:
         """Deliver one request, retrying transient failures until it is delivered or refused for good (True), or
         the forwarder stops (False)."""
-        spans = wire.count_spans(body)
+        spans = self.span_counts.pop(seq, None)
+        if spans is None:
+            spans = wire.count_spans(body)
         delay = self.settings.retry_initial_s
         while not self._stop.is_set():
             outcome = self.exporter.export(body, spans)

@@ -115,6 +115,7 @@ class _Work:
         self.new_service: dict[str, str] = {}
         self.made: list[wire.WireSpan] = []
         self.out = Repaired([])
+        self.index = 0  # its place in the repair call
 
     def set_parent(self, sid: str, parent: str) -> None:
         s = self.spans[sid]
@@ -183,23 +184,35 @@ class TraceRepairer:
     def repair(self, traces: Sequence[tuple[Sequence[wire.WireSpan], Released]]) -> list[Repaired]:
         """Repair each ``(spans of one trace, what was released of it before)``; ``Released`` is updated with
         what this pass sends on."""
-        works = [_Work(spans, released) for spans, released in traces]
-        found = [d.detect(list(w.spans.values()), catalog=self.catalog, settings=self.settings.detect,
-                          released=w.released.ids, released_root=w.released.root) for w in works]  # fmt: skip
-        for w, f in zip(works, found):
+        out: list[Repaired | None] = [None] * len(traces)
+        works, found = [], []
+        for i, (spans, released) in enumerate(traces):
+            f = d.detect([w.span for w in spans], catalog=self.catalog, settings=self.settings.detect,
+                         released=released.ids, released_root=released.root)  # fmt: skip
+            if not f and len({w.span.span_id for w in spans}) == len(spans):
+                out[i] = Repaired(list(spans))  # nothing to do: the common case, passed on as it came
+                released.ids.update(w.span.span_id for w in spans)
+                released.root = released.root or any(w.span.parent_id is None for w in spans)
+                continue
+            w = _Work(spans, released)
+            if len(w.spans) != len(spans):  # duplicate ids: detect on the first copy of each
+                f = d.detect(list(w.spans.values()), catalog=self.catalog, settings=self.settings.detect,
+                             released=released.ids, released_root=released.root)  # fmt: skip
             w.out.findings = len(f.findings)
+            w.index = i
+            works.append(w)
+            found.append(f)
         self._lost_spans(works, found)
         for w, f in zip(works, found):
             if f.of(d.CLOCK_SKEW):
                 self._clock_skew(w)
         self._names(works, found)
-        out = []
         for w in works:
             r = w.result()
             w.released.ids.update(s.span.span_id for s in r.spans)
             w.released.root = w.released.root or any(s.span.parent_id is None for s in r.spans)
-            out.append(r)
-        return out
+            out[w.index] = r
+        return out  # type: ignore[return-value]
 
     # --- lost spans ---
 

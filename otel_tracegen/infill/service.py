@@ -332,6 +332,7 @@ class InfillService:
 
     def _delivered(self, seq: int) -> None:
         """The forwarder is done with outbound record ``seq`` (delivered, or kept as a dead letter)."""
+        self.forwarder.span_counts.pop(seq, None)  # when the forwarder read the request before it was counted
         with self._lock:
             finished = []
             for d in self._requests.pop(seq, ()):
@@ -374,13 +375,27 @@ class InfillService:
             results = self.repairer.repair([(t.spans, t.released) for t in batch])
             limit = int(self.config.exporter_max_request_mib * (1 << 20))
             deliveries = [_Delivery(t.seqs) for t in batch]
-            owner = {id(w): d for r, d in zip(results, deliveries) for w in r.spans}
             parts = wire.split([w for r in results for w in r.spans], limit)
             bodies = [wire.encode(part) for part in parts]
+            # Which traces each request holds: parts are consecutive slices of the traces' spans in order.
+            ends, total = [], 0
+            for r in results:
+                total += len(r.spans)
+                ends.append(total)
+            holders, start, first = [], 0, 0
+            for part in parts:
+                stop = start + len(part)
+                while ends[first] <= start:
+                    first += 1
+                last = first
+                while last + 1 < len(ends) and ends[last] < stop:
+                    last += 1
+                holders.append(deliveries[first : last + 1])
+                start = stop
             with self._lock:  # registered before the forwarder can report the records done
                 seqs = self.outbound.append_many(bodies) if bodies else []
-                for seq, part in zip(seqs, parts):
-                    ds = list({id(owner[id(w)]): owner[id(w)] for w in part}.values())
+                for seq, part, ds in zip(seqs, parts, holders):
+                    self.forwarder.span_counts[seq] = len(part)
                     for d in ds:
                         d.requests += 1
                     self._requests[seq] = ds

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..formats import otlp_json, otlp_proto
-from ..formats._otlp_common import length_delimited, paused_gc, read_varint
+from ..formats._otlp_common import length_delimited, paused_gc, read_varint, varint
 from ..report import ReadReport
 from ..trace import SERVICE_NAME, AttrValue, Span
 
@@ -106,6 +106,9 @@ def from_spans(spans: Iterable[Span]) -> list[WireSpan]:
     return out
 
 
+_SPAN_PREFIXES: dict[int, bytes] = {}  # span message length -> its field's tag and length (sizes repeat)
+
+
 def encode(spans: Iterable[WireSpan]) -> bytes:
     """One ``ExportTraceServiceRequest`` of ``spans``, grouped by resource then scope in first-seen order (spans
     in their given order within a group), every message written with the bytes it holds."""
@@ -113,11 +116,20 @@ def encode(spans: Iterable[WireSpan]) -> bytes:
     for w in spans:
         groups.setdefault(w.resource, {}).setdefault(w.scope, []).append(w.raw)
     out = []
+    prefixes = _SPAN_PREFIXES
     for (resource, resource_schema), scopes in groups.items():
         rs = [] if resource is None else [length_delimited(b"\x0a", resource)]
         for (scope, scope_schema), raws in scopes.items():
             ss = [] if scope is None else [length_delimited(b"\x0a", scope)]
-            ss += [length_delimited(b"\x12", raw) for raw in raws]
+            for raw in raws:  # tag and length, then the span as it came: no copy of the span per field
+                n = len(raw)
+                prefix = prefixes.get(n)
+                if prefix is None:
+                    prefix = b"\x12" + varint(n)
+                    if n < 65536:  # bounded: one entry per length
+                        prefixes[n] = prefix
+                ss.append(prefix)
+                ss.append(raw)
             if scope_schema:
                 ss.append(length_delimited(b"\x1a", scope_schema.encode()))
             rs.append(length_delimited(b"\x12", b"".join(ss)))

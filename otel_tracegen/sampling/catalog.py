@@ -207,6 +207,11 @@ class Catalog:
         st = self.operations.get(service, {}).get(operation)
         return st.attributes if st else {}
 
+    @property
+    def has_learned_attributes(self) -> bool:
+        """Whether any operation has attributes all its training spans carried (protocol attributes to check)."""
+        return any(st.attributes for ops in self.operations.values() for st in ops.values())
+
     def op_callees(self, service: str, operation: str) -> set[tuple[str, str]]:
         """(service, operation) pairs that spans of ``service``/``operation`` were seen calling."""
         return {(cs, co) for cs, cos in self.op_edges.get(service, {}).get(operation, {}).items() for co in cos}
