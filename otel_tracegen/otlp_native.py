@@ -401,7 +401,7 @@ class HttpExporter:
             delay = 2**attempt * random.uniform(0.8, 1.2)
             response, error = self._post(data, max(deadline - time.time(), 0.0))
             status = response.status_code if response is not None else None
-            if status is not None and 200 <= status < 400:
+            if status is not None and 200 <= status < 300:
                 return _outcome(spans, _http_partial_success(response))
             if status is not None:
                 retryable = status in HTTP_RETRYABLE

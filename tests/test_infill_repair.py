@@ -301,3 +301,30 @@ def test_catalog_knows_calls_by_operation():
     assert cat.op_callers("c", "query") == {("b", "call")}
     again = Catalog.from_dict(cat.to_dict())
     assert again.op_edges == cat.op_edges
+
+
+def test_a_span_with_an_unset_start_is_not_shifted_into_negative_time():
+    spans = _tree()
+    child = replace(spans[1], start_ns=20 * MS, end_ns=110 * MS)  # b ends after a, on another host: skew
+    grandchild = replace(spans[2], start_ns=0, resource=child.resource)  # an unset start, on b's host
+    [r] = TraceRepairer(None, None).repair([(wire.from_spans([spans[0], child, grandchild, spans[3]]), Released())])
+    out = _by_id(r)
+    assert out["0000000000000002"].start_ns == 5 * MS  # b is centred in a, as Jaeger does
+    assert out["0000000000000003"].start_ns == 0  # its grandchild cannot move 15 ms before 0: left as it came
+    assert len(out) == 4
+
+
+def test_the_buffer_releases_a_trace_once_even_when_a_bound_split_it():
+    from otel_tracegen.infill.buffer import TraceBuffer
+
+    a, b = trace_spans_of("aa"), trace_spans_of("bb")
+    buf = TraceBuffer(wait_s=60, max_traces=1)
+    buf.add(wire.from_spans(a[:2]), 0)
+    buf.add(wire.from_spans(b), 1)  # over the bound: a leaves early
+    buf.add(wire.from_spans(a[2:]), 2)  # a late part of a is held again
+    out = {t.trace_id: t for t in buf.due(everything=True)}
+    assert len(out) == 2 and len(out["aa" * 16].spans) == 4 and out["aa" * 16].seqs == {0, 2}
+
+
+def trace_spans_of(prefix: str) -> list[Span]:
+    return [replace(s, trace_id=prefix * 16) for s in _tree()]

@@ -517,3 +517,44 @@ def test_the_model_repairs_inside_the_running_receiver(sink, tmp_path, corpus):
     assert len(made) == 1 and (made[0].service, made[0].name) == (lost.service, lost.name)
     assert made[0].parent_id == lost.parent_id and made[0].resource.attributes[MARK_SYNTHETIC] is True
     assert service.metrics.value("repairs_total", method="model") >= 1
+
+
+def test_concatenated_gzip_members_are_all_read(sink, start):
+    r = start(sink.port)
+    a, b = otlp_proto.dumps(trace_spans("11" * 16)), otlp_proto.dumps(trace_spans("22" * 16))
+    resp = requests.post(r.url + "/v1/traces", data=gzip.compress(a) + gzip.compress(b),
+                         headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"})  # fmt: skip
+    assert resp.status_code == 200
+    wait_for(lambda: len(sink.spans()) == 8, what="the spans of both gzip members")
+
+
+def test_a_log_that_cannot_write_asks_senders_to_retry(sink, start):
+    r = start(sink.port)
+
+    def broken(payload):
+        raise OSError(28, "No space left on device")
+
+    r.service._log.append = broken
+    body = otlp_proto.dumps(trace_spans())
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_call(r.grpc.port, body)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "No space left" in e.value.details()
+    resp = requests.post(r.url + "/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"})
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+
+
+def test_a_trace_whose_repair_fails_is_forwarded_unrepaired_and_others_are_not_held_back(sink, start):
+    r = start(sink.port)
+    real = r.service.repairer.repair
+
+    def flaky(traces):
+        if any(w.span.trace_id == "11" * 16 for spans, _ in traces for w in spans):
+            raise RuntimeError("a bug in repair")
+        return real(traces)
+
+    r.service.repairer.repair = flaky
+    broken = [s for s in trace_spans("11" * 16) if s.span_id != "0000000000000002"]
+    grpc_call(r.grpc.port, otlp_proto.dumps(broken + trace_spans("22" * 16)))
+    wait_for(lambda: len(sink.spans()) == 7, what="both traces")
+    assert r.service.metrics.value("repair_failures_total") == 1
+    wait_for(lambda: len(r.service.wal) == 0, what="the log to be acknowledged")

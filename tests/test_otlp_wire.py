@@ -438,6 +438,13 @@ def test_http_errors_and_partial_success(http_sink):
     assert (counts.sent_spans, counts.failed_spans) == (10, 2) and "quota" in counts.first_error
 
 
+def test_a_redirect_is_not_a_delivery(http_sink):
+    # requests does not follow redirects for POSTs here; a 3xx from a proxy must not count as delivered
+    http_sink.replies = [(307, {"Location": "/elsewhere"}, b"")]
+    counts = send(http_settings(http_sink.port), sample_traces(2))
+    assert (counts.sent_spans, counts.failed_spans) == (0, 12) and "307" in counts.first_error
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_a_down_endpoint_counts_every_span_as_failed(protocol):
     with socket.socket() as s:

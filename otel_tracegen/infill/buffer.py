@@ -45,6 +45,20 @@ class ReleasedTrace:
     early: bool  # released before its wait was over (a bound was reached, or shutdown)
 
 
+def _merged(traces: list[ReleasedTrace]) -> list[ReleasedTrace]:
+    """One entry per trace: a trace released early by a bound and held again by a later span leaves as one."""
+    by_id: dict[str, ReleasedTrace] = {}
+    for t in traces:
+        first = by_id.get(t.trace_id)
+        if first is None:
+            by_id[t.trace_id] = t
+        else:
+            first.spans.extend(t.spans)
+            first.seqs |= t.seqs
+            first.early = first.early or t.early
+    return list(by_id.values())
+
+
 class TraceBuffer:
     def __init__(self, *, wait_s: float = 2.0, max_traces: int = 100_000, max_bytes: int = 256 << 20,
                  remember: int = 20_000, clock=time.monotonic) -> None:
@@ -92,7 +106,7 @@ class TraceBuffer:
                 if not everything and now - held.first_seen < self.wait_s:
                     break
                 out.append(self._release(tid, early=everything and now - held.first_seen < self.wait_s))
-            return out
+            return _merged(out)
 
     def _release(self, tid: str, early: bool) -> ReleasedTrace:
         held = self._held.pop(tid)

@@ -91,19 +91,27 @@ class Forwarder:
 
     def _run(self) -> None:
         after = -1
+        delay = self.settings.retry_initial_s
         while not self._stop.is_set():
-            item = self.queue.next(after, timeout=0.2)
-            if item is None:
-                if self.queue.closed:
+            try:
+                item = self.queue.next(after, timeout=0.2)
+                if item is None:
+                    if self.queue.closed:
+                        return
+                    continue
+                seq, body = item
+                if self._send(seq, body):
+                    self.queue.ack(seq)
+                    after = seq
+                    if self.on_done is not None:
+                        self.on_done(seq)
+                # else: stopping; the traces stay in the write-ahead log for the next start
+                delay = self.settings.retry_initial_s
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure (a full disk, a bug)
+                log.exception("forwarding failed; trying again in %.1fs (nothing is dropped)", delay)
+                if self._stop.wait(delay):
                     return
-                continue
-            seq, body = item
-            if self._send(seq, body):
-                self.queue.ack(seq)
-                after = seq
-                if self.on_done is not None:
-                    self.on_done(seq)
-            # else: stopping; the request stays queued for the next start
+                delay = min(delay * 2, self.settings.retry_max_s)
 
     def _send(self, seq: int, body: bytes) -> bool:
         """Deliver one request, retrying transient failures until it is delivered or refused for good (True), or

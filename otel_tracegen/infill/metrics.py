@@ -20,6 +20,7 @@ HELP = {
     "repaired_traces_total": "Released traces that needed a repair, by reason.",
     "repaired_spans_total": "Spans added or changed by repair, by reason.",
     "repairs_total": "Repairs by method (model, rule, catalog, none).",
+    "repair_failures_total": "Traces forwarded unrepaired because their repair raised (a bug: see the log).",
     "forwarded_spans_total": "Spans delivered downstream.",
     "export_retries_total": "Downstream export attempts that failed transiently and will be retried.",
     "failed_spans_total": "Spans the downstream refused for good (kept in the dead-letter directory).",

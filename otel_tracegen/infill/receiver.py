@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 HTTP_PATH = "/v1/traces"
-CODE_INVALID_ARGUMENT, CODE_RESOURCE_EXHAUSTED, CODE_UNAUTHENTICATED = 3, 8, 16
+CODE_INVALID_ARGUMENT, CODE_RESOURCE_EXHAUSTED, CODE_UNAVAILABLE, CODE_UNAUTHENTICATED = 3, 8, 14, 16
 RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
 
 
@@ -121,6 +121,11 @@ class GrpcReceiver:
                 ("google.rpc.retryinfo-bin", retry_info(e.retry_after_s)),
             ))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except Exception as e:  # noqa: BLE001 - the log could not take it (disk full, shutting down): retry later
+            log.exception("could not take a request")
+            self.service.metrics.inc("refused_requests_total", reason="unavailable")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the receiver cannot take data now ({type(e).__name__}: "
+                          f"{e}); retry later")  # fmt: skip
         return export_response(rejected, message)
 
     def start(self) -> None:
@@ -136,6 +141,7 @@ class GrpcReceiver:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "otel-tracegen-infill"
     protocol_version = "HTTP/1.1"
+    timeout = 30  # a client that stops sending mid-request does not hold a thread forever
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         log.debug("http: " + format, *args)
@@ -198,11 +204,12 @@ class _Handler(BaseHTTPRequestHandler):
         if n > receiver.max_message_bytes:
             self._drain(length)
             service.metrics.inc("refused_requests_total", reason="too_large")
-            self._status(413, CODE_INVALID_ARGUMENT, f"request of {n} bytes is over the limit of "
+            self._status(413, CODE_RESOURCE_EXHAUSTED, f"request of {n} bytes is over the limit of "
                          f"{receiver.max_message_bytes} bytes", as_json)  # fmt: skip
             return
         body = self.rfile.read(n)
         encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        too_large = (f"decompressed request is over the limit of {receiver.max_message_bytes} bytes")
         try:
             if encoding == "gzip":
                 body = _gunzip(body, receiver.max_message_bytes)
@@ -212,21 +219,30 @@ class _Handler(BaseHTTPRequestHandler):
                 raise wire.MalformedRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or none")
             if len(body) > receiver.max_message_bytes:
                 raise OverflowError
-            rejected, message = service.export(body, ctype)
         except OverflowError:
             service.metrics.inc("refused_requests_total", reason="too_large")
-            self._status(413, CODE_INVALID_ARGUMENT, f"decompressed request is over the limit of "
-                         f"{receiver.max_message_bytes} bytes", as_json)  # fmt: skip
+            self._status(413, CODE_RESOURCE_EXHAUSTED, too_large, as_json)
             return
-        except (wire.MalformedRequest, OSError, EOFError, zlib.error) as e:
-            if not isinstance(e, wire.MalformedRequest):
-                service.metrics.inc("refused_requests_total", reason="malformed")
-                e = wire.MalformedRequest(f"the body is not valid {encoding}: {e}")
+        except (wire.MalformedRequest, EOFError, zlib.error) as e:
+            service.metrics.inc("refused_requests_total", reason="malformed")
+            self._status(400, CODE_INVALID_ARGUMENT, str(e) if isinstance(e, wire.MalformedRequest)
+                         else f"the body is not valid {encoding}: {e}", as_json)  # fmt: skip
+            return
+        try:
+            rejected, message = service.export(body, ctype)
+        except wire.MalformedRequest as e:
             self._status(400, CODE_INVALID_ARGUMENT, str(e), as_json)
             return
         except Pressure as e:
             self._status(503, CODE_RESOURCE_EXHAUSTED, str(e), as_json,
                          {"Retry-After": str(max(1, round(e.retry_after_s)))}, e.retry_after_s)
+            return
+        except Exception as e:  # noqa: BLE001 - the log could not take it (disk full, shutting down): retry later
+            log.exception("could not take a request")
+            service.metrics.inc("refused_requests_total", reason="unavailable")
+            self._status(503, CODE_UNAVAILABLE, f"the receiver cannot take data now ({type(e).__name__}: {e}); "
+                         "retry later", as_json, {"Retry-After": "5", "Connection": "close"}, 5.0)  # fmt: skip
+            self.close_connection = True
             return
         if as_json:
             doc = {"partialSuccess": {"rejectedSpans": str(rejected), "errorMessage": message}} if rejected or message else {}
@@ -243,14 +259,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _gunzip(body: bytes, limit: int) -> bytes:
-    """Decompress at most ``limit + 1`` bytes (a small bomb must not take the memory)."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = d.decompress(body, limit + 1)
-    if len(out) > limit:
-        raise OverflowError
-    if not d.eof:
-        raise EOFError("the gzip stream is cut short")
-    return out
+    """Decompress every gzip member (concatenated members are one stream, as gzip reads them), at most
+    ``limit + 1`` bytes (a small bomb must not take the memory)."""
+    out = b""
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += d.decompress(body, limit + 1 - len(out))
+        if len(out) > limit or d.unconsumed_tail:
+            raise OverflowError
+        if not d.eof:
+            raise EOFError("the gzip stream is cut short")
+        body = d.unused_data
+        if not body:
+            return out
 
 
 class HttpReceiver:

@@ -385,8 +385,8 @@ class TraceRepairer:
         start = base + call.start * NS_PER_US
         end = start + call.duration * NS_PER_US
         # The made span holds its children (the grammar kept it to their window up to µs flooring).
-        start = min(start, min(k.start_ns for k in kids))
-        end = max(end, max(k.end_ns for k in kids))
+        start = max(0, min(start, min(k.start_ns for k in kids)))
+        end = min(max(end, max(k.end_ns for k in kids), start), (1 << 64) - 1)
         attrs = {MARK_SYNTHETIC: True, MARK_REPAIR: finding.reason, MARK_METHOD: MODEL,
                  MARK_CONFIDENCE: round(answer.confidence, 4), MARK_REPLACES: lost,
                  MARK_DETAIL: f"lost span {lost} written by the model for {len(kids)} orphaned span(s)"}  # fmt: skip
@@ -426,6 +426,8 @@ class TraceRepairer:
                 early, late = p.start_ns - moved.start_ns, moved.end_ns - p.end_ns
                 own = clock_skew_delta(moved, p) if (early > tol or late > tol) else 0
                 delta += own
+            if delta and not 0 <= s.start_ns + delta <= s.end_ns + delta < 1 << 64:
+                delta = 0  # a span with no sane times (an unset start) cannot be shifted; it and its subtree stay
             if delta:
                 if not s.attributes.get(MARK_SYNTHETIC):
                     w.set_times(sid, s.start_ns + delta, s.end_ns + delta)

@@ -37,7 +37,7 @@ from .detect import DetectSettings
 from .forward import Forwarder, ForwardSettings, make_exporter
 from .metrics import Metrics
 from .queue import DiskQueue
-from .repair import RepairSettings, TraceRepairer
+from .repair import Repaired, RepairSettings, TraceRepairer
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +283,15 @@ class InfillService:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self._release(self.buffer.due(everything=True))
-        if drain and not self.forwarder.drain(self.config.drain_s):
-            log.warning("%d request(s) not forwarded within %.0fs; they stay queued in %s for the next start",
-                        len(self.outbound), self.config.drain_s, self.config.queue_directory)  # fmt: skip
-        self.forwarder.stop()
-        self.wal.close()
-        self.outbound.close()
+        try:
+            self._release(self.buffer.due(everything=True))
+            if drain and not self.forwarder.drain(self.config.drain_s):
+                log.warning("%d request(s) not forwarded within %.0fs; they stay in the log in %s for the next "
+                            "start", len(self.outbound), self.config.drain_s, self.config.queue_directory)  # fmt: skip
+        finally:
+            self.forwarder.stop()
+            self.wal.close()
+            self.outbound.close()
 
     # --- receiving ---
 
@@ -332,8 +334,8 @@ class InfillService:
 
     def _delivered(self, seq: int) -> None:
         """The forwarder is done with outbound record ``seq`` (delivered, or kept as a dead letter)."""
-        self.forwarder.span_counts.pop(seq, None)  # when the forwarder read the request before it was counted
         with self._lock:
+            self.forwarder.span_counts.pop(seq, None)  # when the forwarder read the request before it was counted
             finished = []
             for d in self._requests.pop(seq, ()):
                 d.requests -= 1
@@ -368,11 +370,30 @@ class InfillService:
                 log.exception("repair failed; the traces stay in the write-ahead log and are replayed on restart")
                 time.sleep(1.0)
 
+    def _repair(self, batch: list[ReleasedTrace]) -> list:
+        """Repair a batch; if that fails, trace by trace, and a trace whose repair fails goes on as it came (a bug
+        in repair must not hold other traces back, nor this one: it would fail again on every replay)."""
+        try:
+            return self.repairer.repair([(t.spans, t.released) for t in batch])
+        except Exception:  # noqa: BLE001
+            log.exception("repairing a batch of %d traces failed; repairing them one by one", len(batch))
+        out = []
+        for t in batch:
+            try:
+                [r] = self.repairer.repair([(t.spans, t.released)])
+            except Exception:  # noqa: BLE001
+                log.exception("repairing trace %s failed; it is forwarded unrepaired", t.trace_id)
+                self.metrics.inc("repair_failures_total")
+                r = Repaired(list(t.spans))
+                t.released.ids.update(w.span.span_id for w in t.spans)
+            out.append(r)
+        return out
+
     def _release(self, traces: list[ReleasedTrace]) -> None:
         n = max(1, self.config.repair_batch_traces)
         for b in range(0, len(traces), n):
             batch = traces[b : b + n]
-            results = self.repairer.repair([(t.spans, t.released) for t in batch])
+            results = self._repair(batch)
             limit = int(self.config.exporter_max_request_mib * (1 << 20))
             deliveries = [_Delivery(t.seqs) for t in batch]
             parts = wire.split([w for r in results for w in r.spans], limit)
