@@ -112,14 +112,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_rotel(tmp: Path) -> tuple[subprocess.Popen, int]:
+def start_rotel(tmp: Path, forward_to: int | None = None) -> tuple[subprocess.Popen, int]:
+    """rotel on a free OTLP/gRPC port, dropping what it receives, or forwarding it over OTLP/gRPC to
+    127.0.0.1:``forward_to``."""
     import rotel
 
     binary = Path(rotel.__file__).parent / "rotel-agent"
     port = _free_port()
+    exporter = ["--exporter", "blackhole"] if forward_to is None else [
+        "--exporter", "otlp", "--otlp-exporter-endpoint", f"http://127.0.0.1:{forward_to}",
+        "--otlp-exporter-protocol", "grpc", "--traces-batch-timeout", "100ms"]  # fmt: skip
     proc = subprocess.Popen([str(binary if binary.is_file() else shutil.which("rotel-agent")), "start",
                              "--otlp-grpc-endpoint", f"127.0.0.1:{port}", "--otlp-http-endpoint",
-                             f"127.0.0.1:{_free_port()}", "--exporter", "blackhole", "--pid-file",
+                             f"127.0.0.1:{_free_port()}", *exporter, "--pid-file",
                              str(tmp / "rotel.pid"), "--log-file", str(tmp / "rotel.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     for _ in range(200):

@@ -593,12 +593,6 @@ class CountingSink:
         self.server.stop(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_listening(port: int, proc, what: str, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -635,31 +629,9 @@ def _drive(port: int, bodies: list[bytes], sink: CountingSink, senders: int) -> 
     return sent / took
 
 
-def _rotel_binary() -> str | None:
-    try:
-        import rotel
-    except ImportError:
-        return None
-    p = Path(rotel.__file__).parent / "rotel-agent"
-    return str(p) if p.is_file() else None
-
-
-def start_rotel(sink_port: int, workdir: Path):
-    binary = _rotel_binary()
-    if binary is None:
-        raise RuntimeError("rotel is not installed (pip install rotel)")
-    g, h = _free_port(), _free_port()
-    proc = subprocess.Popen([binary, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{g}",
-                             "--otlp-http-endpoint", f"127.0.0.1:{h}", "--exporter", "otlp",
-                             "--otlp-exporter-endpoint", f"http://127.0.0.1:{sink_port}",
-                             "--otlp-exporter-protocol", "grpc", "--traces-batch-timeout", "100ms",
-                             "--pid-file", str(workdir / "rotel.pid"), "--log-file", str(workdir / "rotel.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    _wait_listening(g, proc, "rotel")
-    return proc, g
-
-
 def start_infill(sink_port: int, workdir: Path, model: str | None, extra: list[str]):
+    from bench_generate import _free_port
+
     g, h = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "otel_tracegen", "infill", "serve", "--receiver-grpc", f"127.0.0.1:{g}",
            "--receiver-http", f"127.0.0.1:{h}", "--queue-directory", str(workdir / "queue"),
@@ -676,6 +648,8 @@ def measure_passthrough(traces: list, *, spans_per_request: int = 500, max_spans
     receiver (log, buffer, detect, forward), each between the same Python load driver and the same counting sink,
     alternated ``repeats`` times; medians and their ratio."""
     import tempfile
+
+    from bench_generate import start_rotel
 
     from otel_tracegen.formats import otlp_proto
 
@@ -696,7 +670,7 @@ def measure_passthrough(traces: list, *, spans_per_request: int = 500, max_spans
                 for name in ("rotel", "infill"):
                     work = Path(d) / f"{name}-{r}"
                     work.mkdir()
-                    proc, port = (start_rotel(sink.port, work) if name == "rotel"
+                    proc, port = (start_rotel(work, forward_to=sink.port) if name == "rotel"
                                   else start_infill(sink.port, work, model, extra or []))  # fmt: skip
                     try:
                         runs[name].append(_drive(port, bodies, sink, senders))

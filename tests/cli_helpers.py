@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (closed again at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rotel_binary() -> str | None:
+    """The ``rotel-agent`` collector binary the ``rotel`` package ships, or None when it is not installed."""
+    import shutil
+
+    try:
+        import rotel
+    except ImportError:
+        return None
+    p = Path(rotel.__file__).parent / "rotel-agent"
+    return str(p) if p.is_file() else shutil.which("rotel-agent")

@@ -8,7 +8,6 @@ A collector that is down must not be silent: the command says how many spans wer
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -37,16 +36,10 @@ from otel_tracegen.formats.otlp_proto import loads
 from otel_tracegen.report import ReadReport
 from otel_tracegen.trace import SpanKind, group_traces
 
-from .cli_helpers import one_thread, run  # noqa: F401 - one_thread: autouse fixture
+from .cli_helpers import free_port, one_thread, rotel_binary, run  # noqa: F401 - one_thread: autouse fixture
 
 ARGS = ["--count", "12", "--calls", "7", "--depth", "3", "--seed", "3", "--start-time", "2026-01-02T00:00:00Z"]
 
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +139,8 @@ def test_a_collector_that_is_down_is_reported_not_silent(model_dir, tmp_path):
     assert len(read_traces("otlp-json", [out], ReadReport())) == 12  # the file still has everything
 
 
-def _rotel_binary() -> str | None:
-    try:
-        import rotel
-    except ImportError:
-        return None
-    p = Path(rotel.__file__).parent / "rotel-agent"
-    return str(p) if p.is_file() else shutil.which("rotel-agent")
-
-
 def test_generated_traces_arrive_intact_through_the_rotel_collector(model_dir, grpc_sink, tmp_path):
-    binary = _rotel_binary()
+    binary = rotel_binary()
     if binary is None:
         pytest.skip("rotel (pip install rotel) is not installed: no real collector to send through")
     grpc_port, http_port = free_port(), free_port()

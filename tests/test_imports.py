@@ -70,3 +70,16 @@ def test_no_protobuf_is_needed_for_json_formats_end_to_end(tmp_path):
 
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("module", ["otel_tracegen.infill.wire", "otel_tracegen.infill.detect",
+                                    "otel_tracegen.infill.repair", "otel_tracegen.infill.filler",
+                                    "otel_tracegen.infill.service", "otel_tracegen.infill.receiver",
+                                    "otel_tracegen.infill.command"])  # fmt: skip
+def test_infill_imports_without_torch_or_grpc(module):
+    # The receiver loads torch only for the model, and grpcio only when it serves gRPC or forwards over it
+    # (protobuf, through opentelemetry-proto, is a dependency of the package).
+    code = BLOCKER.replace(' or name.startswith("google.protobuf")', "").format(
+        blocked={"torch", "transformers", "peft", "grpc"}) + f"import {module}\n"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

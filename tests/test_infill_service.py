@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -36,17 +35,11 @@ from otel_tracegen.otlp_wire import parse_partial_success, parse_retry_delay
 from otel_tracegen.report import UserError
 from otel_tracegen.trace import Resource, Span, SpanKind, Status
 
-from .cli_helpers import run
+from .cli_helpers import free_port, rotel_binary, run
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 MS = 1_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond, timeout: float = 20.0, what: str = "condition") -> None:
@@ -380,17 +373,8 @@ def test_nothing_acknowledged_is_lost_across_an_outage_and_kill_9(tmp_path):
 # --- a real collector in front ----------------------------------------------------------------------------------
 
 
-def _rotel_binary() -> str | None:
-    try:
-        import rotel
-    except ImportError:
-        return None
-    p = Path(rotel.__file__).parent / "rotel-agent"
-    return str(p) if p.is_file() else None
-
-
 def test_rotel_in_front_of_the_receiver(sink, start, tmp_path):
-    binary = _rotel_binary()
+    binary = rotel_binary()
     if binary is None:
         pytest.skip("rotel (pip install rotel) is not installed: no real collector to put in front")
     r = start(sink.port)

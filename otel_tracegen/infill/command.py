@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import logging
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -214,9 +213,3 @@ def repair_files(args, env, read) -> int:
     print(f"{len(traces)} traces, {sum(len(t) for t in traces)} spans read; {fixed} trace(s) repaired "
           f"({detail}{'; methods ' + how if how else ''}) in {took:.1f}s; wrote {args.out}", file=env.stdout)
     return 0
-
-
-def main() -> int:  # pragma: no cover - `python -m otel_tracegen.infill.command`
-    from ..cli import main as cli_main
-
-    return cli_main(["infill", *sys.argv[1:]])

@@ -45,11 +45,6 @@ class WireSpan:
     resource: ResourceKey
     scope: ScopeKey
 
-    @property
-    def size(self) -> int:
-        """Bytes it holds (what the trace buffer's memory bound counts)."""
-        return len(self.raw) + SPAN_OVERHEAD
-
 
 class MalformedRequest(ValueError):
     """A body that is not an ``ExportTraceServiceRequest`` at all (OTLP: ``INVALID_ARGUMENT`` / HTTP 400)."""
