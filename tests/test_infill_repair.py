@@ -328,3 +328,15 @@ def test_the_buffer_releases_a_trace_once_even_when_a_bound_split_it():
 
 def trace_spans_of(prefix: str) -> list[Span]:
     return [replace(s, trace_id=prefix * 16) for s in _tree()]
+
+
+def test_a_protocol_attribute_every_training_span_had_is_filled_from_the_catalog():
+    training = [replace(s, attributes={"http.request.method": "GET"} if s.name == "GET /" else {}) for s in _tree()]
+    cat = Catalog.from_traces([Trace(training)])
+    assert cat.learned_attributes("a", "GET /") == {"http.request.method": "GET"}
+    spans = _tree()  # the root lacks it
+    found = d.detect(spans, catalog=cat)
+    assert [(f.reason, f.key) for f in found.findings] == [(d.MISSING_ATTRIBUTE, "http.request.method")]
+    [r] = TraceRepairer(None, cat).repair([(wire.from_spans(spans), Released())])
+    root = _by_id(r)["0000000000000001"]
+    assert root.attributes["http.request.method"] == "GET" and root.attributes[MARK_METHOD] == "catalog"
