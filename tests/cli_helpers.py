@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,36 @@ def rotel_binary() -> str | None:
         return None
     p = Path(rotel.__file__).parent / "rotel-agent"
     return str(p) if p.is_file() else shutil.which("rotel-agent")
+
+
+@contextmanager
+def rotel_forwarding(tmp_path: Path, to_port: int):
+    """A real collector (rotel, from PyPI) on a free OTLP/gRPC port, forwarding over OTLP/gRPC to
+    127.0.0.1:``to_port``; yields its port. Skips the test when rotel is not installed."""
+    binary = rotel_binary()
+    if binary is None:
+        pytest.skip("rotel (pip install rotel) is not installed: no real collector to send through")
+    grpc_port, http_port = free_port(), free_port()
+    cmd = [binary, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
+           "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
+           "--otlp-exporter-endpoint", f"http://127.0.0.1:{to_port}", "--otlp-exporter-protocol", "grpc",
+           "--traces-batch-timeout", "100ms", "--pid-file", str(tmp_path / "rotel.pid"),
+           "--log-file", str(tmp_path / "rotel.log")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", grpc_port)) == 0:
+                    break
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+            time.sleep(0.1)
+        else:
+            pytest.fail("rotel did not open its OTLP port")
+        yield grpc_port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

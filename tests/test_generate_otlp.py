@@ -7,9 +7,6 @@ A collector that is down must not be silent: the command says how many spans wer
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import threading
 import time
 from concurrent import futures
@@ -36,7 +33,7 @@ from otel_tracegen.formats.otlp_proto import loads
 from otel_tracegen.report import ReadReport
 from otel_tracegen.trace import SpanKind, group_traces
 
-from .cli_helpers import free_port, one_thread, rotel_binary, run  # noqa: F401 - one_thread: autouse fixture
+from .cli_helpers import free_port, one_thread, rotel_forwarding, run  # noqa: F401 - one_thread: autouse fixture
 
 ARGS = ["--count", "12", "--calls", "7", "--depth", "3", "--seed", "3", "--start-time", "2026-01-02T00:00:00Z"]
 
@@ -140,26 +137,7 @@ def test_a_collector_that_is_down_is_reported_not_silent(model_dir, tmp_path):
 
 
 def test_generated_traces_arrive_intact_through_the_rotel_collector(model_dir, grpc_sink, tmp_path):
-    binary = rotel_binary()
-    if binary is None:
-        pytest.skip("rotel (pip install rotel) is not installed: no real collector to send through")
-    grpc_port, http_port = free_port(), free_port()
-    cmd = [binary, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
-           "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
-           "--otlp-exporter-endpoint", f"http://127.0.0.1:{grpc_sink.port}", "--otlp-exporter-protocol", "grpc",
-           "--traces-batch-timeout", "100ms", "--pid-file", str(tmp_path / "rotel.pid"),
-           "--log-file", str(tmp_path / "rotel.log")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
-    try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", grpc_port)) == 0:
-                    break
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
-            time.sleep(0.1)
-        else:
-            pytest.fail("rotel did not open its OTLP port")
+    with rotel_forwarding(tmp_path, grpc_sink.port) as grpc_port:
         out = tmp_path / "t.json"
         rc, _, err = run("generate", "--model", str(model_dir), *ARGS, "--out", str(out),
                          "--otlp-endpoint", f"127.0.0.1:{grpc_port}", "--otlp-insecure")
@@ -167,10 +145,4 @@ def test_generated_traces_arrive_intact_through_the_rotel_collector(model_dir, g
         deadline = time.time() + 20
         while len(grpc_sink.spans()) < 84 and time.time() < deadline:
             time.sleep(0.1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     _same_traces(grpc_sink.spans(), read_traces("otlp-json", [out], ReadReport()))

@@ -35,7 +35,7 @@ from otel_tracegen.otlp_wire import parse_partial_success, parse_retry_delay
 from otel_tracegen.report import UserError
 from otel_tracegen.trace import Resource, Span, SpanKind, Status
 
-from .cli_helpers import free_port, rotel_binary, run
+from .cli_helpers import free_port, rotel_forwarding, run
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
@@ -374,28 +374,14 @@ def test_nothing_acknowledged_is_lost_across_an_outage_and_kill_9(tmp_path):
 
 
 def test_rotel_in_front_of_the_receiver(sink, start, tmp_path):
-    binary = rotel_binary()
-    if binary is None:
-        pytest.skip("rotel (pip install rotel) is not installed: no real collector to put in front")
     r = start(sink.port)
-    grpc_port, http_port = free_port(), free_port()
-    cmd = [binary, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
-           "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
-           "--otlp-exporter-endpoint", f"http://127.0.0.1:{r.grpc.port}", "--otlp-exporter-protocol", "grpc",
-           "--traces-batch-timeout", "100ms", "--pid-file", str(tmp_path / "rotel.pid"),
-           "--log-file", str(tmp_path / "rotel.log")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: _open(grpc_port), what="rotel to listen")
+    with rotel_forwarding(tmp_path, r.grpc.port) as grpc_port:
         complete = trace_spans("11" * 16)
         broken = [s for s in trace_spans("22" * 16) if s.span_id != "0000000000000002"]
         exporter = GrpcExporter(resolve_grpc(f"127.0.0.1:{grpc_port}", True, env={}))
         assert exporter.export(otlp_proto.dumps(complete + broken), 7).failed_spans == 0
         exporter.shutdown()
         wait_for(lambda: len(sink.spans()) == 7, what="7 spans through rotel and the receiver")
-    finally:
-        proc.terminate()
-        proc.wait(10)
     got = {(w.span.trace_id, w.span.span_id): w.span for w in sink.spans()}
     for s in complete:
         out = got[s.trace_id, s.span_id]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ..encoding import Call
 from ..report import UserError
 from ..sampling.catalog import Catalog
+from ..sampling.engine import _Row as _StepRow
 from ..sampling.grammar import GrammarVocab, IntSet, Spec, _read_int
 from ..trace import SpanKind, StatusCode
 
@@ -68,26 +69,21 @@ class Answer:
     probabilities: list[float] = field(default_factory=list)
 
 
-class _Row:
-    __slots__ = ("program", "spec", "result", "probs", "masked")
+class _Row(_StepRow):
+    """The generation engine's row (a grammar coroutine fed token by token), with the probabilities of the scored
+    picks; the answer is ``step`` when the program ends."""
+
+    __slots__ = ("probs", "masked")
 
     def __init__(self, program: Generator[Spec, int, object]) -> None:
-        self.program = program
-        self.spec = next(program)
-        self.result: object = None
+        super().__init__(program)
         self.probs: list[float] = []  # per Choice: the model's probability of its pick before the mask
         self.masked: list[float] = []  # ... and among what the grammar allowed
 
-    def feed(self, token: int) -> None:
-        try:
-            self.spec = self.program.send(token)
-        except StopIteration as done:
-            self.result = done.value
-            self.spec = ()
-
     def forced(self) -> list[int]:
+        """Fixed text that comes next; a Choice of one is still the model's (its probability is scored)."""
         run = []
-        while self.spec and len(self.spec) == 1 and not isinstance(self.spec, Choice):
+        while self.step is None and len(self.spec) == 1 and not isinstance(self.spec, Choice):
             run.append(self.spec[0])
             self.feed(self.spec[0])
         return run
@@ -182,12 +178,12 @@ class ModelFiller:
         # only chooses among them: its confidence is renormalized over them (one pair: certain). On an unseen
         # path the model is on its own: its confidence is what it gave its picks before the grammar stepped in,
         # low when the grammar had to overrule it.
-        return [Answer(call=row.result, confidence=math.prod(row.masked if q.pairs else row.probs),  # type: ignore[arg-type]
+        return [Answer(call=row.step, confidence=math.prod(row.masked if q.pairs else row.probs),  # type: ignore[arg-type]
                        probabilities=row.probs) for q, row in zip(queries, rows)]
 
     def fill_fields(self, queries: Sequence[FieldQuery]) -> list[Answer]:
         rows = self._run([q.prompt for q in queries], [field_program(self.vocab, q) for q in queries])
-        return [Answer(value=row.result, confidence=math.prod(row.masked if q.values else row.probs),  # type: ignore[arg-type]
+        return [Answer(value=row.step, confidence=math.prod(row.masked if q.values else row.probs),  # type: ignore[arg-type]
                        probabilities=row.probs) for q, row in zip(queries, rows)]
 
     def _run(self, prompts: Sequence[str], programs: list) -> list[_Row]:
@@ -200,7 +196,7 @@ class ModelFiller:
             chunk = rows[b : b + self.batch_size]
             ids = [[tok.bos_id, *self.vocab.encode(p)] + row.forced()
                    for p, row in zip(prompts[b : b + self.batch_size], chunk)]  # fmt: skip
-            live = [j for j, row in enumerate(chunk) if row.spec]
+            live = [j for j, row in enumerate(chunk) if row.step is None]
             if not live:
                 continue
 
@@ -230,6 +226,6 @@ class ModelFiller:
                 model.sample([ids[j] for j in live], max_new_tokens=96, eos_id=self.vocab.mark["end"],
                              pad_id=tok.pad_id, temperature=0.0, logits_hook=hook, forced=forced)  # fmt: skip
             for row in chunk:
-                if row.result is None:
+                if row.step is None:
                     raise RuntimeError("an infill answer did not end within 96 tokens")
         return rows
