@@ -116,6 +116,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_infill_arguments(inf)
 
+    loc = sub.add_parser("localize", help="rank the services where a failure most likely started, with evidence")
+    from .localize.command import add_arguments as _add_localize_arguments
+
+    _add_localize_arguments(loc)
+
+    prd = sub.add_parser("predict", help="predict from partial traces (root + first layer): high latency, uncommon calls")
+    from .predict.command import add_arguments as _add_predict_arguments
+
+    _add_predict_arguments(prd)
+
     mdl = sub.add_parser("model", help="describe trained models")
     msub = mdl.add_subparsers(dest="model_command", required=True, parser_class=_Parser)
     mi = msub.add_parser("info", help="parameters, size, vocabulary, adapters and training data of a model")
@@ -213,6 +223,13 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     w.add_argument("--high-latency", action="store_true", help="latency above the p90 of the entry (instruction)")
     w.add_argument("--include-call", type=_include_call, action="append", default=[], metavar="'A -> B[:KIND]'",
                    help="a call from service A to service B (span kind of B) somewhere in each trace; repeatable")
+    inc = g.add_argument_group("a labelled incident, for chaos testing (docs/localize.md)")
+    inc.add_argument("--inject-latency", metavar="SERVICE=MS",
+                     help="every call into SERVICE takes MS longer (its own work); callers wait, later calls move")
+    inc.add_argument("--inject-share", type=float, default=1.0,
+                     help="share of the traces reaching SERVICE that are delayed (default 1)")
+    inc.add_argument("--incident-label", type=Path, metavar="FILE",
+                     help="write the incident's ground truth (JSON: service, delay, share, time range) here")
     d = g.add_argument_group("decoding")
     d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
     d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
@@ -271,6 +288,8 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "generate": lambda: cmd_generate(args, env),
             "eval": lambda: cmd_eval(args, env),
             "infill": lambda: cmd_infill(args, env),
+            "localize": lambda: cmd_localize(args, env),
+            "predict": lambda: cmd_predict(args, env),
             "model": lambda: _MODEL[args.model_command](args, env),
         }[args.command]
         return int(handler())
@@ -494,6 +513,18 @@ def cmd_infill(args, env: Environment) -> ExitStatus:
     return ExitStatus(run(args, env, _read))
 
 
+def cmd_localize(args, env: Environment) -> ExitStatus:
+    from .localize.command import run
+
+    return ExitStatus(run(args, env, _read))
+
+
+def cmd_predict(args, env: Environment) -> ExitStatus:
+    from .predict.command import run
+
+    return ExitStatus(run(args, env, _read))
+
+
 def cmd_formats(args, env: Environment) -> ExitStatus:
     for info in FORMATS.values():
         rw = "read/write" if info.writable else "read     "
@@ -592,6 +623,13 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
     if args.out is None and otlp is None:
         raise UserError("say where the traces go: --out FILE, --otlp-endpoint HOST:PORT (or OTEL_EXPORTER_OTLP_ENDPOINT)")
     count = args.count if args.count is not None else (None if args.duration is not None else 10)
+    incident = None
+    if args.inject_latency:
+        from .incident import LatencyIncident
+
+        incident = LatencyIncident.parse(args.inject_latency, share=args.inject_share, seed=args.seed)
+    elif args.incident_label or args.inject_share != 1.0:
+        raise UserError("--inject-share and --incident-label go with --inject-latency SERVICE=MS")
     if count is None and args.duration == float("inf") and args.out is not None:
         raise UserError("--duration inf never ends, so the file would never be written: give --count or a duration")
     import torch
@@ -609,6 +647,9 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
                            latency_ms=args.latency_ms, high_latency=args.high_latency,
                            includes=tuple(args.include_call))  # fmt: skip
     request.check(sampler.catalog, sampler.limits)  # before any decoding: errors name the nearest known values
+    if incident is not None:
+        sampler.catalog.check_service(incident.service, "service for --inject-latency")
+        incident_range: list[int] = []
     sender = None
     if otlp is not None:
         from .otlp_export import make_sender
@@ -637,6 +678,9 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                      start_time_ns=args.start_time, round_size=args.batch_size, summary=summary,
                                      attributes=not args.no_attributes, pool=pool):
+            if incident is not None and incident.hits(trace):
+                trace = incident.apply(trace)
+                incident_range += [trace.start_ns, trace.end_ns]
             if sender is not None:
                 sender.send([trace])
             if args.out is not None:
@@ -649,6 +693,14 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
         if pool is not None:
             pool.close()
         counts = sender.close() if sender is not None else None
+    if incident is not None:
+        hit = len(incident_range) // 2
+        label = incident.label() | {"traces_hit": hit, "traces": summary.traces,
+                                    "start": min(incident_range, default=None), "end": max(incident_range, default=None)}
+        print(f"incident: {incident.delay_ms:g} ms injected at {incident.service} in {hit} of {summary.traces} traces",
+              file=env.stderr)
+        if args.incident_label is not None:
+            args.incident_label.write_text(json.dumps(label, indent=1) + "\n")
     if args.out is not None:
         from .formats import write_traces
 

@@ -312,6 +312,26 @@ class Trace:
         return g
 
 
+def self_time_ns(span: Span, children: list[Span]) -> int:
+    """``span``'s duration minus the union of its children's intervals clipped to it (never below zero)."""
+    if not children:
+        return max(0, span.end_ns - span.start_ns)
+    lo, hi = span.start_ns, span.end_ns
+    covered, cur_a, cur_b = 0, None, None
+    for a, b in sorted((max(c.start_ns, lo), min(c.end_ns, hi)) for c in children):
+        if b <= a:
+            continue
+        if cur_b is None or a > cur_b:
+            if cur_b is not None:
+                covered += cur_b - cur_a
+            cur_a, cur_b = a, b
+        elif b > cur_b:
+            cur_b = b
+    if cur_b is not None:
+        covered += cur_b - cur_a
+    return max(0, hi - lo - covered)
+
+
 def group_traces(spans: Iterable[Span]) -> list[Trace]:
     """Group spans by trace id, keeping first-seen order of traces."""
     groups: dict[str, list[Span]] = {}

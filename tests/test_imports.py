@@ -83,3 +83,18 @@ def test_infill_imports_without_torch_or_grpc(module):
         blocked={"torch", "transformers", "peft", "grpc"}) + f"import {module}\n"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("module", ["otel_tracegen.localize", "otel_tracegen.localize.command",
+                                    "otel_tracegen.localize.model_baseline", "otel_tracegen.incident"])  # fmt: skip
+def test_localize_imports_without_torch(module):
+    # Ranking a window is pure Python; only --model-baseline loads the model (and torch) when it generates.
+    code = BLOCKER.format(blocked={"torch", "transformers", "peft", "grpc"}) + f"import {module}\n"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_predict_partial_traces_import_without_torch():
+    code = BLOCKER.format(blocked={"torch", "transformers", "peft", "grpc"}) + "import otel_tracegen.predict\n"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

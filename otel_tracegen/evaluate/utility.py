@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..trace import StatusCode, Trace
+from ..trace import StatusCode, Trace, self_time_ns
 
 
 # --- a linear classifier ---------------------------------------------------------------------------------------
@@ -144,21 +144,7 @@ def exclusive_time_ns(trace: Trace) -> Counter[str]:
     its children's intervals clipped to the span)."""
     out: Counter[str] = Counter()
     for s in trace.spans:
-        covered = 0
-        cur_start = cur_end = None
-        for c in sorted(trace.children(s), key=lambda c: c.start_ns):
-            a, b = max(c.start_ns, s.start_ns), min(c.end_ns, s.end_ns)
-            if b <= a:
-                continue
-            if cur_end is None or a > cur_end:
-                if cur_end is not None:
-                    covered += cur_end - cur_start
-                cur_start, cur_end = a, b
-            else:
-                cur_end = max(cur_end, b)
-        if cur_end is not None:
-            covered += cur_end - cur_start
-        out[s.service] += max(0, s.duration_ns - covered)
+        out[s.service] += self_time_ns(s, trace.children(s))
     return out
 
 

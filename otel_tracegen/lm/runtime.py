@@ -608,13 +608,14 @@ class TraceLMRuntime(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
+                cache: KVCache | None = None, *, hidden: bool = False) -> tuple[torch.Tensor, KVCache | None]:
         """Logits (batch, T, vocab) for ``input_ids`` (batch, T), and ``cache`` extended by these tokens.
 
         ``attention_mask``: 1 for tokens, 0 for (left) padding; either for the T new tokens or, as transformers
         takes it, for the cached tokens followed by the new ones (only its last T columns are read). A row's
         positions count its real tokens only (cumsum(mask) - 1, at least 0), as ``generate`` does for left padding.
-        Pass ``cache=KVCache()`` on the first call to get one back; ``None`` keeps nothing.
+        Pass ``cache=KVCache()`` on the first call to get one back; ``None`` keeps nothing. ``hidden``: the final
+        (normed) hidden states (batch, T, hidden) instead of logits, for heads on the model's representation.
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -635,10 +636,11 @@ class TraceLMRuntime(nn.Module):
         x = self.model.embed_tokens(input_ids)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
-        logits = self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        out = x if hidden else self.lm_head(x)
         if cache is not None:
             cache.mask, cache.seen = keys_ok, seen + new.long().sum(-1)
-        return logits, cache
+        return out, cache
 
     # --- sampling ---
 
