@@ -528,3 +528,38 @@ def test_a_trace_whose_repair_fails_is_forwarded_unrepaired_and_others_are_not_h
     wait_for(lambda: len(sink.spans()) == 7, what="both traces")
     assert r.service.metrics.value("repair_failures_total") == 1
     wait_for(lambda: len(r.service.wal) == 0, what="the log to be acknowledged")
+
+
+# --- live localization from what the receiver forwarded ----------------------------------------------------------
+
+
+def test_get_localize_ranks_the_traces_the_receiver_forwarded(sink, start):
+    from .test_localize import T0, chains
+
+    r = start(sink.port, localize_keep_s=3600, token="s3cret")
+    normal = chains(40, 1, start_ns=T0)
+    incident = chains(30, 2, slow={"b-db": 8}, start_ns=T0 + 3600 * 10**9)
+    auth = {"Authorization": "Bearer s3cret"}
+    for t in normal + incident:  # one request per trace, over OTLP/HTTP
+        resp = requests.post(f"{r.url}/v1/traces", data=otlp_proto.dumps(list(t)),
+                             headers={"Content-Type": "application/x-protobuf", **auth}, timeout=10)  # fmt: skip
+        assert resp.status_code == 200
+    wait_for(lambda: len(r.service.recent) == 70, what="70 traces held for /localize")
+    # replayed data: the window ends at the newest trace held, not at the wall clock
+    resp = requests.get(f"{r.url}/localize?end=latest&window=10m&baseline=2h&top=2", headers=auth, timeout=10)
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["window_traces"] == 30 and answer["baseline_traces"] == 40
+    assert [s["service"] for s in answer["suspects"]][0] == "svc-b" and len(answer["suspects"]) == 2
+    assert answer["suspects"][0]["evidence"][0]["operation"] == "SELECT items"
+    assert requests.get(f"{r.url}/localize?end=latest", timeout=10).status_code == 401  # no token
+    bad = requests.get(f"{r.url}/localize?window=soon", headers=auth, timeout=10)
+    assert bad.status_code == 400 and "window: not a duration: 'soon'" in bad.json()["error"]
+    empty = requests.get(f"{r.url}/localize?window=2m", headers=auth, timeout=10)  # now: nothing that recent
+    assert empty.status_code == 400 and "no held trace starts in the window" in empty.json()["error"]
+
+
+def test_get_localize_is_off_unless_asked_for(sink, start):
+    r = start(sink.port)
+    resp = requests.get(f"{r.url}/localize", timeout=10)
+    assert resp.status_code == 404 and "--localize-keep-s" in resp.text

@@ -331,3 +331,17 @@ def test_generate_injects_a_labelled_incident(tmp_path):
 def test_generate_refuses_a_bad_incident(tmp_path, argv, message):
     rc, _, err = run("generate", "--count", "1", "--out", str(tmp_path / "x.jsonl"), *argv)
     assert rc != 0 and message in err, err
+
+
+def test_recent_traces_are_bounded_by_age_and_spans():
+    from otel_tracegen.localize.recent import RecentTraces
+    from otel_tracegen.localize.window import TimeWindow
+
+    ts = chains(10, 1)  # 7 spans each
+    recent = RecentTraces(keep_s=60, max_spans=50)
+    recent.add(ts[:5], now_ns=0)
+    recent.add(ts[5:], now_ns=10**9)
+    assert len(recent) == 7 and recent.spans == 49  # 70 spans held at most 50: the three oldest went
+    assert [t.trace_id for t in recent.select(TimeWindow(0, 2**63 - 1), now_ns=10**9)] == [t.trace_id for t in ts[3:]]
+    recent.add([], now_ns=61 * 10**9)  # a minute later the first batch's survivors are too old
+    assert len(recent) == 5

@@ -52,6 +52,8 @@ _HELP = {
     "exporter_retry_initial_s": "first retry delay after a transient downstream failure, s (default 0.5)",
     "exporter_retry_max_s": "longest retry delay, s (default 30)",
     "exporter_max_request_mib": "largest request sent downstream, MiB (default 4)",
+    "localize_keep_s": "keep forwarded traces this long for GET /localize on the HTTP port, s (default 0: off)",
+    "localize_max_spans": "spans kept for /localize at most; the oldest traces go first (default 500000)",
     "drain_s": "on shutdown, how long to keep forwarding what is queued, s (default 30)",
 }
 
@@ -59,7 +61,7 @@ _HELP = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="infill_command", required=True)
     s = sub.add_parser("serve", help="run the infill receiver: OTLP in, repaired OTLP out")
-    s.add_argument("--config", type=Path, help="YAML settings (sections receiver, buffer, repair, queue, exporter)")
+    s.add_argument("--config", type=Path, help="YAML settings (sections receiver, buffer, repair, queue, exporter, localize)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     for f in dataclasses.fields(InfillConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..formats._otlp_common import length_delimited, varint
+from ..report import UserError
 from . import wire
 from .service import InfillService, Pressure
 
@@ -170,8 +171,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, receiver.service.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path in ("/healthz", "/"):
             self._reply(200, b"ok\n", "text/plain")
+        elif path == "/localize":  # trace ids and timings: behind the bearer token when there is one
+            if not _authorized(receiver.token, self.headers.get("Authorization")):
+                self._reply(401, b"missing or wrong bearer token\n", "text/plain", {"WWW-Authenticate": "Bearer"})
+            else:
+                self._localize(receiver.service)
         else:
             self._reply(404, b"not found\n", "text/plain")
+
+    def _localize(self, service) -> None:
+        """``GET /localize?window=2m&baseline=10m[&end=now|latest|TIME][&top=5]``: the localize ranking of the
+        traces this receiver forwarded lately (JSON, as ``otel-tracegen localize --json``)."""
+        from urllib.parse import parse_qs, urlsplit
+
+        if service.recent is None:
+            self._reply(404, b"localization is off: start with --localize-keep-s SECONDS\n", "text/plain")
+            return
+        from ..localize.recent import localize_recent
+
+        try:
+            answer = localize_recent(service.recent, parse_qs(urlsplit(self.path).query))
+        except UserError as e:
+            self._reply(400, json.dumps({"error": str(e)}).encode(), wire.JSON)
+            return
+        self._reply(200, json.dumps(answer).encode(), wire.JSON)
 
     def do_POST(self) -> None:  # noqa: N802 - the base class's name
         receiver: HttpReceiver = self.server.receiver  # type: ignore[attr-defined]

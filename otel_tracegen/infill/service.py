@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import ReadReport, UserError
+from ..trace import Trace
 from . import wire
 from .buffer import ReleasedTrace, TraceBuffer
 from .detect import DetectSettings
@@ -84,9 +85,11 @@ class InfillConfig:
     exporter_retry_initial_s: float = 0.5
     exporter_retry_max_s: float = 30.0
     exporter_max_request_mib: float = 4.0
+    localize_keep_s: float = 0.0  # keep released traces this long for GET /localize; 0: off
+    localize_max_spans: int = 500_000
     drain_s: float = 30.0
 
-    SECTIONS = ("receiver", "buffer", "repair", "queue", "exporter")
+    SECTIONS = ("receiver", "buffer", "repair", "queue", "exporter", "localize")
 
     def __post_init__(self) -> None:
         for name in ("receiver_grpc", "receiver_http"):  # "none" (a flag or YAML) turns a receiver off
@@ -241,6 +244,11 @@ class InfillService:
             config.forward_settings()), config.forward_settings(), self.metrics, qdir / "dead-letter",
             on_done=self._delivered)  # fmt: skip
         self._max_queue_bytes = int(config.queue_max_mib * (1 << 20))
+        self.recent = None
+        if config.localize_keep_s > 0:
+            from ..localize.recent import RecentTraces
+
+            self.recent = RecentTraces(config.localize_keep_s, config.localize_max_spans)
         self._open: dict[int, int] = {}  # log record -> traces with spans in it not yet delivered
         self._requests: dict[int, list[_Delivery]] = {}  # outbound record -> the traces with spans in it
         self._lock = threading.Lock()
@@ -423,6 +431,8 @@ class InfillService:
             for d in deliveries:
                 if not d.requests:  # nothing to send (cannot happen: a released trace has spans)
                     self._done([d])
+            if self.recent is not None:  # what was forwarded, repaired, for GET /localize
+                self.recent.add(Trace([w.span for w in r.spans]) for r in results)
             reasons: Counter = Counter()
             m = self.metrics
             m.inc("released_traces_total", len(batch))
