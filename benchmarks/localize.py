@@ -14,8 +14,8 @@ timestamps (checked: every evaluable window holds traces).
 fault, in the fault files and the fault-free files alike; ``faultfree`` is the fault-free capture files only.
 A fault whose window holds no trace is not evaluable and is listed as such.
 
-**Rows**: ``origin`` (``otel_tracegen.localize.localize``: the largest per-context shift of self-time or
-call gap), ``median self-time`` (per-service median self-time change, the issue's baseline), ``call frequency``
+**Rows**: ``origin`` (``otel_tracegen.localize.localize``: per service, the sum of its two largest
+per-context shifts of self-time or call gap; ``docs/localize.md`` gives the formula), ``median self-time`` (per-service median self-time change, the issue's baseline), ``call frequency``
 (per-service change of spans per trace), and ``random`` (expected values: R@k = k/n, MRR = H(n)/n for n services in
 the window). A service absent from the window's traces counts as not found (rank infinity).
 
@@ -38,8 +38,8 @@ methods rank it. One incident per (service, delay). The generated traffic is cac
 sampling in bfloat16 differs with the thread count, so a fresh draw moves these figures by a few points.
 
 **Speed**: seconds to profile and rank one window (reading files excluded; that is the adapters' cost) on this
-machine, median over the evaluable windows, plus one synthetic large window: the first ``--large`` traces of the
-app (by start time) ranked against the baseline.
+machine, median over the evaluable windows, plus one large window: the first ``--large`` real traces of the app
+(by start time) ranked against the baseline.
 """
 
 from __future__ import annotations

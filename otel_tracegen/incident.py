@@ -6,12 +6,13 @@ another service, or a root) does that much more work of its own, after its child
 service's inner spans are not delayed again, so a request costs the delay once per call, not once per span. The
 rest of the trace moves as a synchronous call graph would:
 
-- each ancestor of a delayed span ends later by the same amount (it waits for the call);
+- each ancestor of a delayed span that was still open when it ended ends later by the same amount (it waited for
+  the call; an asynchronous parent that had already ended does not, nor do its ancestors);
 - every span that starts at or after the moment the delayed span originally ended, under an ancestor that waited
   or under a span that moved, starts and ends later by the same amount (it came after the slow call);
 - spans that were already running then, and the children of such concurrent spans, are left alone.
 
-Delayed spans carry ``otel_tracegen.incident.delay_ms``, so a consumer can tell injected latency from recorded
+Events move with their spans. Delayed spans carry ``otel_tracegen.incident.delay_ms``, so a consumer can tell injected latency from recorded
 latency; :meth:`LatencyIncident.label` is the ground truth a localizer is scored against.
 """
 
@@ -38,8 +39,8 @@ class LatencyIncident:
     def __post_init__(self) -> None:
         if not self.service:
             raise UserError("an incident needs a service")
-        if not (self.delay_ms > 0):
-            raise UserError(f"an injected delay must be > 0 ms, got {self.delay_ms}")
+        if not (0 < self.delay_ms < float("inf")):
+            raise UserError(f"an injected delay must be a finite number of ms > 0, got {self.delay_ms}")
         if not (0 < self.share <= 1):
             raise UserError(f"the share of traces hit must be in (0, 1], got {self.share}")
 
@@ -70,34 +71,45 @@ class LatencyIncident:
         if not self.hits(trace):
             return trace
         delay = int(round(self.delay_ms * 1e6))
-        spans = {s.span_id: replace(s, attributes=dict(s.attributes)) for s in trace}
-        parent = {s.span_id: s.parent_id for s in trace}
+        copies = [replace(s, attributes=dict(s.attributes), events=list(s.events)) for s in trace]
+        spans: dict[str, Span] = {}
+        for c in copies:  # a span id written twice (overlapping captures): the first copy decides, all copies move
+            spans.setdefault(c.span_id, c)
+        before = {sid: (c.start_ns, c.end_ns) for sid, c in spans.items()}
+        parent = {sid: c.parent_id for sid, c in spans.items()}
+        entries = [sid for sid, c in spans.items() if c.service == self.service
+                   and (c.parent_id not in spans or spans[c.parent_id].service != self.service)]  # fmt: skip
         # Latest first: a delay only moves what comes after it, so earlier targets keep their original instants.
-        by_id = trace.by_id
-        entries = [s.span_id for s in trace if s.service == self.service
-                   and (s.parent_id not in by_id or by_id[s.parent_id].service != self.service)]  # fmt: skip
         targets = sorted(entries, key=lambda i: -spans[i].end_ns)
         order = _parents_first(trace)
         for target in targets:
             at = spans[target].end_ns
-            chain = set()
-            node: str | None = target
-            while node is not None and node in spans and node not in chain:
+            chain = {target}  # the delayed span and the ancestors still open when it ended: they waited for it
+            node = parent.get(target)
+            while node is not None and node in spans and node not in chain and spans[node].end_ns >= at:
                 chain.add(node)
                 node = parent.get(node)
             moved: set[str] = set()
             for sid in order:
-                s, up = spans[sid], parent.get(sid)
+                c, up = spans[sid], parent.get(sid)
                 if sid in chain:
-                    s.end_ns += delay
-                elif s.start_ns >= at and (up not in spans or up in chain or up in moved):
+                    c.end_ns += delay
+                    c.events = [replace(e, time_ns=e.time_ns + delay) if e.time_ns >= at else e for e in c.events]
+                elif c.start_ns >= at and (up not in spans or up in chain or up in moved):
                     # after the slow call, in a branch that waited for it (a concurrent branch keeps its time)
-                    s.start_ns += delay
-                    s.end_ns += delay
+                    c.start_ns += delay
+                    c.end_ns += delay
+                    c.events = [replace(e, time_ns=e.time_ns + delay) for e in c.events]
                     moved.add(sid)
             mark = spans[target].attributes
             mark[DELAY_ATTRIBUTE] = float(mark.get(DELAY_ATTRIBUTE, 0.0)) + self.delay_ms
-        return Trace([spans[s.span_id] for s in trace], trace.trace_id)
+        for c in copies:
+            first = spans[c.span_id]
+            if c is not first:
+                c.start_ns += first.start_ns - before[c.span_id][0]
+                c.end_ns += first.end_ns - before[c.span_id][1]
+                c.events, c.attributes = list(first.events), dict(first.attributes)
+        return Trace(copies, trace.trace_id)
 
 
 def _parents_first(trace: Trace) -> list[str]:

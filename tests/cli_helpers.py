@@ -37,11 +37,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on (closed again at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on (closed again at once), never one this process was given before: the
+    OS may hand a just-closed port out again, and a test asking for three ports then gets two alike."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port in 100 tries")
 
 
 def rotel_binary() -> str | None:

@@ -5,6 +5,7 @@ is checked here when ``../shared`` is present."""
 from __future__ import annotations
 
 import json
+import re
 import random
 from pathlib import Path
 
@@ -101,11 +102,23 @@ def test_nothing_changed_means_no_strong_suspect():
 
 
 def test_one_slow_trace_is_weak_evidence():
+    from otel_tracegen.localize import ranking
+
+    base = chains(40, 1)
     window = chains(30, 2)
-    window[0] = chain_trace(99, random.Random(0), slow={"c-side": 50})
-    many = localize(chains(30, 4, slow={"b-db": 3}), chains(40, 1))
-    single = localize(window, chains(40, 1))
-    assert single.suspects[0].score < many.suspects[0].score
+    # svc-c's audit runs in every baseline trace but in only one window trace, 50 ms slow there
+    window = [Trace([s for s in t if s.service != "svc-c"]) for t in window[1:]] + [
+        chain_trace(99, random.Random(0), slow={"c-side": 50})]
+    loc = localize(window, base)
+    audit = loc.suspects[loc.rank_of("svc-c") - 1].evidence[0]
+    assert audit.window_spans == 1 and audit.window_median_us > 50_000
+    w, b = Profile.of(window), Profile.of(base)
+    ctx = ("svc-a", "POST /a", "svc-c", "audit")
+    full = ranking._shift(w.self_times[ctx], b.self_times[ctx], support=1)  # as if one trace were enough
+    assert audit.shift == pytest.approx(full / 25)  # one trace of the five asked for: (1/5)^2
+    # a modest slowdown in every trace outranks a large one in a single trace
+    rest = [Trace([s for s in t if s.service != "svc-c"]) for t in chains(29, 3, slow={"b-db": 3})]
+    assert localize(rest + window[-1:], base).ranking[0] == "svc-b"
 
 
 def test_only_services_of_the_window_are_ranked_and_a_context_without_baseline_does_not_score():
@@ -143,8 +156,10 @@ def test_windows_read_iso_epoch_and_relative_ends():
     w = parse_window("2023-01-29T08:43:04Z..+2m")
     assert w.end_ns - w.start_ns == 120 * 10**9
     assert parse_window("1674981784..1674981904") == w
-    for bad in ("2023-01-29", "08:43..", "x..y", "1674981904..1674981784"):
-        with pytest.raises(UserError):
+    for bad, why in (("2023-01-29", "not a window"), ("08:43..", "not a window"), ("x..y", "not a time: 'x'"),
+                     ("1674981904..1674981784", "ends before it starts"), ("1674981904..+0s", "is empty"),
+                     ("1674981904..+2 m", "not a relative end: '+2 m'"), ("1674981904..-2m", "not a relative end")):
+        with pytest.raises(UserError, match=re.escape(why)):
             parse_window(bad)
 
 
@@ -345,3 +360,63 @@ def test_recent_traces_are_bounded_by_age_and_spans():
     assert [t.trace_id for t in recent.select(TimeWindow(0, 2**63 - 1), now_ns=10**9)] == [t.trace_id for t in ts[3:]]
     recent.add([], now_ns=61 * 10**9)  # a minute later the first batch's survivors are too old
     assert len(recent) == 5
+
+
+def test_the_incident_is_never_its_own_baseline(tmp_path):
+    write_traces("otlp-json", chains(40, 1) + chains(30, 2, slow={"b-db": 8}), tmp_path / "all.jsonl")
+    write_traces("otlp-json", chains(30, 2, slow={"b-db": 8}), tmp_path / "incident.jsonl")
+    rc, out, err = run("localize", "--traces", str(tmp_path / "incident.jsonl"), "--baseline", str(tmp_path / "all.jsonl"))
+    assert rc == 0 and "30 baseline traces are also in the window; they are left out" in err
+    assert "baseline: 40 traces" in out.splitlines()[0] and out.splitlines()[2].startswith("1. svc-b ")
+    rc, _, err = run("localize", "--traces", str(tmp_path / "all.jsonl"), "--window", f"{T0 // 10**9}..+10m",
+                     "--baseline-window", f"{T0 // 10**9 + 60}..+1h")  # fmt: skip
+    assert rc != 0 and "overlaps the window" in err
+
+
+def test_json_has_no_infinities_and_scoreless_services_say_so(tmp_path):
+    base = chains(40, 1)
+    window = chains(20, 2)
+    for s in window[0]:
+        if s.service == "svc-c":
+            s.service = "svc-new"  # nothing to compare it with
+    write_traces("otlp-json", base, tmp_path / "b.jsonl")
+    write_traces("otlp-json", window, tmp_path / "w.jsonl")
+    rc, out, err = run("localize", "--traces", str(tmp_path / "w.jsonl"), "--baseline", str(tmp_path / "b.jsonl"), "--json")
+    assert rc == 0, err
+    d = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    new = next(s for s in d["suspects"] if s["service"] == "svc-new")
+    assert new["score"] is None and new["rank"] == d["services"]
+    rc, out, _ = run("localize", "--traces", str(tmp_path / "w.jsonl"), "--baseline", str(tmp_path / "b.jsonl"), "--top", "9")
+    assert "svc-new  (score no baseline;" in out
+
+
+def test_injection_spares_an_async_parent_moves_events_and_keeps_duplicates():
+    from otel_tracegen.trace import Event
+
+    tid = "ab" * 16
+    producer = Span(tid, "01", None, "web", "publish", 0, 1 * MS, kind=SpanKind.PRODUCER)
+    consumer = Span(tid, "02", "01", "worker", "consume", 5 * MS, 9 * MS, kind=SpanKind.CONSUMER,
+                    events=[Event(8 * MS, "done")])  # fmt: skip
+    after = Span(tid, "03", "02", "worker", "ack", 7 * MS, 8 * MS, events=[Event(7 * MS + 5, "acked")])
+    hit = LatencyIncident("worker", 20).apply(Trace([producer, consumer, after, replace_span(after)]))
+    got = {}
+    for s in hit:
+        got.setdefault(s.span_id, []).append(s)
+    assert (got["01"][0].start_ns, got["01"][0].end_ns) == (0, 1 * MS)  # the producer had ended: it did not wait
+    assert got["02"][0].end_ns == 29 * MS and got["02"][0].events[0].time_ns == 8 * MS  # before the delay: stays
+    assert len(got["03"]) == 2 and all((s.start_ns, s.end_ns) == (7 * MS, 8 * MS) for s in got["03"])  # inside
+    tail = LatencyIncident("web", 20).apply(Trace([producer, consumer, after]))
+    moved = {s.span_id: s for s in tail}
+    assert moved["02"].start_ns == 25 * MS and moved["03"].events[0].time_ns == 7 * MS + 5 + 20 * MS
+
+
+def replace_span(s: Span) -> Span:
+    from dataclasses import replace
+
+    return replace(s, attributes=dict(s.attributes))
+
+
+@pytest.mark.parametrize("text", ["svc=inf", "svc=nan"])
+def test_a_delay_must_be_finite(text):
+    with pytest.raises(UserError):
+        LatencyIncident.parse(text)

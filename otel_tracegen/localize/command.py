@@ -51,6 +51,8 @@ def run(args, env, read) -> int:
         raise UserError("--top, --support and --evidence must be at least 1")
     report = ReadReport()
     traces = [t for t in read(args.format, args.traces, report) if len(t)]
+    for problem in report.problems[:20]:  # first: they may be why nothing below is found
+        print(f"warning: {problem}", file=env.stderr)
     if not traces:
         raise UserError(f"no traces in {' '.join(args.traces)}")
     span = f"{format_time(min(t.start_ns for t in traces))}..{format_time(max(t.start_ns for t in traces))}"
@@ -63,14 +65,26 @@ def run(args, env, read) -> int:
     if not window:
         raise UserError(f"no trace starts in the window {args.window.text()} (the traces start in {span})")
     if args.baseline:
-        baseline = [t for t in read(args.format, args.baseline, report) if len(t)]
+        more = ReadReport()
+        baseline = [t for t in read(args.format, args.baseline, more) if len(t)]
+        for problem in more.problems[:20]:
+            print(f"warning: {problem}", file=env.stderr)
         where = " ".join(args.baseline)
     elif args.baseline_window:
-        baseline = args.baseline_window.select(traces)
-        where = f"the window {args.baseline_window.text()}"
-    else:
-        baseline = [t for t in outside(traces, [args.window]) if t.start_ns < args.window.start_ns]
+        b = args.baseline_window
+        if b.start_ns < args.window.end_ns and args.window.start_ns < b.end_ns:
+            raise UserError(f"the baseline window {b.text()} overlaps the window {args.window.text()}")
+        baseline = b.select(traces)
+        where = f"the window {b.text()}"
+    else:  # traces over before the incident began: one still running into it is not normal traffic
+        baseline = [t for t in outside(traces, [args.window]) if t.end_ns <= args.window.start_ns]
         where = "the traces before the window"
+    examined = {t.trace_id for t in window}
+    mixed = sum(1 for t in baseline if t.trace_id in examined)
+    if mixed:  # the same files given twice, say: the incident must not be its own reference
+        print(f"warning: {mixed} baseline traces are also in the window; they are left out of the baseline",
+              file=env.stderr)  # fmt: skip
+        baseline = [t for t in baseline if t.trace_id not in examined]
     if args.model_baseline:
         from .model_baseline import model_baseline
 
@@ -85,8 +99,6 @@ def run(args, env, read) -> int:
         raise UserError(f"no baseline traces in {where}; give --baseline FILES, --baseline-window START..END "
                         f"or --model-baseline "
                         f"(the traces start in {span})")  # fmt: skip
-    for problem in report.problems[:20]:
-        print(f"warning: {problem}", file=env.stderr)
     result = localize(Profile.of(window), Profile.of(baseline), top=args.top, support=args.support,
                       evidence_per_suspect=args.evidence)  # fmt: skip
     if args.json:

@@ -30,13 +30,16 @@ def cache_dir() -> Path:
 
 def entry_mix(window: Sequence[Trace], n: int) -> list[tuple[tuple[str, str], int]]:
     """How many of ``n`` traces to generate per entry (root service, operation), in the window's proportions;
-    entries too rare to get one trace are left out."""
+    entries too rare to get one trace are left out (all but the most common one, when ``n`` is that small)."""
     roots: Counter = Counter()
     for t in window:
         root = t.root or min(t, key=lambda s: s.start_ns)
         roots[(root.service, root.name)] += 1
     total = sum(roots.values())
-    return [(e, round(n * c / total)) for e, c in roots.most_common() if round(n * c / total) >= 1]
+    mix = [(e, round(n * c / total)) for e, c in roots.most_common() if round(n * c / total) >= 1]
+    if not mix and roots:  # n smaller than the entries can share: the most common one gets them all
+        mix = [(roots.most_common(1)[0][0], n)]
+    return mix
 
 
 def _model_key(model_dir: Path) -> str:

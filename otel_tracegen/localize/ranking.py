@@ -49,17 +49,20 @@ class Evidence:
     window_median_us: float
     window_spans: int
     baseline_spans: int
-    shift: float  # (window - baseline) / baseline, scaled by support
-    traces_affected: int  # window traces where this context was slower than the baseline median
+    shift: float  # see _shift and docs/localize.md
+    traces_affected: int  # window traces where this context was slower than the baseline p75
     examples: list[dict] = field(default_factory=list)  # the slowest window spans: trace_id, span_id, value_us
     route: list[str] = field(default_factory=list)  # root-first "service operation" path to one such span
+    slower_traces: set = field(default_factory=set, repr=False)  # the traces counted in traces_affected
 
     def line(self) -> str:
         what = (f"self-time of {self.operation!r}" if self.kind == "self-time"
                 else f"latency of calls into {self.operation!r} from {self.caller!r} (client minus server)")
-        ratio = self.window_median_us / self.baseline_median_us if self.baseline_median_us > 0 else math.inf
+        change = (f"x{self.window_median_us / self.baseline_median_us:.1f}" if self.baseline_median_us > 0
+                  else f"{self.window_median_us - self.baseline_median_us:+,.0f} µs")  # fmt: skip
         return (f"{what}: median {self.baseline_median_us:,.0f} µs -> {self.window_median_us:,.0f} µs "
-                f"(x{ratio:.1f}) over {self.window_spans} spans; slower than normal in {self.traces_affected} traces")
+                f"({change}) over {self.window_spans} spans; slower than normal (above its p75) in "
+                f"{self.traces_affected} traces")  # fmt: skip
 
 
 @dataclass
@@ -79,11 +82,16 @@ class Suspect:
     score: float
     evidence: list[Evidence]
     call_changes: list[CallChange]
-    traces_affected: int  # window traces that hold at least one slowed context of this service
+    traces_affected: int  # window traces where at least one shown context of this service was slower than normal
     traces_with_service: int
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for e in d["evidence"]:
+            e.pop("slower_traces")
+        if not math.isfinite(self.score):  # no context to compare: JSON has no -Infinity
+            d["score"] = None
+        return d
 
 
 @dataclass
@@ -129,8 +137,8 @@ def _shift(window: Sequence[Sample], baseline: Sequence[Sample], support: int) -
 
 def _evidence(kind: str, ctx: Context, window: list[Sample], baseline: list[Sample], support: int,
               routes: dict) -> Evidence:  # fmt: skip
-    base = _median(baseline)
-    slower = {s.trace_id for s in window if s.value_ns > base}
+    base, ref = _median(baseline), _quantile(baseline, REF_Q)
+    slower = {s.trace_id for s in window if s.value_ns > ref}
     top = sorted(window, key=lambda s: -s.value_ns)[:3]
     return Evidence(
         kind=kind,
@@ -138,7 +146,7 @@ def _evidence(kind: str, ctx: Context, window: list[Sample], baseline: list[Samp
         operation=ctx[3],
         caller=f"{ctx[0]} {ctx[1]}".strip(),
         baseline_median_us=base / 1e3,
-        baseline_p75_us=_quantile(baseline, REF_Q) / 1e3,
+        baseline_p75_us=ref / 1e3,
         window_median_us=_median(window) / 1e3,
         window_spans=len(window),
         baseline_spans=len(baseline),
@@ -146,6 +154,7 @@ def _evidence(kind: str, ctx: Context, window: list[Sample], baseline: list[Samp
         traces_affected=len(slower),
         examples=[{"trace_id": s.trace_id, "span_id": s.span_id, "value_us": s.value_ns / 1e3} for s in top],
         route=[f"{svc} {op}" for svc, op in routes.get(ctx, ())],
+        slower_traces=slower,
     )
 
 
@@ -167,8 +176,8 @@ def localize(window: Iterable[Trace] | Profile, baseline: Iterable[Trace] | Prof
         ev.sort(key=lambda e: -e.shift)
         score = (sum(e.shift for e in ev[:TOP_K]) if ev else -math.inf)
         shown = [e for e in ev[:evidence_per_suspect] if e.shift > 0] or ev[:1]
-        affected_n = max((e.traces_affected for e in shown if e.shift > 0), default=0)
-        suspects.append(Suspect(0, svc, score, shown, _call_changes(svc, w, b), affected_n, w.service_traces[svc]))
+        slower = set().union(*(e.slower_traces for e in shown if e.shift > 0))
+        suspects.append(Suspect(0, svc, score, shown, _call_changes(svc, w, b), len(slower), w.service_traces[svc]))
     suspects.sort(key=lambda s: (-s.score, s.service))
     for i, s in enumerate(suspects):
         s.rank = i + 1

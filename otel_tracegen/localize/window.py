@@ -72,8 +72,13 @@ def parse_window(text: str) -> TimeWindow:
         raise UserError(f"not a window: {text!r} (expected START..END, e.g. 2023-01-29T08:43:04Z..+2m)")
     start = parse_time(start_text)
     m = _RELATIVE.match(end_text.strip())
+    if not m and end_text.strip().startswith(("+", "-")):
+        raise UserError(f"not a relative end: {end_text.strip()!r} (expected +N with a unit: ns, us, ms, s, m or h, "
+                        f"e.g. +2m)")  # fmt: skip
     end = start + int(float(m.group(1)) * _UNIT_NS[m.group(2)]) if m else parse_time(end_text)
-    if end <= start:
+    if end == start:
+        raise UserError(f"window {text!r} is empty")
+    if end < start:
         raise UserError(f"window {text!r} ends before it starts")
     return TimeWindow(start, end)
 

@@ -53,7 +53,12 @@ def run(args, env, read) -> int:
                 env.stdout.write(f"{r['trace_id']}  error: {r['error']}\n")
                 continue
             answers = "  ".join(f"{t}: {'yes' if r[t]['prediction'] else 'no'} ({r[t]['probability']:.2f})" for t in tasks)
-            env.stdout.write(f"{r['trace_id']}  {r['entry']}  {answers}\n")
+            note = "  (entry not seen in training)" if "warning" in r else ""
+            env.stdout.write(f"{r['trace_id']}  {r['entry']}  {answers}{note}\n")
+    unknown = sum(1 for r in results if "warning" in r)
+    if unknown:
+        print(f"warning: {unknown} traces enter at an entry the heads never saw in training (their answers say so)",
+              file=env.stderr)  # fmt: skip
     yes = {t: sum(1 for r in results if r.get(t, {}).get("prediction")) for t in tasks}
     print(f"{len(results)} traces: " + ", ".join(f"{t} {n}" for t, n in yes.items()), file=env.stderr)
     return 0

@@ -22,7 +22,7 @@ from .partial import PartialTrace
 
 
 class HandFeatures:
-    """One-hot entry (service, operation, kind), counts of each (service, operation, kind) in the first layer, and
+    """One-hot entry (service, operation), counts of each (service, operation, kind) in the first layer, and
     the layer's size: the same partial information the model reads, as a logistic regression would take it."""
 
     def __init__(self, entries: Sequence[str], items: Sequence[str]):
@@ -33,7 +33,11 @@ class HandFeatures:
 
     @staticmethod
     def _entry(p: PartialTrace) -> str:
-        return f"{p.service}|{p.operation}|{p.kind}"
+        return f"{p.service}|{p.operation}"  # not the kind: OTLP roots say SERVER where span tables say nothing
+
+    def knows(self, p: PartialTrace) -> bool:
+        """Whether the entry of ``p`` was seen in training."""
+        return self._entry(p) in self._e
 
     @classmethod
     def fit(cls, partials: Sequence[PartialTrace]) -> HandFeatures:

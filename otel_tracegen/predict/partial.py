@@ -4,8 +4,8 @@ A **partial trace** is the root span and the first layer of the call graph: the 
 other services. OpenTelemetry traces also hold the entry service's own internal and client spans (TrainTicket's
 gateway has two of them above every call it routes), so the first layer is found by walking down through spans of
 the root's service to the first span of each other service; with no other service, it is the root's children. Of
-each, the service, operation and kind are read, in start order. Nothing below the first layer and no time at all
-(no duration, no start offset) is read, so a full trace can be passed safely: the rest is ignored.
+each, the service, operation and kind are read, in start order (the order is all that is taken from the times).
+Nothing below the first layer and no duration or time offset is read, so a full trace can be passed safely.
 
 The two tasks are the paper's downstream tasks, labelled against statistics of the training split per entry (root
 service and operation), as the instruct stage labels them (``lm.data.corpus_stats_for_instructions``):

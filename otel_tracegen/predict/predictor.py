@@ -83,7 +83,7 @@ class Predictor:
             y = torch.tensor([float(r[1][task]) for r in rows])
             best = None
             for m in methods:
-                if select > 0 and 0 < y[:cut].sum() < cut:
+                if select > 0 and 0 < y[:cut].sum() < cut and 0 < y[cut:].sum() < len(y) - cut:
                     head = LogisticHead.fit(feats[m][:cut], y[:cut])
                     guess = (head.probability(feats[m][cut:]) > 0.5).tolist()
                     score = balanced_accuracy(guess, [bool(v) for v in y[cut:].tolist()])
@@ -110,6 +110,8 @@ class Predictor:
             else:
                 out[i]["entry"] = f"{p.service} {p.operation}"
                 out[i]["first_layer"] = len(p.layer)
+                if not self.hand.knows(p):  # the labels are relative to the entry's own history: there is none
+                    out[i]["warning"] = "entry not seen in training: the answers have nothing to go on"
         for task in tasks:
             method, head = self.heads[task]
             if not ok:
