@@ -43,6 +43,7 @@ class Profile:
     service_traces: Counter = field(default_factory=Counter)  # service -> traces that hold it
     routes: dict[Context, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # one root-first path each
     gap_routes: dict[Context, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # ... to the server span
+    normals: dict = field(default_factory=dict)  # ranking's cache of each context's baseline quartiles
 
     @classmethod
     def of(cls, traces: Iterable[Trace]) -> Profile:
@@ -52,6 +53,7 @@ class Profile:
         return p
 
     def add(self, trace: Trace) -> None:
+        self.normals.clear()  # new samples: cached quartiles are stale
         by_id = trace.by_id
         self.traces += 1
         services = set()

@@ -23,7 +23,7 @@ import math
 import random
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 from ..trace import Trace
 from .profile import Context, Profile, Sample
@@ -118,39 +118,47 @@ def _median(samples: Sequence[Sample]) -> float:
     return statistics.median(s.value_ns for s in samples)
 
 
-def _quantile(samples: Sequence[Sample], q: float) -> float:
-    xs = sorted(s.value_ns for s in samples)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if q != 0.5 else statistics.median(xs)
+class Normal(NamedTuple):
+    """What a context's latency was in the baseline: median and quartiles (ns), from one sort."""
+
+    median: float
+    p25: float
+    p75: float
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> Normal:
+        xs = sorted(s.value_ns for s in samples)
+        return cls(statistics.median(xs), xs[min(len(xs) - 1, int(0.25 * len(xs)))],
+                   xs[min(len(xs) - 1, int(REF_Q * len(xs)))])  # fmt: skip
 
 
-def _shift(window: Sequence[Sample], baseline: Sequence[Sample], support: int) -> float:
+def _shift(window: Sequence[Sample], baseline: Sequence[Sample] | Normal, support: int) -> float:
+    normal = baseline if isinstance(baseline, Normal) else Normal.of(baseline)
     traces = len({s.trace_id for s in window})  # spans of one trace are not independent evidence
-    base_median = _median(baseline)
-    ref = _quantile(baseline, REF_Q)
+    ref = normal.p75
     consistent = sum(1 for s in window if s.value_ns > ref) / len(window)  # ~0.25 when nothing changed
     # Relative to the normal median, or to the normal spread where that is wider: a context whose latency varies
     # widely (two-peaked, as a cache hit or miss) must move further before it counts.
-    scale = max(abs(base_median), FLOOR_NS, ref - _quantile(baseline, 0.25))
+    scale = max(abs(normal.median), FLOOR_NS, ref - normal.p25)
     # Seen in k < support traces of the window, a context counts (k / support)^2: one slow trace is weak evidence.
     return (_median(window) - ref) / scale * consistent * min(1.0, traces / support) ** 2
 
 
-def _evidence(kind: str, ctx: Context, window: list[Sample], baseline: list[Sample], support: int,
+def _evidence(kind: str, ctx: Context, window: list[Sample], baseline: list[Sample], normal: Normal, support: int,
               routes: dict) -> Evidence:  # fmt: skip
-    base, ref = _median(baseline), _quantile(baseline, REF_Q)
-    slower = {s.trace_id for s in window if s.value_ns > ref}
+    slower = {s.trace_id for s in window if s.value_ns > normal.p75}
     top = sorted(window, key=lambda s: -s.value_ns)[:3]
     return Evidence(
         kind=kind,
         service=ctx[2],
         operation=ctx[3],
         caller=f"{ctx[0]} {ctx[1]}".strip(),
-        baseline_median_us=base / 1e3,
-        baseline_p75_us=ref / 1e3,
+        baseline_median_us=normal.median / 1e3,
+        baseline_p75_us=normal.p75 / 1e3,
         window_median_us=_median(window) / 1e3,
         window_spans=len(window),
         baseline_spans=len(baseline),
-        shift=_shift(window, baseline, support),
+        shift=_shift(window, normal, support),
         traces_affected=len(slower),
         examples=[{"trace_id": s.trace_id, "span_id": s.span_id, "value_us": s.value_ns / 1e3} for s in top],
         route=[f"{svc} {op}" for svc, op in routes.get(ctx, ())],
@@ -170,7 +178,11 @@ def localize(window: Iterable[Trace] | Profile, baseline: Iterable[Trace] | Prof
             ref = bmap.get(ctx)
             if not ref or len(ref) < support or ctx[2] not in found:
                 continue
-            found[ctx[2]].append(_evidence(kind, ctx, samples, ref, support, routes))
+            key = (kind, ctx)
+            normal = b.normals.get(key)
+            if normal is None:  # a baseline profile is often reused for many windows: sort each context once
+                normal = b.normals[key] = Normal.of(ref)
+            found[ctx[2]].append(_evidence(kind, ctx, samples, ref, normal, support, routes))
     suspects = []
     for svc, ev in found.items():
         ev.sort(key=lambda e: -e.shift)
