@@ -190,18 +190,14 @@ def generate_normal(app: str, n: int, seed: int = 0) -> list:
 
     Cached beside the model-baseline traces (``$XDG_CACHE_HOME/otel-tracegen/baselines``): sampling in bfloat16
     is not bit-reproducible across thread counts, so a rerun reads the same traffic instead of drawing anew."""
-    from otel_tracegen import generate
     from otel_tracegen.formats import read_traces, write_traces
-    from otel_tracegen.lm.model import DEFAULT_MODEL_DIR, load_model
-    from otel_tracegen.localize.model_baseline import _model_key, cache_dir
-    from otel_tracegen.sampling import TraceRequest, TraceSampler
+    from otel_tracegen.lm.model import DEFAULT_MODEL_DIR
+    from otel_tracegen.localize.model_baseline import model_key, cache_dir, generate_for_entries
 
-    path = cache_dir() / f"synthetic-{app}-{n}-{seed}-{_model_key(DEFAULT_MODEL_DIR)}.otlp.jsonl"
+    path = cache_dir() / f"synthetic-{app}-{n}-{seed}-{model_key(DEFAULT_MODEL_DIR)}.otlp.jsonl"
     if path.is_file():
         return read_traces("otlp-json", [path])
-    lm = load_model(dtype="auto")
-    sampler = TraceSampler(lm, batch_size=64)
-    traces = list(generate.stream(sampler, TraceRequest(service=ENTRY[app]), count=n, seed=seed, round_size=64))
+    traces = generate_for_entries([((ENTRY[app], None), n)], DEFAULT_MODEL_DIR, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_traces("otlp-json", traces, path)
     return traces

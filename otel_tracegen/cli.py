@@ -186,15 +186,12 @@ def _start_time(text: str) -> int:
 
 def _duration(text: str) -> float:
     """Seconds: a number, with an optional s/m/h suffix, or inf."""
-    t = text.strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    from .localize.window import parse_duration_s
+
     try:
-        value = float(t[:-1] if scale else t) * (scale or 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration (e.g. 30, 30s, 5m, 1h, inf): {text!r}") from None
-    if not (value > 0):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+        return parse_duration_s(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -678,9 +675,11 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                      start_time_ns=args.start_time, round_size=args.batch_size, summary=summary,
                                      attributes=not args.no_attributes, pool=pool):
-            if incident is not None and incident.hits(trace):
-                trace = incident.apply(trace)
-                incident_range += [trace.start_ns, trace.end_ns]
+            if incident is not None:
+                delayed = incident.apply(trace)  # the trace itself when this one is not hit
+                if delayed is not trace:
+                    trace = delayed
+                    incident_range += [trace.start_ns, trace.end_ns]
             if sender is not None:
                 sender.send([trace])
             if args.out is not None:

@@ -42,7 +42,7 @@ def entry_mix(window: Sequence[Trace], n: int) -> list[tuple[tuple[str, str], in
     return mix
 
 
-def _model_key(model_dir: Path) -> str:
+def model_key(model_dir: Path) -> str:
     h = hashlib.sha256()
     for name in ("model.safetensors", "training.json", "catalog.json"):
         p = model_dir / name
@@ -63,11 +63,11 @@ def model_baseline(window: Sequence[Trace], n: int = 200, *, model: str | Path |
     mix = entry_mix(window, n)
     if not mix:
         raise UserError("the window has no traces to take entry points from")
-    key = hashlib.sha256(json.dumps([_model_key(model_dir), str(model_dir.resolve()), mix, seed]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([model_key(model_dir), str(model_dir.resolve()), mix, seed]).encode()).hexdigest()[:24]
     path = cache_dir() / f"{key}.otlp.jsonl"
     if use_cache and path.is_file():
         return read_traces("otlp-json", [path])
-    traces = _generate(mix, model_dir, seed, device, warn)
+    traces = generate_for_entries(mix, model_dir, seed, device, warn)
     if not traces:
         raise UserError(f"the model at {model_dir} knows none of the window's entry points "
                         f"({', '.join(f'{s} {o}' for (s, o), _ in mix[:5])})")  # fmt: skip
@@ -79,7 +79,10 @@ def model_baseline(window: Sequence[Trace], n: int = 200, *, model: str | Path |
     return traces
 
 
-def _generate(mix, model_dir: Path, seed: int, device: str | None, warn) -> list[Trace]:
+def generate_for_entries(mix: Sequence[tuple[tuple[str, str | None], int]], model_dir: Path, seed: int = 0,
+                         device: str | None = None, warn: Callable[[str], None] = lambda _: None) -> list[Trace]:
+    """``k`` traces from the model for each ((service, operation or None), k) of ``mix``, entry i seeded
+    ``seed + 1000 * i``; entries the model does not know are skipped through ``warn``."""
     from tqdm import tqdm
 
     from .. import generate

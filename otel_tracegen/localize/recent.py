@@ -64,19 +64,16 @@ def windows_before(end_ns: int, window_s: float, baseline_s: float) -> tuple[Tim
 
 
 def parse_seconds(text: str, what: str) -> float:
-    """``120``, ``90s``, ``2m``, ``1h`` as seconds."""
+    """``120``, ``90s``, ``2m``, ``1h`` as seconds (finite: a window reaches back a definite time)."""
     from ..report import UserError
+    from .window import parse_duration_s
 
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    t = text.strip().lower()
-    scale = units.get(t[-1:], None)
-    number = t[:-1] if scale else t
     try:
-        value = float(number) * (scale or 1.0)
-    except ValueError:
-        raise UserError(f"{what}: not a duration: {text!r} (e.g. 120, 90s, 2m, 1h)") from None
-    if not value > 0:
-        raise UserError(f"{what}: must be > 0, got {text!r}")
+        value = parse_duration_s(text)
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
+    if value == float("inf"):
+        raise UserError(f"{what}: must be finite, got {text!r}")
     return value
 
 

@@ -83,6 +83,19 @@ def parse_window(text: str) -> TimeWindow:
     return TimeWindow(start, end)
 
 
+def parse_duration_s(text: str) -> float:
+    """Seconds from ``120``, ``90s``, ``5m``, ``1h`` or ``inf``; ValueError (naming the text) otherwise or when not > 0."""
+    t = text.strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 30, 30s, 5m, 1h)") from None
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {text!r}")
+    return value
+
+
 def outside(traces: Sequence[Trace], windows: Sequence[TimeWindow]) -> list[Trace]:
     """The traces that start in none of ``windows`` (the default baseline: everything else in the input)."""
     return [t for t in traces if len(t) and not any(t.start_ns in w for w in windows)]
