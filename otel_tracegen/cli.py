@@ -230,6 +230,12 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     d = g.add_argument_group("decoding")
     d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
     d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    from .sampling.engine import DEFAULT_ATTEMPTS  # light: the engine imports torch only to decode
+
+    d.add_argument("--attempts", type=_positive_int, default=DEFAULT_ATTEMPTS,
+                   help="draws per step at most: a step is kept with the model's odds of having written it without "
+                        f"the grammar's masks, else drawn again (default {DEFAULT_ATTEMPTS}; 1: keep every first "
+                        "draw, faster, less realistic)")
     d.add_argument("--seed", type=int, default=0, help="same seed, same options: the same traces (default 0)")
     d.add_argument("--batch-size", type=_positive_int, default=256, help="pending steps decoded together")
     d.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -639,7 +645,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, device=args.device, backend="auto", dtype=args.dtype)  # auto: --base-model runs too
     sampler = TraceSampler(lm, adapter=None if args.adapter == "none" else args.adapter, batch_size=args.batch_size,
-                           entries=args.entries)
+                           entries=args.entries, attempts=args.attempts)
     request = TraceRequest(service=args.service, operation=args.operation, calls=args.calls, depth=args.depth,
                            latency_ms=args.latency_ms, high_latency=args.high_latency,
                            includes=tuple(args.include_call))  # fmt: skip
@@ -664,7 +670,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
     if workers > 1:  # the same traces as in-process decoding (rounds are seeded by their index), sooner
         pool = DecodePool(SamplerSpec(model=None if args.model is None else str(args.model), device=str(lm.device),
                                       dtype=args.dtype, adapter=sampler.adapter, batch_size=args.batch_size,
-                                      entries=args.entries),
+                                      entries=args.entries, attempts=args.attempts),
                           workers, threads_per_worker=args.threads or 1)  # fmt: skip
     summary = generate.GenerationSummary()
     bar = tqdm(total=count, unit="trace", desc="generate", file=env.stderr, disable=None)

@@ -3,7 +3,7 @@ compare them with a corpus's validation split (services called, depth, fan-out, 
 service), as `python3 -m otel_tracegen.lm.sample --compare` does for free-running samples.
 
     python3 scripts/compare_generated.py [MODEL] --corpus ttob --n 100 --seed 0 [--entries data|model] [--dtype float32|bfloat16|auto]
-        [--json F]
+        [--attempts N] [--json F]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32")
+    ap.add_argument("--attempts", type=int, help="draws per step at most (default: generate's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -37,17 +38,22 @@ def main() -> None:
     from otel_tracegen.sampling import TraceRequest, TraceSampler
     from otel_tracegen.validate import validate
 
-    sampler = TraceSampler(load_model(args.model, backend="runtime", dtype=args.dtype), entries=args.entries)
+    kw = {} if args.attempts is None else {"attempts": args.attempts}
+    sampler = TraceSampler(load_model(args.model, backend="runtime", dtype=args.dtype), entries=args.entries, **kw)
     t = time.perf_counter()
     steps = sampler.generate([TraceRequest()] * args.n, seed=args.seed, temperature=args.temperature,
                               top_p=args.top_p)
     seconds = time.perf_counter() - t
+    # Calls squeezed out of their parent's window: placed at its end with 0 µs, the room spent by earlier siblings.
+    zero = sum(1 for trace in steps for step in trace if step.conditions.budget is not None and not step.conditions.client
+               for call in step.calls if call.start >= step.conditions.budget and call.duration == 0)
     traces = Assembler(anchor_ns=0, seed=args.seed, attributes=False)(steps)
     valid = sum(not validate(tr) for tr in traces)
     _, splits = load_corpus(args.corpus, ("validation",))
     result = compare(traces, splits["validation"])
     result["generated"] = {"traces": len(traces), "valid": valid, "spans": sum(map(len, traces)),
-                           "seconds": round(seconds, 1), "entries": args.entries, "dtype": args.dtype, "temperature": args.temperature, "top_p": args.top_p}
+                           "seconds": round(seconds, 1), "draws_per_step": round(sampler.draws / max(1, sum(map(len, steps))), 3),
+                           "squeezed_calls": zero, "entries": args.entries, "dtype": args.dtype, "temperature": args.temperature, "top_p": args.top_p}
     print(json.dumps({k: result[k] for k in ("generated", "service_mix_tv_distance", "per_entry_service_mix_tv_distance",
                                              "entry_share")}, indent=1))
     for name, e in result["by_entry"].items():

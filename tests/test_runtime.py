@@ -221,6 +221,21 @@ def test_logits_hook_is_obeyed_and_sees_the_running_rows(tiny, tokenizer):
         assert calls[1][1] == [out[0][:1], out[2][:1]]
 
 
+def fixed_text(fixed: list[list[list[int]]], eos: int):
+    """A ``forced`` callback: after row r's k-th drawn token comes ``fixed[r][k]``, and after the last, eos."""
+    drawn = [0] * len(fixed)
+
+    def forced(rows, tokens):
+        out = []
+        for r in rows:
+            k = drawn[r]
+            drawn[r] += 1
+            out.append(list(fixed[r][k]) + ([eos] if k + 1 == len(fixed[r]) else []))
+        return out
+
+    return forced
+
+
 @pytest.mark.parametrize("max_chunk", [1, 2, 4])
 def test_forced_tokens_fed_in_chunks_give_what_forcing_them_one_by_one_gives(tiny, tokenizer, max_chunk):
     """``forced`` (fixed text appended after a drawn token and packed into the same forward passes as the other
@@ -256,24 +271,58 @@ def test_forced_tokens_fed_in_chunks_give_what_forcing_them_one_by_one_gives(tin
         return logits
 
     one_by_one = rt.sample(prompts, max_new_tokens=40, eos_id=eos, pad_id=0, temperature=0, logits_hook=force_by_hook)
-    drawn = [0, 0, 0]
-
     def no_eos(rows, generated, logits):
         logits[:, eos] = float("-inf")
         return logits
 
-    def forced(rows, tokens):
-        out = []
-        for r in rows:
-            k = drawn[r]
-            drawn[r] += 1
-            out.append(list(fixed[r][k]) + ([eos] if k + 1 == len(fixed[r]) else []))
-        return out
-
     chunked = rt.sample(prompts, max_new_tokens=40, eos_id=eos, pad_id=0, temperature=0, logits_hook=no_eos,
-                        forced=forced, max_chunk=max_chunk)
+                        forced=fixed_text(fixed, eos), max_chunk=max_chunk)
     assert chunked == one_by_one
     assert [len(row) for row in chunked] == [1 + 3 + 1 + 1 + 5 + 1, 1 + 1 + 1 + 2 + 1, 1 + 1 + 6 + 1 + 1 + 1]
+
+
+@pytest.mark.parametrize(("max_chunk", "temperature"), [(1, 1.0), (3, 1.0), (8, 0.7)])
+def test_scores_are_the_log_weight_of_the_masks_against_free_sampling(tiny, tokenizer, max_chunk, temperature):
+    """``scores``: every forced token adds its log-probability (as one full forward over the finished sequence
+    gives it), every drawn token the log of the probability mass the hook left; prompt tokens before
+    ``score_from`` count for nothing."""
+    path, _, _ = tiny
+    rt = TraceLMRuntime.from_pretrained(path)
+    eos, vocab = tokenizer.eos_id, tokenizer.vocab_size
+    prompts = [[tokenizer.bos_id, 9, 30, 31], [tokenizer.bos_id, 10, 11, 12, 13], [tokenizer.bos_id, 40]]
+    score_from = [2, 5, 1]  # row 1 scores none of its prompt, row 2 all of it but bos
+    fixed = [[[20, 21, 22], [], [23, 24, 25, 26, 27]], [[30], [31, 32]], [[], [40, 41, 42, 43, 44, 45], [46]]]
+
+    def banned(n_generated: int) -> list[int]:
+        return [eos] + list(range(3 + n_generated % 5, vocab, 2))  # a different mask at each position
+
+    def hook(rows, generated, logits):
+        for j, out in enumerate(generated):
+            logits[j, banned(len(out))] = float("-inf")
+        return logits
+
+    scores = [0.0, 0.0, 0.0]
+    outs = rt.sample(prompts, max_new_tokens=40, eos_id=eos, pad_id=0, temperature=temperature, logits_hook=hook,
+                     forced=fixed_text(fixed, eos), max_chunk=max_chunk, generator=torch.Generator().manual_seed(3), scores=scores,
+                     score_from=score_from)
+    for r, (prompt, out) in enumerate(zip(prompts, outs)):
+        seq = prompt + out
+        with torch.no_grad():
+            logits = rt(torch.tensor([seq]))[0][0].float() / temperature
+        logp = torch.log_softmax(logits, -1)
+        expected, k, pos = sum(logp[i - 1, seq[i]].item() for i in range(score_from[r], len(prompt))), 0, 0
+        while pos < len(out):  # drawn token, then its fixed text
+            at = len(prompt) + pos
+            masked = logits[at - 1].clone()
+            masked[banned(pos)] = float("-inf")
+            expected += (torch.logsumexp(masked, -1) - torch.logsumexp(logits[at - 1], -1)).item()
+            for i in range(at + 1, at + 1 + len(fixed[r][k]) + (k + 1 == len(fixed[r]))):
+                expected += logp[i - 1, seq[i]].item()
+            pos += 1 + len(fixed[r][k]) + (k + 1 == len(fixed[r]))
+            k += 1
+        assert k == len(fixed[r])
+        assert scores[r] == pytest.approx(expected, abs=1e-3)
+        assert scores[r] < 0
 
 
 # --- loading ---------------------------------------------------------------------------------------------------

@@ -121,6 +121,93 @@ def test_greedy_and_top_p_decoding_stay_valid(sampler):
         sampler.generate(reqs, top_p=0.0)
 
 
+def test_step_weights_are_the_models_odds_of_writing_the_step_unmasked(model_dir):
+    """The weight a redraw decides on is, per step, the sum over its completion of log p(token) at positions the
+    grammar fixed and log(mass the mask kept) where a token was drawn: replayed here with one full forward per
+    step and the grammar's own masks."""
+    from otel_tracegen.sampling.grammar import step_program
+
+    s = TraceSampler(load_model(model_dir, device="cpu", dtype="float32"), batch_size=64)
+    rt, tok = s.lm.model, s.lm.tokenizer
+    seen = []
+    real_sample = rt.sample
+
+    def recording(prompts, **kw):
+        out = real_sample(prompts, **kw)
+        seen.append(([list(p) for p in prompts], out, list(kw["score_from"])))
+        return out
+
+    rt.sample = recording
+    try:
+        chunk = [(i, r.conditions()) for i, r in enumerate([TraceRequest(calls=9, depth=3)] * 3)]
+        steps, weights = s._decode(chunk, [TraceRequest(calls=9, depth=3)] * 3, 1.0, 1.0, torch.Generator().manual_seed(4))
+        # ... and the steps below the root: ordinary (non-client) layers
+        inner = [(0, c) for st in steps for c in _children(st)][:4]
+        weights += s._decode(inner, [TraceRequest()], 1.0, 1.0, torch.Generator().manual_seed(5))[1]
+    finally:
+        rt.sample = real_sample
+    conds = [c for _, c in chunk] + [c for _, c in inner]
+    replay = [w for p, o, f in seen for w in zip(p, o, f)]
+    assert len(replay) == len(conds) == len(weights) and min(weights) < -0.1  # the masks did cost something
+    for cond, (prompt, out, start), w in zip(conds, replay, weights):
+        seq = prompt + out
+        with torch.no_grad():
+            logp = torch.log_softmax(rt(torch.tensor([seq]))[0][0].float(), -1)
+        program = step_program(s.vocab, cond, s.limits, **({"entry_service": None} if cond.client else {}))
+        spec, want = next(program), 0.0
+        for i in range(start, len(seq)):
+            if len(spec) == 1:
+                want += logp[i - 1, seq[i]].item()
+            else:
+                want += torch.logsumexp(logp[i - 1, list(spec)], -1).item()
+            try:
+                spec = program.send(seq[i])
+            except StopIteration:
+                assert i == len(seq) - 1
+        assert w == pytest.approx(want, abs=1e-3)
+        assert w <= 1e-6
+
+
+def _children(step):
+    from otel_tracegen.encoding import next_conditions
+
+    return [next_conditions(step, k) for k, sub in enumerate(step.subs) if sub.calls > 0]
+
+
+def test_a_step_is_kept_with_its_weights_probability_else_the_likeliest_of_its_draws(model_dir, monkeypatch):
+    """Redraw mechanics, with stand-in draws: weight 0 (log) is always kept, -inf never; after ``attempts`` draws
+    the likeliest is kept; one attempt keeps the first draw and draws no acceptance numbers."""
+    from otel_tracegen.encoding import Step
+
+    s = TraceSampler(load_model(model_dir, device="cpu"), batch_size=64, attempts=3)
+    real = TraceSampler._decode
+    script: dict[int, list[float]] = {0: [float("-inf"), 0.0], 1: [-50.0, -3.0, -9.0]}
+    drawn: dict[int, list[Step]] = {0: [], 1: []}
+
+    def fake(self, chunk, requests, temperature, top_p, generator):
+        steps, _ = real(self, chunk, requests, temperature, top_p, generator)
+        weights = []
+        for (i, cond), step in zip(chunk, steps):
+            if cond.client:
+                drawn[i].append(step)
+                weights.append(script[i][len(drawn[i]) - 1])
+            else:
+                weights.append(0.0)
+        return steps, weights
+
+    monkeypatch.setattr(TraceSampler, "_decode", fake)
+    out = s.generate([TraceRequest(calls=6, depth=2)] * 2, seed=1)
+    assert len(drawn[0]) == 2 and out[0][0] == drawn[0][1]  # -inf redrawn, 0 kept at once
+    assert len(drawn[1]) == 3 and out[1][0] == drawn[1][1]  # none kept: the likeliest (-3) of three
+    one = TraceSampler(load_model(model_dir, device="cpu"), batch_size=64, attempts=1)
+    drawn = {0: [], 1: []}
+    script = {0: [float("-inf")], 1: [float("-inf")]}
+    out = one.generate([TraceRequest(calls=6, depth=2)] * 2, seed=1)
+    assert [len(d) for d in drawn.values()] == [1, 1] and out[0][0] == drawn[0][0]
+    with pytest.raises(UserError, match="at least 1 attempt"):
+        TraceSampler(load_model(model_dir, device="cpu"), attempts=0)
+
+
 def test_a_model_without_a_catalog_says_how_to_build_one(model_dir, corpus, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(model_dir, bare)

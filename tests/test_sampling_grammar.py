@@ -42,22 +42,40 @@ def test_intset_prefixes_match_brute_force(values, n):
         assert s.allows_prefix(prefix) == want, (members, prefix)
 
 
-def test_subtrees_fit_matches_enumeration():
-    def brute(remaining, lower, depth, reached):
-        options = []
-        for lb in lower:  # (calls, depth) per child, calls up to `remaining`
-            opts = [(c, d) for c in range(remaining + 1) for d in range(depth + 1)
-                    if (c == 0) == (d == 0) and d <= c and c >= lb and d >= lb]  # fmt: skip
-            options.append(opts)
-        for combo in itertools.product(*options):
-            if sum(c for c, _ in combo) == remaining and (reached or any(d == depth for _, d in combo)):
-                return True
-        return not lower and remaining == 0 and reached
+def _fits_by_enumeration(remaining, lower, depth, reached, upper=None, levels=None) -> bool:
+    """``subtrees_fit`` by trying every (calls, depth) per child: calls up to ``remaining`` (and ``upper``), depth up
+    to ``depth`` (and ``levels``)."""
+    upper = upper if upper is not None else [remaining] * len(lower)
+    levels = levels if levels is not None else [depth] * len(lower)
+    options = []
+    for lb, ub, lv in zip(lower, upper, levels):
+        opts = [(c, d) for c in range(min(remaining, ub) + 1) for d in range(min(depth, lv) + 1)
+                if (c == 0) == (d == 0) and d <= c and c >= lb and d >= lb]  # fmt: skip
+        options.append(opts)
+    for combo in itertools.product(*options):
+        if sum(c for c, _ in combo) == remaining and (reached or any(d == depth for _, d in combo)):
+            return True
+    return not lower and remaining == 0 and reached
 
+
+def test_subtrees_fit_matches_enumeration():
     for remaining, depth, reached in itertools.product(range(7), range(4), (False, True)):
         for lower in itertools.chain.from_iterable(itertools.product(range(3), repeat=k) for k in range(4)):
-            assert subtrees_fit(remaining, list(lower), depth, reached) == brute(remaining, list(lower), depth, reached), (
-                remaining, lower, depth, reached)
+            assert subtrees_fit(remaining, list(lower), depth, reached) == _fits_by_enumeration(
+                remaining, list(lower), depth, reached), (remaining, lower, depth, reached)
+
+
+def test_subtrees_fit_with_per_child_limits_matches_enumeration():
+    rng = random.Random(0)
+    for remaining, depth, reached in itertools.product(range(8), range(4), (False, True)):
+        for k in range(4):
+            for _ in range(12):
+                lower = [rng.randrange(3) for _ in range(k)]
+                upper = [rng.randrange(6) for _ in range(k)]
+                levels = [rng.randrange(4) for _ in range(k)]
+                got = subtrees_fit(remaining, lower, depth, reached, upper, levels)
+                assert got == _fits_by_enumeration(remaining, lower, depth, reached, upper, levels), (
+                    remaining, lower, depth, reached, upper, levels)
 
 
 # --- steps and traces ---------------------------------------------------------------------------------------
@@ -160,6 +178,40 @@ def test_services_operations_and_kinds_come_from_the_catalog(vocab):
             parent = trace.by_id.get(span.parent_id) if span.parent_id else None
             if parent is not None and cat.edges.get(parent.service):
                 assert cat.calls(parent.service, span.service)
+
+
+@pytest.mark.parametrize("policy", ["uniform", "first", "last"])
+def test_sizes_seen_in_the_data_give_subtrees_the_data_could_hold(vocab, policy):
+    """A request the data has seen (the sizes requests without --calls/--depth draw) is shaped at every step:
+    each span's children are operations its operation was seen calling, no span has more children, and no subtree
+    is larger or deeper, than any seen under its operation. Without shapes, a layer that closed early handed its last child the remainder
+    (a 150-call error handler with 150 leaves)."""
+    cat = vocab.catalog
+    assert vocab.sized
+    choose = _policy(policy, random.Random(6))
+    sizes = [m for s in cat.entries for m in [(s, *x) for x in cat.size_mix(s)]]
+    for service, op, calls, depth, _ in random.Random(1).sample(sizes, min(len(sizes), 25)):
+        trace = generate(vocab, TraceRequest(service=service, operation=op, calls=calls, depth=depth), choose, LIMITS)
+        assert validate(trace, expect_calls=calls, expect_depth=depth) == []
+        below: dict[str, tuple[int, int]] = {}
+        for span, _ in reversed(list(trace.walk())):
+            kids = trace.children(span)
+            below[span.span_id] = (sum(1 + below[c.span_id][0] for c in kids),
+                                   1 + max((below[c.span_id][1] for c in kids), default=-1))
+            st = cat.operations[span.service][span.name]
+            assert below[span.span_id][0] <= st.max_calls and below[span.span_id][1] <= st.max_below, span.name
+            assert len(kids) <= st.max_fanout, span.name
+            for c in kids:
+                assert (c.service, c.name) in cat.op_callees(span.service, span.name)
+
+
+def test_a_size_beyond_the_data_is_met_without_shapes(vocab):
+    """The data's limits never refuse a request: a step asked for more than its operation was seen holding is
+    left to the request alone."""
+    entry = next(iter(vocab.catalog.entries))
+    calls = max(st.max_calls for st in vocab.catalog.operations[entry].values()) + 30
+    trace = generate(vocab, TraceRequest(service=entry, calls=calls, depth=5), _policy("first", random.Random(0)), LIMITS)
+    assert validate(trace, expect_calls=calls, expect_depth=5) == []
 
 
 def _edge_pairs(trace):

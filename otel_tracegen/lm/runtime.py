@@ -474,6 +474,61 @@ def _lora_scale(name: str, cfg: dict) -> float:
     return alpha / r
 
 
+class _ForcedScorer:
+    """Adds to a sample's ``scores`` what the masks cost: the log-probability of each forced token and the log of
+    the probability mass left at each drawn one (see :meth:`TraceLMRuntime.sample`). The vocabulary is computed
+    only where a scored token is predicted (not over the prompts)."""
+
+    def __init__(self, n: int, score_from: Sequence[int] | None, temperature: float, lm_head: nn.Module, dev) -> None:
+        self.score_from = torch.tensor(list(score_from) if score_from is not None else [2**62] * n, device=dev)
+        self.t = temperature if temperature > 0 else 1.0
+        self.lm_head = lm_head
+        self.total = torch.zeros(n, device=dev)
+        self.prev: torch.Tensor | None = None  # (n, vocab): log-probs for a row's next token, when it is forced
+        self.drawn_next = torch.zeros(n, dtype=torch.bool, device=dev)  # its next fed token was drawn (counted)
+        self.dev = dev
+
+    def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.lm_head(hidden).float() / self.t, dim=-1)
+
+    def fed(self, rows: list[int], take: list[int], pending: list[bool], ids: torch.Tensor, packed: Packed,
+            hidden: torch.Tensor, first: bool) -> None:
+        """Score the tokens just fed (``hidden``: the final hidden state at each); ``pending``: whether a row has
+        fixed text still queued (its next token is scored with this call's last position)."""
+        rows_t = torch.tensor(rows, device=self.dev)
+        offset = packed.slot - packed.row * packed.width
+        owner = rows_t[packed.row]
+        if first:
+            counted = offset >= torch.clamp(self.score_from[owner], min=1)  # the first token has nothing before it
+        else:
+            counted = ~((offset == 0) & self.drawn_next[owner])
+        inner = torch.nonzero(counted & (offset > 0)).squeeze(1)  # predicted by the position before, in this call
+        if len(inner):
+            lp = self._log_probs(hidden[inner - 1]).gather(1, ids[inner, None]).squeeze(1)
+            self.total.index_add_(0, owner[inner], lp)
+        outer = torch.nonzero(counted & (offset == 0)).squeeze(1)  # by the last position of the call before
+        if len(outer) and self.prev is not None:
+            self.total.index_add_(0, owner[outer], self.prev[owner[outer], ids[outer]])
+        fed = torch.tensor([i for i, n in enumerate(take) if n > 0], device=self.dev, dtype=torch.long)
+        self.drawn_next[rows_t[fed]] = False
+        keep = [i for i, (n, p) in enumerate(zip(take, pending)) if n > 0 and p]
+        if keep:
+            lp = self._log_probs(hidden[packed.last[keep]])
+            if self.prev is None:
+                self.prev = torch.zeros(len(self.total), lp.shape[-1], device=self.dev)
+            self.prev[rows_t[keep]] = lp
+
+    def drawn(self, drawing: list[int], raw: torch.Tensor, masked: torch.Tensor) -> None:
+        left = torch.logsumexp(masked / self.t, -1) - torch.logsumexp(raw / self.t, -1)
+        at = torch.tensor(drawing, device=self.dev)
+        self.total.index_add_(0, at, left)
+        self.drawn_next[at] = True
+
+    def add_to(self, scores: list[float]) -> None:
+        for i, v in enumerate(self.total.tolist()):
+            scores[i] += v
+
+
 class TraceLMRuntime(nn.Module):
     """Inference-only Llama (+ LoRA adapters) that computes what transformers' ``LlamaForCausalLM`` does.
 
@@ -644,21 +699,26 @@ class TraceLMRuntime(nn.Module):
 
     # --- sampling ---
 
-    def _forward_packed(self, ids: torch.Tensor, packed: Packed, cache: RaggedKVCache) -> torch.Tensor:
-        """Logits (batch, vocab) at each row's last new token; ``ids`` (N,) are the new tokens, back to back."""
+    def _forward_packed(self, ids: torch.Tensor, packed: Packed, cache: RaggedKVCache,
+                        hidden: bool = False) -> torch.Tensor:
+        """Logits (batch, vocab) at each row's last new token, or with ``hidden`` the final hidden states (N,
+        hidden) at every new token; ``ids`` (N,) are the new tokens, back to back."""
         cache.reserve(packed.length)
         cos, sin = rope_cos_sin(packed.pos, self.config.head_dim, self.config.rope_theta, self.dtype)
         x = self.model.embed_tokens(ids)
         for block in self.model.layers:
             x = block.forward_packed(x, cos, sin, packed, cache)
         cache.lens = packed.query_pos[:, 0] + torch.bincount(packed.row, minlength=len(cache.lens))
+        if hidden:
+            return self.model.norm(x)
         return self.lm_head(self.model.norm(x[packed.last]))  # the vocabulary only where a token is drawn
 
     @torch.inference_mode()
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, pad_id: int,
                temperature: float = 1.0, generator: torch.Generator | None = None,
                logits_hook: LogitsHook | None = None, forced: ForcedTokens | None = None,
-               max_chunk: int = 8) -> list[list[int]]:
+               max_chunk: int = 8, scores: list[float] | None = None,
+               score_from: Sequence[int] | None = None) -> list[list[int]]:
         """Continue each prompt by ancestral sampling (full softmax of logits / temperature; 0 = greedy).
 
         A row stops after ``eos_id`` (which its completion includes) or after ``max_new_tokens``; finished rows
@@ -671,6 +731,13 @@ class TraceLMRuntime(nn.Module):
         (rows are packed without padding, see :class:`Packed`), so fixed text costs no extra decoding steps.
         ``pad_id`` is unused (nothing is padded), kept for callers of the left-padded form.
         ``generator`` must live on the model's device. Returns the new tokens of each prompt.
+
+        ``scores`` (one float per prompt, added to): the log of how likely the model, sampling freely at this
+        temperature, was to write what the hook and ``forced`` made it write. Each drawn token adds the log of
+        the probability mass the hook left (1 when it masked nothing), each forced token its log-probability;
+        prompt tokens from ``score_from[b]`` on count as forced (the fixed text a completion starts with). This
+        is the importance weight of masked sampling against the model conditioned on the constraints: accepting
+        a completion with probability ``exp(score)`` samples that conditional exactly (a rejection sampler).
         """
         if max_new_tokens < 0 or not (temperature >= 0):
             raise ValueError(f"need max_new_tokens >= 0 and temperature >= 0, got {max_new_tokens}, {temperature}")
@@ -689,22 +756,32 @@ class TraceLMRuntime(nn.Module):
                                     self.dtype, dev)  # fmt: skip
         finished: set[int] = set()
         first = True
+        scorer = _ForcedScorer(len(prompts), score_from, temperature, self.lm_head, dev) if scores is not None else None
         while rows:
             # Feed: whole prompts on the first call, then up to max_chunk queued tokens per row.
             take = [len(q) if first else min(len(q), max_chunk) for q in (queue[r] for r in rows)]
-            first = False
             ids = [t for r, n in zip(rows, take) for t in queue[r][:n]]
             for r, n in zip(rows, take):
                 del queue[r][:n]
             packed = Packed.of(take, cache.lens)
-            logits = self._forward_packed(torch.tensor(ids, dtype=torch.long, device=dev), packed, cache)
+            ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+            if scorer is None:
+                logits = self._forward_packed(ids_t, packed, cache)
+            else:
+                hidden = self._forward_packed(ids_t, packed, cache, hidden=True)
+                scorer.fed(rows, take, [bool(queue[r]) for r in rows], ids_t, packed, hidden, first)
+                logits = self.lm_head(hidden[packed.last])
+            first = False
             # Draw for the rows whose queue is empty; the others still have fixed text to feed.
             draw = [i for i, r in enumerate(rows) if not queue[r] and r not in finished]
             if draw:
                 drawing = [rows[i] for i in draw]
                 last = logits[torch.tensor(draw, device=dev)].float()
+                raw = last.clone() if scorer is not None else last  # a hook may mask in place
                 if logits_hook is not None:
                     last = logits_hook(drawing, [out[r] for r in drawing], last)
+                if scorer is not None:
+                    scorer.drawn(drawing, raw, last)
                 if temperature == 0:
                     nxt = last.argmax(-1)
                 else:
@@ -718,15 +795,19 @@ class TraceLMRuntime(nn.Module):
                     new = new[: max_new_tokens - len(out[r])]
                     out[r].extend(new)
                     if out[r][-1] == eos_id or len(out[r]) >= max_new_tokens:
-                        finished.add(r)  # nothing after the end needs the model
+                        finished.add(r)  # nothing after the end needs the model...
+                        if scorer is not None and len(new) > 1:
+                            queue[r] = new  # ...but the fixed text before it is still scored
                     else:
                         queue[r] = new
             # Finished rows stay (feeding nothing) until they are an eighth of the batch: each drop copies the cache.
-            gone = sum(r in finished for r in rows)
+            gone = sum(r in finished and not queue[r] for r in rows)
             if gone and gone * 8 >= len(rows):
-                keep = [i for i, r in enumerate(rows) if r not in finished]
+                keep = [i for i, r in enumerate(rows) if r not in finished or queue[r]]
                 cache.select(torch.tensor(keep, device=dev, dtype=torch.long))
                 rows = [rows[i] for i in keep]
+        if scorer is not None:
+            scorer.add_to(scores)
         return out
 
     def extra_repr(self) -> str:

@@ -30,6 +30,8 @@ class OperationStats:
     kinds: dict[str, int] = field(default_factory=dict)  # SpanKind name -> spans
     statuses: dict[str, int] = field(default_factory=dict)  # StatusCode name -> spans
     max_below: int = 0  # deepest subtree under a span of this operation (levels below it)
+    max_calls: int = 0  # largest subtree under a span of this operation (spans below it; 0 in older catalogs)
+    max_fanout: int = 0  # most children of one span of this operation (0 in older catalogs)
     attributes: dict = field(default_factory=dict)  # scalar attributes that >= 90 % of its spans carry, same value
 
 
@@ -78,14 +80,18 @@ class Catalog:
             sizes[root.service, root.name][f"{len(trace)}/{trace.depth}"] += 1
             latencies[root.service, root.name].append(root.duration_ns // 1000)  # = encoding.trace_latency_us
             below: dict[str, int] = {}
+            size: dict[str, int] = {}
             for span, _ in reversed(list(trace.walk())):  # children before parents
                 kids = trace.children(span)
                 below[span.span_id] = 1 + max((below[k.span_id] for k in kids), default=-1)
+                size[span.span_id] = sum(1 + size[k.span_id] for k in kids)
                 st = ops[span.service].setdefault(span.name, OperationStats())
                 st.count += 1
                 st.kinds[span.kind.name] = st.kinds.get(span.kind.name, 0) + 1
                 st.statuses[span.status.code.name] = st.statuses.get(span.status.code.name, 0) + 1
                 st.max_below = max(st.max_below, below[span.span_id])
+                st.max_calls = max(st.max_calls, size[span.span_id])
+                st.max_fanout = max(st.max_fanout, len(kids))
                 if span.attributes:
                     attr_counts[span.service, span.name].update(
                         (k, v) for k, v in span.attributes.items() if isinstance(v, (str, bool, int, float)))
@@ -157,7 +163,8 @@ class Catalog:
             "max_root_duration_us": self.max_root_duration_us, "entries": self.entries, "sizes": self.sizes,
             "high_latency_us": self.high_latency_us, "edges": self.edges, "op_edges": self.op_edges,
             "operations": {s: {o: {"count": st.count, "kinds": st.kinds, "statuses": st.statuses,
-                                   "max_below": st.max_below, "attributes": st.attributes} for o, st in os.items()}
+                                   "max_below": st.max_below, "max_calls": st.max_calls, "max_fanout": st.max_fanout,
+                                   "attributes": st.attributes} for o, st in os.items()}
                            for s, os in self.operations.items()},
         }  # fmt: skip
 
@@ -165,6 +172,7 @@ class Catalog:
     def from_dict(cls, d: dict) -> Catalog:
         try:
             ops = {s: {o: OperationStats(int(st["count"]), dict(st["kinds"]), dict(st["statuses"]), int(st["max_below"]),
+                                         int(st.get("max_calls") or 0), int(st.get("max_fanout") or 0),
                                          dict(st.get("attributes") or {}))
                        for o, st in os.items()} for s, os in d["operations"].items()}  # fmt: skip
             return cls(ops, {s: dict(c) for s, c in d["edges"].items()}, {s: dict(o) for s, o in d["entries"].items()},

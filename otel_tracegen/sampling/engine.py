@@ -18,6 +18,9 @@ from ..report import UserError
 from .catalog import Catalog, nearest
 from .grammar import GrammarVocab, StepLimits, step_program
 
+DEFAULT_ATTEMPTS = 2
+"""Draws per step at most (``TraceSampler.generate``): measured in docs/generation.md "Redrawing unlikely steps"."""
+
 
 @dataclass(frozen=True)
 class TraceRequest:
@@ -127,13 +130,18 @@ class TraceSampler:
     services (the catalog's counts), and for requests that give no size, the entry operation, calls and depth of
     a training trace entered there; ``"model"`` lets the model choose them (its own mix may differ from the
     data's; the model card measures by how much).
+    ``attempts``: how many times a step may be drawn (see :meth:`generate`); 1 keeps the first draw.
     """
 
     def __init__(self, lm, catalog: Catalog | None = None, *, adapter: str | None = "auto", batch_size: int = 256,
-                 limits: StepLimits | None = None, entries: str = "data") -> None:
+                 limits: StepLimits | None = None, entries: str = "data", attempts: int = DEFAULT_ATTEMPTS) -> None:
         if entries not in ("data", "model"):
             raise ValueError(f"entries must be 'data' or 'model', got {entries!r}")
+        if attempts < 1:
+            raise UserError(f"need at least 1 attempt per step, got {attempts}")
         self.entries = entries
+        self.attempts = attempts
+        self.draws = 0  # steps decoded, redraws included
         self.lm = lm
         self.bpe = None
         if not hasattr(lm.tokenizer, "key_id"):  # a --base-model model with its own BPE tokenizer: see bpe.py
@@ -167,6 +175,13 @@ class TraceSampler:
 
         Reproducible: the same requests, seed and batch size give the same steps. ``on_step(trace_index,
         step)`` is called as each step is done (progress).
+
+        Why steps are redrawn: the grammar's masks keep every step valid, but masking token by token is not
+        sampling from the model given validity. A layer whose earlier numbers leave the last child a remainder
+        the model finds absurd (a 150-call error handler, 150 leaves of 0 µs) is written anyway. Each step's
+        importance weight (how likely the model was to write it unmasked, ``TraceLMRuntime.sample(scores=)``)
+        decides: the step is kept with that probability, else drawn again, up to ``attempts`` draws, then the
+        most likely draw is kept. That is rejection sampling from the model conditioned on the grammar, cut off.
         """
         import torch
 
@@ -185,16 +200,35 @@ class TraceSampler:
             torch.manual_seed(seed)  # transformers' generate() draws from the global generator
         steps: list[list[Step]] = [[] for _ in requests]
         level: list[tuple[int, Conditions]] = [(i, r.conditions()) for i, r in enumerate(requests)]
+        attempts = self.attempts if temperature > 0 and runtime and self.bpe is None else 1
         while level:
-            # Steps of similar size decode together (a batch runs as long as its longest row); each trace's
-            # steps are still appended in encoding order below.
-            order = sorted(range(len(level)), key=lambda j: -(level[j][1].calls or 0))
             done: list[Step | None] = [None] * len(level)
-            for b in range(0, len(order), self.batch_size):
-                chunk = order[b : b + self.batch_size]
-                for j, step in zip(chunk, self._decode([level[j] for j in chunk], requests, temperature, top_p,
-                                                       generator)):
-                    done[j] = step
+            best = [float("-inf")] * len(level)
+            todo = list(range(len(level)))
+            for attempt in range(attempts):
+                # Steps of similar size decode together (a batch runs as long as its longest row); each trace's
+                # steps are still appended in encoding order below.
+                order = sorted(todo, key=lambda j: -(level[j][1].calls or 0))
+                redo = []
+                for b in range(0, len(order), self.batch_size):
+                    chunk = order[b : b + self.batch_size]
+                    drawn, weights = self._decode([level[j] for j in chunk], requests, temperature, top_p, generator)
+                    self.draws += len(chunk)
+                    if attempts == 1:
+                        for j, step in zip(chunk, drawn):
+                            done[j] = step
+                        continue
+                    log_u = torch.rand(len(chunk), generator=generator, device=model.device).log().tolist()
+                    for j, step, w, u in zip(chunk, drawn, weights, log_u):
+                        if u < w:
+                            done[j] = step  # accepted
+                        else:
+                            if w > best[j]:
+                                done[j], best[j] = step, w  # kept if no draw is accepted
+                            redo.append(j)
+                todo = redo
+                if not todo:
+                    break
             nxt: list[tuple[int, Conditions]] = []
             for (i, _), step in zip(level, done):
                 steps[i].append(step)
@@ -236,15 +270,19 @@ class TraceSampler:
         return out
 
     def _decode(self, chunk: list[tuple[int, Conditions]], requests, temperature: float, top_p: float,
-                generator) -> list[Step]:
-        """One batch of pending steps, decoded together under the grammar."""
+                generator) -> tuple[list[Step], list[float]]:
+        """One batch of pending steps, decoded together under the grammar, and each one's log importance weight
+        (0 where it is not measured: the transformers and BPE paths)."""
         if self.bpe is not None:
-            return self.bpe.decode(chunk, requests, self.limits, self.adapter, temperature, top_p, generator)
+            steps = self.bpe.decode(chunk, requests, self.limits, self.adapter, temperature, top_p, generator)
+            return steps, [0.0] * len(steps)
+        weights = [0.0] * len(chunk)
         tok, model, end_id = self.lm.tokenizer, self.lm.model, self.vocab.mark["end"]
         rows = [_Row(step_program(self.vocab, cond, self.limits, entry_service=requests[i].service,
                                   entry_operation=requests[i].operation) if cond.client
                      else step_program(self.vocab, cond, self.limits)) for i, cond in chunk]  # fmt: skip
         prompts = [[tok.bos_id, *self.vocab.encode(cond.text() + " <layer>")] for _, cond in chunk]
+        completion_from = [len(p) for p in prompts]
         room = max(_token_bound(c, self.limits) for _, c in chunk)
         if self.lm.backend == "runtime":
             # Fixed text is fed with the prompt and after each drawn token (never drawn itself): the runtime
@@ -261,8 +299,12 @@ class TraceSampler:
                 return out
 
             hook = self._hook([rows[j] for j in live], temperature, top_p, catch_up=False)
+            scores = [0.0] * len(live) if self.attempts > 1 and temperature > 0 else None
             model.sample([prompts[j] for j in live], max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
-                         temperature=temperature, generator=generator, logits_hook=hook, forced=forced)  # fmt: skip
+                         temperature=temperature, generator=generator, logits_hook=hook, forced=forced,
+                         scores=scores, score_from=[completion_from[j] for j in live])  # fmt: skip
+            for j, w in zip(live, scores or ()):
+                weights[j] = w
         else:
             hook = self._hook(rows, temperature, top_p, catch_up=True)
             outs = _generate_transformers(model, prompts, rows, hook, room, end_id, tok.pad_id, temperature)
@@ -274,7 +316,7 @@ class TraceSampler:
             if row.step is None:
                 raise RuntimeError(f"step under {cond.text()!r} did not end within {room} tokens")
             out_steps.append(row.step)
-        return out_steps
+        return out_steps, weights
 
     def _hook(self, rows: list[_Row], temperature: float, top_p: float, catch_up: bool):
         """Masks logits to each row's grammar. ``catch_up``: feed the row the token drawn last (transformers'

@@ -110,6 +110,10 @@ class GrammarVocab:
         self._ops = {s: tuple(sorted(self.str_id(o) for o in ops)) for s, ops in self.catalog.operations.items()}
         self._callees = {s: tuple(sorted(self.str_id(c) for c in cs)) for s, cs in self.catalog.edges.items()}
         self._hops: dict[str, dict[str, int]] = {}
+        self._shapes: dict[tuple[str | None, str | None], tuple | None] = {}
+        self._below_caps: dict[tuple[tuple[str, str], int], int] = {}
+        # Catalogs written before subtree sizes were recorded have no shapes: their steps are left unshaped.
+        self.sized = any(st.max_calls for ops in self.catalog.operations.values() for st in ops.values())
         self.encode = lru_cache(maxsize=4096)(lambda text: tuple(tokenizer.encode(text).ids))
 
     def ops(self, service: str, entry: bool = False) -> Spec:
@@ -125,6 +129,52 @@ class GrammarVocab:
         if service not in self._hops:
             self._hops[service] = self.catalog.hops_to(service)
         return self._hops[service]
+
+    def shape(self, cond: Conditions) -> Shape | None:
+        """The :class:`Shape` of the step prompted with ``cond``, if the data can shape it: a known parent operation
+        seen with children, a size it was seen holding that its children could hold within the widest layer seen,
+        and no include to carry (those set their own lower bounds). Else None: the step is only held to the
+        request."""
+        if not self.sized or cond.client or cond.includes or cond.calls is None or cond.depth is None:
+            return None
+        key = (cond.service, cond.operation)
+        if key not in self._shapes:
+            parent = self.catalog.operations.get(cond.service or "", {}).get(cond.operation or "")
+            seen = self.catalog.op_edges.get(cond.service or "", {}).get(cond.operation or "", {})
+            children = {cs: tuple(sorted(cos)) for cs, cos in sorted(seen.items())}
+            stats = {(cs, co): self.catalog.operations[cs][co] for cs, cos in children.items() for co in cos}
+            self._shapes[key] = (children, stats, parent) if parent and children and parent.max_fanout else None
+        if self._shapes[key] is None:
+            return None
+        children, stats, parent = self._shapes[key]
+        C, below = cond.calls, cond.depth - 1
+        if C > parent.max_calls or cond.depth > parent.max_below:
+            return None
+        limits = {pair: (self.below_cap(pair, min(below, st.max_below)), st.max_below) for pair, st in stats.items()}
+        deep = [lim[0] for lim in limits.values() if min(lim) >= below]
+        if not deep:
+            return None
+        widest = max((lim[0] for lim in limits.values()), default=0) if below else 0
+        shape = Shape(children, limits, parent.max_fanout, C, below, widest, max(deep) if below else 0)
+        kmax = min(C if below == 0 else C - below, shape.fanout)
+        return shape if shape.fits(0, 0, False, kmax) else None
+
+    def below_cap(self, pair: tuple[str, str], levels: int) -> int:
+        """The most calls a span of ``pair`` (service, operation) can have below it within ``levels`` levels, by the
+        data: no more than the largest subtree seen under it, nor than its widest layer times what each child it
+        was seen calling can hold one level down."""
+        if levels <= 0:
+            return 0
+        key = (pair, levels)
+        if key not in self._below_caps:
+            st = self.catalog.operations.get(pair[0], {}).get(pair[1])
+            kids = [(cs, co) for cs, cos in self.catalog.op_edges.get(pair[0], {}).get(pair[1], {}).items() for co in cos]
+            if st is None or not kids or not st.max_fanout:
+                self._below_caps[key] = 0
+            else:
+                each = max(1 + self.below_cap(q, levels - 1) for q in kids)
+                self._below_caps[key] = min(st.max_calls, st.max_fanout * each)
+        return self._below_caps[key]
 
     def number(self, n: int) -> Spec:
         return tuple(self.digit[int(c)] for c in str(n))
@@ -164,16 +214,69 @@ def _read_int(v: GrammarVocab, allowed: IntSet, terminator: int) -> Generator[Sp
 # --- how many calls a set of subtrees can take ----------------------------------------------------------------
 
 
-def subtrees_fit(remaining: int, lower: Sequence[int], depth: int, reached: bool) -> bool:
+def subtrees_fit(remaining: int, lower: Sequence[int], depth: int, reached: bool,
+                 upper: Sequence[int] | None = None, levels: Sequence[int] | None = None) -> bool:
     """Whether ``remaining`` calls can be split over children with subtree-depth lower bounds ``lower`` (each
     needs at least that many calls and levels) so that none is deeper than ``depth`` and, unless ``reached``
-    already, one is exactly ``depth`` deep."""
+    already, one is exactly ``depth`` deep. ``upper``/``levels`` (optional, per child): the most calls and
+    levels each child's subtree may have."""
     if depth == 0:  # leaves only; a leaf is exactly 0 deep
         return remaining == 0 and not any(lower) and (reached or bool(lower))
     if not lower:
         return remaining == 0 and reached
-    need = sum(lower) + (0 if reached else min(depth - lb for lb in lower))
-    return remaining >= need and max(lower) <= depth
+    if max(lower) > depth:
+        return False
+    if upper is None or levels is None:
+        return remaining >= sum(lower) + (0 if reached else min(depth - lb for lb in lower))
+    upper = [ub if lv > 0 else 0 for ub, lv in zip(upper, levels)]  # a child that may not go deeper is a leaf
+    if any(lb > min(ub, lv) for lb, ub, lv in zip(lower, upper, levels)) or remaining > sum(upper):
+        return False
+    if reached:
+        return remaining >= sum(lower)
+    deepest = [depth - lb for lb, ub, lv in zip(lower, upper, levels) if min(ub, lv) >= depth]
+    return bool(deepest) and remaining >= sum(lower) + min(deepest)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the data allows under one parent operation, for one step: the (service, operation) pairs it was seen
+    calling, the most calls and levels ever seen below each, and the most children it was seen having. A step under
+    a shape keeps its layer and every child within them, so a subtree is never handed more than its operation was
+    ever seen holding (a 150-call error handler whose 150 leaves all get 0 µs), nor a layer wider than any seen.
+    Built by :meth:`GrammarVocab.shape`; steps outside the data have none."""
+
+    children: dict[str, tuple[str, ...]]  # child service -> its operations seen under the parent
+    limits: dict[tuple[str, str], tuple[int, int]]  # (service, operation) -> (calls, levels) below it, at most
+    fanout: int  # children of one parent span, at most
+    calls: int  # the step's calls (under the parent)
+    below: int  # levels under the deepest child: the step's depth - 1
+    widest: int  # the most calls a child may hold below it, over all pairs (0 when children must be leaves)
+    widest_deep: int  # the same over the pairs that can be ``below`` deep
+
+    def upper(self, call: Call) -> int:
+        return self.limits.get((call.service, call.operation), (0, 0))[0]
+
+    def levels(self, call: Call) -> int:
+        return self.limits.get((call.service, call.operation), (0, 0))[1]
+
+    def deep(self, pair: tuple[str, str]) -> bool:
+        return min(self.limits[pair]) >= self.below
+
+    def fits(self, k: int, held: int, deep: bool, slots: int) -> bool:
+        """Whether ``k`` children that may hold ``held`` calls below them (one ``deep`` enough, or not yet) can
+        still take the step's calls with at most ``slots`` more children."""
+        need = self.calls - k - held
+        if deep or self.below == 0:
+            return need <= slots * (1 + self.widest)
+        return slots >= 1 and need <= (slots - 1) * (1 + self.widest) + 1 + self.widest_deep
+
+    def choices(self, calls: Sequence[Call], slots_after: int) -> dict[str, tuple[str, ...]]:
+        """The pairs the next child may be, by service: those after which the layer can still be completed."""
+        k, held = len(calls) + 1, sum(self.upper(c) for c in calls)
+        deep = any(self.deep((c.service, c.operation)) for c in calls)
+        out = {s: tuple(o for o in ops if self.fits(k, held + self.limits[s, o][0], deep or self.deep((s, o)), slots_after))
+               for s, ops in self.children.items()}  # fmt: skip
+        return {s: ops for s, ops in out.items() if ops}
 
 
 # --- one step -----------------------------------------------------------------------------------------------
@@ -225,6 +328,9 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         kmax = C
     else:
         kmax = C - (D - 1)  # type: ignore[operator]
+    shape = v.shape(cond)
+    if shape is not None:
+        kmax = min(kmax, shape.fanout)
 
     calls: list[Call] = []
     prev_start = 0
@@ -232,7 +338,8 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         k = len(calls)
         open_meet = [i for i in needs.meet if not any(i.matches(cond.service, cond.operation, c) for c in calls)]
         open_hand = [i for i in needs.hand if not any(can_carry(i, c.service) for c in calls)]
-        can_close = k >= 1 and not open_meet and not open_hand and _layer_fits(cond, calls, needs, hops, depth_cap)
+        can_close = k >= 1 and not open_meet and not open_hand and _layer_fits(cond, calls, needs, hops, depth_cap,
+                                                                               shape)
         spec = ([v.mark["call"]] if k < kmax else []) + ([v.mark["book"]] if can_close else [])
         assert spec, f"no way to go on after {k} calls under {cond.text()}"
         if (yield tuple(spec)) == v.mark["book"]:
@@ -242,6 +349,10 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         slots_after = kmax - (k + 1)
         if client:
             services = (v.str_id(entry_service),) if entry_service else v.entry_services
+        elif shape is not None:
+            # Pairs the parent operation was seen calling, after which the layer can still hold the step's calls.
+            pairs = shape.choices(calls, slots_after)
+            services = tuple(sorted(v.str_id(s) for s in pairs))
         else:
             services = v.callees(cond.service)
         meet_now: Include | None = None
@@ -260,7 +371,7 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         if client and entry_operation:
             ops = (v.str_id(entry_operation),)
         else:
-            ops = v.ops(service, entry=client)
+            ops = v.ops(service, entry=client) if shape is None else tuple(sorted(v.str_id(o) for o in pairs[service]))
             if meet_now is not None and meet_now.dst_op is not None:
                 ops = (v.str_id(meet_now.dst_op),)
         op_id = yield ops
@@ -327,17 +438,26 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
     lower = _lower_bounds(calls, needs, hops, depth_below)
     lbs = [lower.get(i, 0) for i in range(k)]
     carried = _carriers(calls, needs, hops, depth_below)
+    # What each child's subtree may hold: the data's most under a shape, else anything.
+    ups = [shape.upper(c) for c in calls] if shape is not None else [C] * k
+    lvs = [shape.levels(c) for c in calls] if shape is not None else [depth_below] * k
     remaining, reached = C - k, False
     subs: list[Sub] = []
     for i in range(k):
         yield from _forced(v.number(i) + (v.key["calls"],))
         rest = lbs[i + 1 :]
-        ok = [c for c in range(lbs[i], remaining + 1)
+        rest_up, rest_lv = (ups[i + 1 :], lvs[i + 1 :]) if shape is not None else (None, None)
+        can_reach = min(ups[i], lvs[i]) >= depth_below
+        ok = [c for c in range(lbs[i], min(remaining, ups[i]) + 1)
               if (c > 0 or lbs[i] == 0) and (c <= 0 or depth_below >= 1)
-              and subtrees_fit(remaining - c, rest, depth_below, reached or min(c, depth_below) == depth_below)]  # fmt: skip
+              and subtrees_fit(remaining - c, rest, depth_below, reached or (can_reach and min(c, depth_below) == depth_below),
+                               rest_up, rest_lv)]  # fmt: skip
         n = yield from _read_int(v, IntSet.of(ok), v.key["depth"])
-        d_lo, d_hi = max(lbs[i], 1 if n > 0 else 0), min(n, depth_below)
-        if not reached and not subtrees_fit(remaining - n, rest, depth_below, False):
+        d_lo, d_hi = max(lbs[i], 1 if n > 0 else 0), min(n, depth_below, lvs[i])
+        if shape is not None and n > 0:  # as many levels as it takes to hold n calls
+            pair = (calls[i].service, calls[i].operation)
+            d_lo = max(d_lo, next((d for d in range(1, d_hi + 1) if v.below_cap(pair, d) >= n), d_hi))
+        if not reached and not subtrees_fit(remaining - n, rest, depth_below, False, rest_up, rest_lv):
             d_lo = depth_below  # the others cannot reach the promised depth: this child must
         incs = tuple(inc for inc in cond.includes if carried.get(inc) == i) if n > 0 else ()
         high = cond.high_latency and n > 0
@@ -378,12 +498,17 @@ def _lower_bounds(calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: 
     return lower
 
 
-def _layer_fits(cond: Conditions, calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: int) -> bool:
-    """Whether the layer ``calls`` can be closed now: its subtrees can take the calls and depth left."""
+def _layer_fits(cond: Conditions, calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: int,
+                shape: Shape | None = None) -> bool:
+    """Whether the layer ``calls`` can be closed now: its subtrees can take the calls and depth left (within
+    what ``shape`` allows each, if given)."""
     if cond.client:
         return len(calls) == 1
     C, D, k = cond.calls, cond.depth, len(calls)
     if k > C or (D == 1 and k != C):
         return False
     lower = _lower_bounds(calls, needs, hops, depth_left)
-    return subtrees_fit(C - k, [lower.get(i, 0) for i in range(k)], D - 1, False)
+    lows = [lower.get(i, 0) for i in range(k)]
+    if shape is None:
+        return subtrees_fit(C - k, lows, D - 1, False)
+    return subtrees_fit(C - k, lows, D - 1, False, [shape.upper(c) for c in calls], [shape.levels(c) for c in calls])

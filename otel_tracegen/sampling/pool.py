@@ -30,6 +30,7 @@ class SamplerSpec:
     adapter: str | None
     batch_size: int
     entries: str
+    attempts: int
 
 
 _SAMPLER = None  # the worker's sampler, built once by _start
@@ -44,7 +45,8 @@ def _start(spec: SamplerSpec, threads: int) -> None:
 
     torch.set_num_threads(threads)
     lm = load_model(spec.model, device=spec.device, dtype=spec.dtype)
-    _SAMPLER = TraceSampler(lm, adapter=spec.adapter, batch_size=spec.batch_size, entries=spec.entries)
+    _SAMPLER = TraceSampler(lm, adapter=spec.adapter, batch_size=spec.batch_size, entries=spec.entries,
+                            attempts=spec.attempts)
 
 
 def _decode(requests: Sequence[TraceRequest], temperature: float, top_p: float, seed: int) -> list[list[Step]]:
