@@ -140,10 +140,11 @@ def test_step_weights_are_the_models_odds_of_writing_the_step_unmasked(model_dir
     rt.sample = recording
     try:
         chunk = [(i, r.conditions()) for i, r in enumerate([TraceRequest(calls=9, depth=3)] * 3)]
-        steps, weights = s._decode(chunk, [TraceRequest(calls=9, depth=3)] * 3, 1.0, 1.0, torch.Generator().manual_seed(4))
+        steps, weights = s._decode(chunk, [TraceRequest(calls=9, depth=3)] * 3, 1.0, 1.0,
+                                   torch.Generator().manual_seed(4), weigh=True)
         # ... and the steps below the root: ordinary (non-client) layers
         inner = [(0, c) for st in steps for c in _children(st)][:4]
-        weights += s._decode(inner, [TraceRequest()], 1.0, 1.0, torch.Generator().manual_seed(5))[1]
+        weights += s._decode(inner, [TraceRequest()], 1.0, 1.0, torch.Generator().manual_seed(5), weigh=True)[1]
     finally:
         rt.sample = real_sample
     conds = [c for _, c in chunk] + [c for _, c in inner]
@@ -184,8 +185,8 @@ def test_a_step_is_kept_with_its_weights_probability_else_the_likeliest_of_its_d
     script: dict[int, list[float]] = {0: [float("-inf"), 0.0], 1: [-50.0, -3.0, -9.0]}
     drawn: dict[int, list[Step]] = {0: [], 1: []}
 
-    def fake(self, chunk, requests, temperature, top_p, generator):
-        steps, _ = real(self, chunk, requests, temperature, top_p, generator)
+    def fake(self, chunk, requests, temperature, top_p, generator, weigh=False):
+        steps, _ = real(self, chunk, requests, temperature, top_p, generator, weigh)
         weights = []
         for (i, cond), step in zip(chunk, steps):
             if cond.client:

@@ -212,7 +212,8 @@ class TraceSampler:
                 redo = []
                 for b in range(0, len(order), self.batch_size):
                     chunk = order[b : b + self.batch_size]
-                    drawn, weights = self._decode([level[j] for j in chunk], requests, temperature, top_p, generator)
+                    drawn, weights = self._decode([level[j] for j in chunk], requests, temperature, top_p, generator,
+                                                  weigh=attempts > 1)
                     self.draws += len(chunk)
                     if attempts == 1:
                         for j, step in zip(chunk, drawn):
@@ -270,9 +271,9 @@ class TraceSampler:
         return out
 
     def _decode(self, chunk: list[tuple[int, Conditions]], requests, temperature: float, top_p: float,
-                generator) -> tuple[list[Step], list[float]]:
-        """One batch of pending steps, decoded together under the grammar, and each one's log importance weight
-        (0 where it is not measured: the transformers and BPE paths)."""
+                generator, weigh: bool = False) -> tuple[list[Step], list[float]]:
+        """One batch of pending steps, decoded together under the grammar, and with ``weigh`` each one's log
+        importance weight (else 0; the runtime backend alone measures them)."""
         if self.bpe is not None:
             steps = self.bpe.decode(chunk, requests, self.limits, self.adapter, temperature, top_p, generator)
             return steps, [0.0] * len(steps)
@@ -299,7 +300,7 @@ class TraceSampler:
                 return out
 
             hook = self._hook([rows[j] for j in live], temperature, top_p, catch_up=False)
-            scores = [0.0] * len(live) if self.attempts > 1 and temperature > 0 else None
+            scores = [0.0] * len(live) if weigh else None
             model.sample([prompts[j] for j in live], max_new_tokens=room, eos_id=end_id, pad_id=tok.pad_id,
                          temperature=temperature, generator=generator, logits_hook=hook, forced=forced,
                          scores=scores, score_from=[completion_from[j] for j in live])  # fmt: skip
