@@ -19,7 +19,8 @@ from .catalog import Catalog, nearest
 from .grammar import GrammarVocab, StepLimits, step_program
 
 DEFAULT_ATTEMPTS = 2
-"""Draws per step at most (``TraceSampler.generate``): measured in docs/generation.md "Redrawing unlikely steps"."""
+"""Draws per step at most (``TraceSampler.generate``): measured in docs/generation.md "Trees the data could hold,
+steps the model would write" and the model card."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ runs out, so the model decides everything it can.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from ..encoding import Book, Call, Conditions, Include, Step, Sub
@@ -112,6 +112,7 @@ class GrammarVocab:
         self._hops: dict[str, dict[str, int]] = {}
         self._shapes: dict[tuple[str | None, str | None], tuple | None] = {}
         self._below_caps: dict[tuple[tuple[str, str], int], int] = {}
+        self._shape_levels: dict[tuple[tuple[str | None, str | None], int], Shape | None] = {}
         # Catalogs written before subtree sizes were recorded have no shapes: their steps are left unshaped.
         self.sized = any(st.max_calls for ops in self.catalog.operations.values() for st in ops.values())
         self.encode = lru_cache(maxsize=4096)(lambda text: tuple(tokenizer.encode(text).ids))
@@ -150,14 +151,17 @@ class GrammarVocab:
         C, below = cond.calls, cond.depth - 1
         if C > parent.max_calls or cond.depth > parent.max_below:
             return None
-        limits = {pair: (self.below_cap(pair, min(below, st.max_below)), st.max_below) for pair, st in stats.items()}
-        deep = [lim[0] for lim in limits.values() if min(lim) >= below]
-        if not deep:
+        if (key, below) not in self._shape_levels:  # what depends on the levels only, once per parent and depth
+            limits = {pair: (self.below_cap(pair, min(below, st.max_below)), st.max_below) for pair, st in stats.items()}
+            deep = [lim[0] for lim in limits.values() if min(lim) >= below]
+            widest = max((lim[0] for lim in limits.values()), default=0) if below else 0
+            self._shape_levels[key, below] = Shape(children, limits, parent.max_fanout, 0, below, widest,
+                                                   max(deep) if below else 0) if deep else None  # fmt: skip
+        levels = self._shape_levels[key, below]
+        if levels is None:
             return None
-        widest = max((lim[0] for lim in limits.values()), default=0) if below else 0
-        shape = Shape(children, limits, parent.max_fanout, C, below, widest, max(deep) if below else 0)
-        kmax = min(C if below == 0 else C - below, shape.fanout)
-        return shape if shape.fits(0, 0, False, kmax) else None
+        shape = replace(levels, calls=C)
+        return shape if shape.fits(0, 0, False, shape.most_children) else None
 
     def below_cap(self, pair: tuple[str, str], levels: int) -> int:
         """The most calls a span of ``pair`` (service, operation) can have below it within ``levels`` levels, by the
@@ -253,6 +257,11 @@ class Shape:
     widest: int  # the most calls a child may hold below it, over all pairs (0 when children must be leaves)
     widest_deep: int  # the same over the pairs that can be ``below`` deep
 
+    @property
+    def most_children(self) -> int:
+        """The widest the layer may be: room left for the deepest path, and no wider than any layer seen."""
+        return min(self.calls if self.below == 0 else self.calls - self.below, self.fanout)
+
     def upper(self, call: Call) -> int:
         return self.limits.get((call.service, call.operation), (0, 0))[0]
 
@@ -330,7 +339,7 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         kmax = C - (D - 1)  # type: ignore[operator]
     shape = v.shape(cond)
     if shape is not None:
-        kmax = min(kmax, shape.fanout)
+        kmax = shape.most_children
 
     calls: list[Call] = []
     prev_start = 0
