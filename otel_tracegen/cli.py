@@ -212,8 +212,9 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     w.add_argument("--operation", help="entry operation (needs --service)")
     w.add_argument("--entries", choices=("data", "model"), default="data",
                    help="data (default): without --service, draw the entry service from the training mix, and "
-                        "without --calls/--depth, the entry operation, calls and depth of a training trace entered "
-                        "there; model: let the model choose them")
+                        "without --calls/--depth, the entry operation, calls, depth, latency and instructions (high "
+                        "latency, an uncommon call) of a training trace entered there; model: let the model choose "
+                        "the entry and size")
     w.add_argument("--calls", type=_positive_int, help="spans per trace, root included; met exactly")
     w.add_argument("--depth", type=_positive_int, help="span levels per trace; met exactly")
     w.add_argument("--latency-ms", type=float, help="the root span's duration in ms")

@@ -1052,19 +1052,29 @@ def derive_instructions(
     """
     root = _build_tree(trace)
     high = high_latency_threshold_us is not None and (root.qe - root.qs) > high_latency_threshold_us
-    found: list[tuple[str, str, SpanKind]] = []
-    if uncommon_edges is not None:
-        wanted = {(a, b, k if isinstance(k, SpanKind) else _enum(SpanKind, k, "uncommon_edges")) for a, b, k in uncommon_edges}
-        for node in _bfs(root):
-            for k in node.kids:
-                e = (node.span.service, k.span.service, k.span.kind)
-                if e in wanted and e not in found:
-                    found.append(e)
+    found = _calls_among(root, uncommon_edges) if uncommon_edges is not None else []
     includes: tuple[Include, ...] = ()
     if found:
         a, b, k = rng.choice(found) if rng is not None else found[0]
         includes = (Include(a, b, k),)
     return Instructions(high, includes)
+
+
+def calls_among(trace: Trace, edges: Iterable[tuple[str, str, SpanKind | str]]) -> list[tuple[str, str, SpanKind]]:
+    """The (parent service, child service, child kind) calls of ``trace`` that are in ``edges``, each once, in
+    encoding order: the candidates :func:`derive_instructions` picks an include from."""
+    return _calls_among(_build_tree(trace), edges)
+
+
+def _calls_among(root: _Node, edges: Iterable[tuple[str, str, SpanKind | str]]) -> list[tuple[str, str, SpanKind]]:
+    wanted = {(a, b, k if isinstance(k, SpanKind) else _enum(SpanKind, k, "uncommon_edges")) for a, b, k in edges}
+    found: list[tuple[str, str, SpanKind]] = []
+    for node in _bfs(root):
+        for k in node.kids:
+            e = (node.span.service, k.span.service, k.span.kind)
+            if e in wanted and e not in found:
+                found.append(e)
+    return found
 
 
 # --- decoding -------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Constrained generation against held-out traces: generate N traces with `otel-tracegen generate`'s engine and
-compare them with a corpus's validation split (services called, depth, fan-out, durations; overall and per entry
-service), as `python3 -m otel_tracegen.lm.sample --compare` does for free-running samples.
+compare them with a corpus's validation split, or its train split (services called, depth, fan-out, durations,
+and the share of generated trees whose shape occurs in that split; overall and per entry service), as `python3 -m
+otel_tracegen.lm.sample --compare` does for free-running samples.
 
     python3 scripts/compare_generated.py [MODEL] --corpus ttob --n 100 --seed 0 [--entries data|model] [--dtype float32|bfloat16|auto]
-        [--attempts N] [--json F]
+        [--attempts N] [--service ENTRY] [--against validation|train] [--json F]
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32")
     ap.add_argument("--attempts", type=int, help="draws per step at most (default: generate's)")
+    ap.add_argument("--service", help="enter every trace here (default: drawn from the training mix)")
+    ap.add_argument("--against", choices=("validation", "train"), default="validation",
+                    help="the split to compare with (default: validation, the held-out traces)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     from otel_tracegen.dataset import load_corpus
+    from otel_tracegen.evaluate.metrics import shape
     from otel_tracegen.generate import Assembler
     from otel_tracegen.lm.model import load_model
     from otel_tracegen.lm.sample import compare
@@ -41,7 +46,7 @@ def main() -> None:
     kw = {} if args.attempts is None else {"attempts": args.attempts}
     sampler = TraceSampler(load_model(args.model, backend="runtime", dtype=args.dtype), entries=args.entries, **kw)
     t = time.perf_counter()
-    steps = sampler.generate([TraceRequest()] * args.n, seed=args.seed, temperature=args.temperature,
+    steps = sampler.generate([TraceRequest(service=args.service)] * args.n, seed=args.seed, temperature=args.temperature,
                               top_p=args.top_p)
     seconds = time.perf_counter() - t
     # Calls squeezed out of their parent's window: placed at its end with 0 µs, the room spent by earlier siblings.
@@ -49,11 +54,14 @@ def main() -> None:
                for call in step.calls if call.start >= step.conditions.budget and call.duration == 0)
     traces = Assembler(anchor_ns=0, seed=args.seed, attributes=False)(steps)
     valid = sum(not validate(tr) for tr in traces)
-    _, splits = load_corpus(args.corpus, ("validation",))
-    result = compare(traces, splits["validation"])
+    _, splits = load_corpus(args.corpus, (args.against,))
+    real = [t for t in splits[args.against] if args.service is None or (t.root and t.root.service == args.service)]
+    result = compare(traces, real)
+    seen = {shape(t) for t in real}
     result["generated"] = {"traces": len(traces), "valid": valid, "spans": sum(map(len, traces)),
                            "seconds": round(seconds, 1), "draws_per_step": round(sampler.draws / max(1, sum(map(len, steps))), 3),
-                           "squeezed_calls": zero, "entries": args.entries, "dtype": args.dtype, "temperature": args.temperature, "top_p": args.top_p}
+                           "squeezed_calls": zero, "trees_seen_in_split": round(sum(shape(t) in seen for t in traces) / max(1, len(traces)), 4),
+                           "against": args.against, "entries": args.entries, "dtype": args.dtype, "temperature": args.temperature, "top_p": args.top_p}
     print(json.dumps({k: result[k] for k in ("generated", "service_mix_tv_distance", "per_entry_service_mix_tv_distance",
                                              "entry_share")}, indent=1))
     for name, e in result["by_entry"].items():

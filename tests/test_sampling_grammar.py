@@ -205,6 +205,84 @@ def test_sizes_seen_in_the_data_give_subtrees_the_data_could_hold(vocab, policy)
                 assert (c.service, c.name) in cat.op_callees(span.service, span.name)
 
 
+def _outside_the_data(cat, trace) -> int:
+    """Spans with more children than any span of their operation had, or a child operation it was never seen
+    calling."""
+    out = 0
+    for span in trace:
+        kids = trace.children(span)
+        st = cat.operations[span.service][span.name]
+        out += len(kids) > st.max_fanout or any((c.service, c.name) not in cat.op_callees(span.service, span.name) for c in kids)
+    return out
+
+
+@pytest.mark.parametrize("policy", ["uniform", "first", "last"])
+def test_includes_drawn_from_the_data_are_placed_along_operations_seen(vocab, policy):
+    """The sizes and uncommon calls of the training traces (what requests without a size or instructions draw) give
+    valid traces with the call asked for, and the steps that carry it are shaped too: the include goes to a child
+    operation that leads to one seen making the call. Measured on these traces, the share of spans outside the
+    data's operations and fan-outs (uniform / first / last): 2.5 / 0.3 / 2.5 %; with the include's steps left
+    unshaped, 23.2 / 10.5 / 10.3 %."""
+    cat = vocab.catalog
+    choose = _policy(policy, random.Random(5))
+    asked = [(s, m, e) for s in cat.entries for m in cat.trace_mix(s) for e in m.uncommon]
+    assert len(asked) > 20
+    spans = outside = 0
+    for service, m, (a, b, kind) in asked:
+        inc = Include(a, b, SpanKind[kind])
+        req = TraceRequest(service=service, operation=m.operation, calls=m.calls, depth=m.depth, includes=(inc,))
+        trace = generate(vocab, req, choose, LIMITS)
+        assert validate(trace, expect_calls=m.calls, expect_depth=m.depth) == []
+        assert (a, b, SpanKind[kind]) in _edge_pairs(trace), (a, b, kind, m)
+        spans += len(trace)
+        outside += _outside_the_data(cat, trace)
+    assert outside / spans < 0.05, (outside, spans)
+
+
+def test_the_catalog_mix_holds_each_training_traces_size_and_instructions(vocab):
+    """``Catalog.mix`` records, per training trace, its size and the instructions the instruct stage derived from
+    it (latency above the entry's p90; the uncommon calls it makes, one of which became its include)."""
+    from collections import Counter
+
+    from otel_tracegen.encoding import calls_among, derive_instructions, trace_latency_us
+    from otel_tracegen.lm.data import corpus_stats_for_instructions
+
+    traces = read_traces("spancsv", [EXAMPLES], ReadReport())
+    cat = Catalog.from_traces(traces)
+    stats = corpus_stats_for_instructions(traces)
+    want, latencies, rng = Counter(), {}, random.Random(0)
+    for t in traces:
+        if t.root is None:  # the catalog counts single-rooted traces only
+            continue
+        entry = (t.root.service, t.root.name)
+        try:
+            made = calls_among(t, stats.uncommon[entry])
+            derived = derive_instructions(t, stats.p90_us[entry], stats.uncommon[entry], rng=rng)
+        except Exception:  # noqa: BLE001 - traces the encoding refuses were not instruct examples either
+            continue
+        assert derived.high_latency == (trace_latency_us(t) > stats.p90_us[entry])
+        assert [(i.src, i.dst, i.kind) for i in derived.includes] in ([], *([e] for e in made))
+        key = (entry[0], entry[1], len(t), t.depth, derived.high_latency, tuple(sorted((a, b, k.name) for a, b, k in made)))
+        want[key] += 1
+        latencies.setdefault(key, []).append(trace_latency_us(t))
+    got = Counter({(s, m.operation, m.calls, m.depth, m.high_latency, m.uncommon): m.traces
+                   for s in cat.entries for m in cat.trace_mix(s)})
+    assert got == want and any(k[4] for k in got) and any(k[5] for k in got)
+    assert {(s, m.operation, m.calls, m.depth, m.high_latency, m.uncommon): list(m.latencies_us)
+            for s in cat.entries for m in cat.trace_mix(s)} == {k: sorted(v) for k, v in latencies.items()}
+    assert Catalog.from_dict(cat.to_dict()).trace_mix(next(iter(cat.entries))) == cat.trace_mix(next(iter(cat.entries)))
+    old = cat.to_dict()
+    del old["mix"]  # a catalog written before the mix was recorded: its sizes, untagged
+    entry = next(iter(cat.entries))
+    assert {(m.operation, m.calls, m.depth, m.traces) for m in Catalog.from_dict(old).trace_mix(entry)} == set(cat.size_mix(entry))
+    assert not any(m.high_latency or m.uncommon or m.latencies_us for m in Catalog.from_dict(old).trace_mix(entry))
+    # A catalog cut to a tokenizer's names keeps each trace's size, but not calls to services it cannot write.
+    gone = next(b for m in cat.trace_mix(entry) for _, b, _ in m.uncommon if b != entry)
+    cut = cat.restricted_to(set(cat.services) - {gone} | {o for ops in cat.operations.values() for o in ops})
+    assert sum(m.traces for m in cut.trace_mix(entry)) == sum(m.traces for m in cat.trace_mix(entry))
+    assert not any(gone in (a, b) for m in cut.trace_mix(entry) for a, b, _ in m.uncommon)
+
+
 def test_a_size_beyond_the_data_is_met_without_shapes(vocab):
     """The data's limits never refuse a request: a step asked for more than its operation was seen holding is
     left to the request alone."""
@@ -302,3 +380,37 @@ def test_entries_are_drawn_from_the_training_mix_when_none_is_asked_for():
     assert {r.service for r in TraceSampler._with_entries(me, [TraceRequest(service="b")] * 20, seed=2)} == {"b"}
     inc = TraceRequest(includes=(Include("c", "d"),), depth=3)
     assert {r.service for r in TraceSampler._with_entries(me, [inc] * 50, seed=3)} == {"a"}
+
+
+def test_requests_without_a_size_or_instructions_take_those_of_a_training_trace():
+    """The instruct adapter learned untagged steps only from traces that satisfy no instruction, so a plain request
+    takes the latency and the instructions of the training trace it draws its size from: high latency alone when
+    that trace was above its p90, else an include for one of its uncommon calls. Requests that give a size, a
+    latency or an instruction keep what they asked for."""
+    from types import SimpleNamespace
+
+    from otel_tracegen.sampling import TraceSampler
+    from otel_tracegen.sampling.catalog import OperationStats
+
+    ops = {s: {"op": OperationStats(1, {"SERVER": 1}, {"UNSET": 1})} for s in ("a", "c", "d")}
+    mix = {"a": {"op": [[3, 2, 0, [], 500, [1000] * 250 + [2000] * 250], [5, 3, 1, [["a", "c", "SERVER"]], 100, [9000] * 100],
+                        [4, 3, 0, [["a", "c", "SERVER"], ["c", "d", "CLIENT"]], 400, [3000] * 400]]}}
+    cat = Catalog(ops, {"a": {"c": 1}, "c": {"d": 1}}, {"a": {"op": 1000}}, 1000, 3, 5, 10, mix=mix)
+    me = SimpleNamespace(catalog=cat, limits=StepLimits(max_calls=60, max_depth=16))
+    got = TraceSampler._with_entries(me, [TraceRequest()] * 6000, seed=1)
+    share = lambda pred: sum(map(pred, got)) / len(got)  # noqa: E731
+    assert 0.47 < share(lambda r: not r.high_latency and not r.includes) < 0.53
+    assert 0.08 < share(lambda r: r.high_latency) < 0.12 and not any(r.high_latency and r.includes for r in got)
+    assert all((r.calls, r.depth, r.latency_ms) == (5, 3, 9.0) for r in got if r.high_latency)
+    plain = [r.latency_ms for r in got if not r.high_latency and not r.includes]
+    assert set(plain) == {1.0, 2.0} and 0.45 < plain.count(1.0) / len(plain) < 0.55  # the latency of one of its traces
+    includes = [r.includes[0] for r in got if r.includes]
+    assert {(i.src, i.dst, i.kind) for i in includes} == {("a", "c", SpanKind.SERVER), ("c", "d", SpanKind.CLIENT)}
+    assert 0.45 < sum(i.dst == "d" for i in includes) / len(includes) < 0.55  # one of the trace's calls, evenly
+    assert all((r.calls, r.depth, r.latency_ms) == (4, 3, 3.0) for r in got if r.includes)
+    # What a request asks for is kept: a size (no tags drawn), a latency, high latency (a size among slow traces).
+    assert TraceSampler._with_entries(me, [TraceRequest(calls=3, depth=2)], seed=1)[0] == TraceRequest(service="a", calls=3, depth=2)
+    timed = TraceSampler._with_entries(me, [TraceRequest(latency_ms=5)] * 200, seed=2)
+    assert {r.latency_ms for r in timed} == {5} and not any(r.high_latency or r.includes for r in timed)
+    slow = TraceSampler._with_entries(me, [TraceRequest(high_latency=True)] * 200, seed=3)
+    assert all((r.calls, r.depth, r.latency_ms, r.includes) == (5, 3, 9.0, ()) for r in slow)

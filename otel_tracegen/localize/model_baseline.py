@@ -4,7 +4,7 @@ An SRE often has the incident's traces and nothing clean to compare them with. T
 normal traffic, so it can stand in: for every entry (root service and operation) of the window, in the window's
 proportions, it generates traces, and the localizer compares the window with those. Measured on the TrainTicket
 faults of 2023-01-30, which the shipped model never saw, 120 generated traces as the only baseline rank the
-injected service in the top 3 in 16 of 17 faults (``benchmarks/localize.py``, row "model baseline").
+injected service in the top 3 in 17 of 17 faults (``benchmarks/localize.py``, row "model baseline").
 
 Generation takes minutes on a CPU (seconds on a GPU), so the traces are cached per (model, entries, count, seed)
 under ``$XDG_CACHE_HOME/otel-tracegen/baselines`` (default ``~/.cache``): later windows with the same entry mix

@@ -35,6 +35,25 @@ class OperationStats:
     attributes: dict = field(default_factory=dict)  # scalar attributes that >= 90 % of its spans carry, same value
 
 
+@dataclass(frozen=True)
+class MixEntry:
+    """Training traces entered at one operation that share a size and the instructions they satisfy.
+
+    ``high_latency``: above the entry's latency p90; ``uncommon``: the (caller service, callee service, callee
+    kind) calls among the entry's uncommon ones that the trace makes (the instruct stage tags one of them, drawn
+    at random, as an include). Both by the instruct stage's definitions (``lm.data.corpus_stats_for_instructions``).
+    ``latencies_us``: each trace's latency (its root's duration), sorted; empty in older catalogs.
+    """
+
+    operation: str
+    calls: int
+    depth: int
+    high_latency: bool
+    uncommon: tuple[tuple[str, str, str], ...]
+    traces: int
+    latencies_us: tuple[int, ...] = ()
+
+
 @dataclass
 class Catalog:
     """Services, operations, edges and entries of a corpus (see the module docstring)."""
@@ -54,12 +73,21 @@ class Catalog:
     # parent service -> parent operation -> child service -> child operation -> calls: who calls whom by operation,
     # which tells repair which lost span can sit between a grandparent and its orphans (empty in older catalogs)
     op_edges: dict[str, dict[str, dict[str, dict[str, int]]]] = field(default_factory=dict)
+    # root service -> root operation -> [spans, levels, high latency (0/1), [[caller, callee, kind], ...] (the
+    # uncommon calls made), traces, [latency in µs of each]]: the sizes, instruction tags and latencies of the
+    # training traces, drawn together by requests that give none of them (see `trace_mix`; empty in older catalogs)
+    mix: dict[str, dict[str, list[list]]] = field(default_factory=dict)
 
     # --- building ---
 
     @classmethod
     def from_traces(cls, traces: Iterable[Trace]) -> Catalog:
         """Count everything over ``traces`` (single-rooted ones; others are skipped)."""
+        from ..lm.data import corpus_stats_for_instructions
+
+        traces = list(traces)
+        instructions = corpus_stats_for_instructions(traces)  # what the instruct stage tagged, computed alike
+        mix: dict[tuple[str, str], dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
         ops: dict[str, dict[str, OperationStats]] = defaultdict(dict)
         edges: dict[str, Counter] = defaultdict(Counter)
         op_edges: Counter = Counter()
@@ -79,6 +107,10 @@ class Catalog:
             entries[root.service][root.name] += 1
             sizes[root.service, root.name][f"{len(trace)}/{trace.depth}"] += 1
             latencies[root.service, root.name].append(root.duration_ns // 1000)  # = encoding.trace_latency_us
+            tags = _instruction_tags(trace, instructions)
+            if tags is not None:
+                high, made, latency = tags
+                mix[root.service, root.name][len(trace), trace.depth, high, made].append(latency)
             below: dict[str, int] = {}
             size: dict[str, int] = {}
             for span, _ in reversed(list(trace.walk())):  # children before parents
@@ -108,6 +140,9 @@ class Catalog:
             cat.op_edges.setdefault(ps, {}).setdefault(po, {}).setdefault(cs, {})[co] = n
         for (svc, op), c in sorted(sizes.items()):
             cat.sizes.setdefault(svc, {})[op] = dict(sorted(c.items()))
+        for (svc, op), c in sorted(mix.items()):
+            cat.mix.setdefault(svc, {})[op] = [[n, d, int(high), [list(e) for e in calls], len(lat), sorted(lat)]
+                                               for (n, d, high, calls), lat in sorted(c.items())]
         from ..lm.data import HIGH_LATENCY_QUANTILE, interpolated_quantile
 
         for (svc, op), lats in sorted(latencies.items()):
@@ -133,6 +168,19 @@ class Catalog:
                     out.append((op, int(calls), int(depth), n))
         return out
 
+    def trace_mix(self, service: str, operation: str | None = None) -> list[MixEntry]:
+        """The training traces entered at ``service`` (and ``operation``) by size and instruction tags: the joint
+        mix that requests without a size or instructions are drawn from. From ``sizes`` without tags for catalogs
+        written before the mix was recorded."""
+        out = []
+        if self.mix:
+            for op, rows in self.mix.get(service, {}).items():
+                if operation is None or op == operation:
+                    out.extend(MixEntry(op, n, d, bool(high), tuple(tuple(e) for e in calls), k, tuple(lat))
+                               for n, d, high, calls, k, lat in rows)
+            return out
+        return [MixEntry(op, n, d, False, (), k) for op, n, d, k in self.size_mix(service, operation)]
+
     def restricted_to(self, known: set[str]) -> Catalog:
         """Only services and operations whose names are in ``known`` (a tokenizer's strings): the sampler can
         only write names it has tokens for."""
@@ -151,9 +199,13 @@ class Catalog:
                     kept = {co: n for co, n in cos.items() if co in ops.get(cs, {})}
                     if kept:
                         op_edges.setdefault(ps, {}).setdefault(po, {})[cs] = kept
+        # An uncommon call between services without tokens cannot be asked for; the trace's size still counts.
+        mix = {s: {o: [[n, d, high, [e for e in calls if e[0] in ops and e[1] in ops], k, lat] for n, d, high, calls, k, lat in rows]
+                   for o, rows in os.items() if o in entries.get(s, {})} for s, os in self.mix.items()}  # fmt: skip
         return Catalog(ops, {s: c for s, c in edges.items() if c}, {s: o for s, o in entries.items() if o},
                        self.traces, self.max_depth, self.max_spans, self.max_root_duration_us,
-                       {s: o for s, o in sizes.items() if o}, {s: o for s, o in high.items() if o}, op_edges)  # fmt: skip
+                       {s: o for s, o in sizes.items() if o}, {s: o for s, o in high.items() if o}, op_edges,
+                       {s: o for s, o in mix.items() if o})  # fmt: skip
 
     # --- saving ---
 
@@ -161,7 +213,7 @@ class Catalog:
         return {
             "traces": self.traces, "max_depth": self.max_depth, "max_spans": self.max_spans,
             "max_root_duration_us": self.max_root_duration_us, "entries": self.entries, "sizes": self.sizes,
-            "high_latency_us": self.high_latency_us, "edges": self.edges, "op_edges": self.op_edges,
+            "high_latency_us": self.high_latency_us, "edges": self.edges, "op_edges": self.op_edges, "mix": self.mix,
             "operations": {s: {o: {"count": st.count, "kinds": st.kinds, "statuses": st.statuses,
                                    "max_below": st.max_below, "max_calls": st.max_calls, "max_fanout": st.max_fanout,
                                    "attributes": st.attributes} for o, st in os.items()}
@@ -181,7 +233,10 @@ class Catalog:
                         for s, os in (d.get("sizes") or {}).items()},
                        {s: {o: float(p) for o, p in os.items()} for s, os in (d.get("high_latency_us") or {}).items()},
                        {ps: {po: {cs: {co: int(n) for co, n in cos.items()} for cs, cos in css.items()}
-                             for po, css in pos.items()} for ps, pos in (d.get("op_edges") or {}).items()})  # fmt: skip
+                             for po, css in pos.items()} for ps, pos in (d.get("op_edges") or {}).items()},
+                       {s: {o: [[int(n), int(dp), int(high), [[str(a), str(b), str(k)] for a, b, k in calls], int(c),
+                                 [int(x) for x in lat]] for n, dp, high, calls, c, lat in rows] for o, rows in os.items()}
+                        for s, os in (d.get("mix") or {}).items()})  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"catalog: malformed ({type(e).__name__}: {e})") from None
 
@@ -265,6 +320,22 @@ class Catalog:
         if operation not in self.operations[service]:
             raise UserError(f"service {service!r} has no operation {operation!r}; "
                             f"{nearest(operation, list(self.operations[service]))}")
+
+
+def _instruction_tags(trace: Trace, stats) -> tuple[bool, tuple[tuple[str, str, str], ...], int] | None:
+    """(high latency, the uncommon calls made, the latency in µs) of a training trace, as the instruct stage
+    derives them; None for a trace the encoding cannot represent (the instruct stage skips those too)."""
+    from .. import encoding as enc
+
+    root = trace.root
+    entry = (root.service, root.name)
+    try:
+        p90 = stats.p90_us.get(entry)
+        latency = enc.trace_latency_us(trace)
+        calls = enc.calls_among(trace, stats.uncommon.get(entry, ()))
+    except enc.EncodingError:
+        return None
+    return p90 is not None and latency > p90, tuple(sorted((a, b, k.name) for a, b, k in calls)), latency
 
 
 def nearest(name: str, known: list[str], n: int = 5) -> str:

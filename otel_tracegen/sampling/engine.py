@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from ..encoding import Conditions, Include, Step, next_conditions
 from ..report import UserError
-from .catalog import Catalog, nearest
+from ..trace import SpanKind
+from .catalog import Catalog, MixEntry, nearest
 from .grammar import GrammarVocab, StepLimits, step_program
 
 DEFAULT_ATTEMPTS = 2
@@ -128,9 +129,9 @@ class TraceSampler:
     ``adapter``: ``"auto"`` takes ``instruct`` when the model has it (tuned on full conditions and the
     instructions), else the pre-trained weights; ``None`` forces the pre-trained weights.
     ``entries``: for requests that name no entry service, ``"data"`` draws one from the training mix of entry
-    services (the catalog's counts), and for requests that give no size, the entry operation, calls and depth of
-    a training trace entered there; ``"model"`` lets the model choose them (its own mix may differ from the
-    data's; the model card measures by how much).
+    services (the catalog's counts), and for requests that give no size, the entry operation, calls, depth,
+    latency and instructions of a training trace entered there (see :meth:`_with_entries`); ``"model"`` lets the
+    model choose the entry and size (its own mix may differ from the data's; the model card measures by how much).
     ``attempts``: how many times a step may be drawn (see :meth:`generate`); 1 keeps the first draw.
     """
 
@@ -245,7 +246,16 @@ class TraceSampler:
         (no calls, depth or include) get the entry operation, calls and depth of a training trace entered there
         (the catalog's joint mix), reproducibly from ``seed``. The model then writes the trace under conditions
         it was tuned on; left to choose the size itself, the shipped model's sizes are flatter than the data's
-        (TrainTicket: median 44 spans against 76)."""
+        (TrainTicket: median 44 spans against 76).
+
+        A request without a latency also takes the drawn trace's latency (the root's duration; the model writes
+        every span under it) and its instructions: "high latency" when it was above its entry's p90, else an
+        include for one of the uncommon calls it made. The instruct adapter was tuned on steps without
+        instructions only from traces that satisfy none, so untagged it writes that subset: no uncommon call
+        (half of TrainTicket's traces make one) and no latency above the p90. And left to itself it writes root
+        durations wider spread than the data's (docs/generation.md, "What a plain request is conditioned on").
+        A request for high latency draws among the traces above the p90.
+        """
         import random
         from dataclasses import replace
 
@@ -263,11 +273,18 @@ class TraceSampler:
                 if ok:
                     r = replace(r, service=rng.choices([n for n, _ in ok], [w for _, w in ok])[0])
             if r.service is not None and r.calls is None and r.depth is None and not r.includes:
-                mix = [m for m in self.catalog.size_mix(r.service, r.operation)
-                       if m[1] <= self.limits.max_calls and m[2] <= self.limits.max_depth]  # fmt: skip
+                mix = [m for m in self.catalog.trace_mix(r.service, r.operation)
+                       if m.calls <= self.limits.max_calls and m.depth <= self.limits.max_depth]  # fmt: skip
+                if r.high_latency:
+                    mix = [m for m in mix if m.high_latency] or mix
                 if mix:
-                    op, calls, depth, _ = rng.choices(mix, [m[3] for m in mix])[0]
-                    r = replace(r, operation=op, calls=calls, depth=depth)
+                    m = rng.choices(mix, [m.traces for m in mix])[0]
+                    r = replace(r, operation=m.operation, calls=m.calls, depth=m.depth)
+                    if r.latency_ms is None and m.latencies_us and (m.high_latency or not r.high_latency):
+                        # The latency of one of those traces: the model writes the spans under it.
+                        r = replace(r, latency_ms=rng.choice(m.latencies_us) / 1000, **_tags_of(m, rng))
+                    elif r.latency_ms is None and not r.high_latency:
+                        r = replace(r, **_tags_of(m, rng))
             out.append(r)
         return out
 
@@ -379,6 +396,19 @@ def _generate_transformers(model, prompts, rows, hook, room: int, end_id: int, p
     for row in out[:, width:].tolist():
         outs.append(row[: row.index(end_id) + 1] if end_id in row else row)
     return outs
+
+
+def _tags_of(m: MixEntry, rng) -> dict:
+    """The instructions a request takes from the training trace ``m`` it drew its size from. "High latency"
+    alone for a trace above the p90, whatever calls it made: the adapter's "high latency" examples came from
+    every such trace, so that tag already carries their uncommon calls. Else one uncommon call, drawn as the
+    instruct stage drew it."""
+    if m.high_latency:
+        return {"high_latency": True}
+    if m.uncommon:
+        src, dst, kind = rng.choice(m.uncommon)
+        return {"includes": (Include(src, dst, SpanKind[kind]),)}
+    return {}
 
 
 def _entry_can_serve(catalog: Catalog, request: TraceRequest, entry: str) -> bool:

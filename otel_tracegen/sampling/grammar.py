@@ -23,7 +23,8 @@ runs out, so the model decides everything it can.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -110,11 +111,14 @@ class GrammarVocab:
         self._ops = {s: tuple(sorted(self.str_id(o) for o in ops)) for s, ops in self.catalog.operations.items()}
         self._callees = {s: tuple(sorted(self.str_id(c) for c in cs)) for s, cs in self.catalog.edges.items()}
         self._hops: dict[str, dict[str, int]] = {}
+        self._include_hops: dict[Include, dict[tuple[str, str], int]] = {}
+        self._include_caps: dict[tuple, int] = {}
         self._shapes: dict[tuple[str | None, str | None], tuple | None] = {}
         self._below_caps: dict[tuple[tuple[str, str], int], int] = {}
         self._shape_levels: dict[tuple[tuple[str | None, str | None], int], Shape | None] = {}
         # Catalogs written before subtree sizes were recorded have no shapes: their steps are left unshaped.
         self.sized = any(st.max_calls for ops in self.catalog.operations.values() for st in ops.values())
+        self.shapes_let_go = 0  # steps whose include could not be placed within their shape (see step_program)
         self.encode = lru_cache(maxsize=4096)(lambda text: tuple(tokenizer.encode(text).ids))
 
     def ops(self, service: str, entry: bool = False) -> Spec:
@@ -131,12 +135,32 @@ class GrammarVocab:
             self._hops[service] = self.catalog.hops_to(service)
         return self._hops[service]
 
+    def include_hops(self, inc: Include) -> dict[tuple[str, str], int]:
+        """For every (service, operation) that leads to the call ``inc`` asks for along operations seen calling each
+        other, the fewest calls down to an operation seen making it (0: this one was)."""
+        if inc not in self._include_hops:
+            cat = self.catalog
+            makers = [(inc.src, o) for o, callees in cat.op_edges.get(inc.src, {}).items()
+                      if inc.src_op in (None, o)
+                      and any(inc.dst_op in (None, co) and (inc.kind is None or inc.kind.name in cat.kinds(inc.dst, co))
+                              for co in callees.get(inc.dst, {}))]  # fmt: skip
+            hops = dict.fromkeys(makers, 0)
+            queue = deque(makers)
+            while queue:
+                pair = queue.popleft()
+                for caller in cat.op_callers(*pair):
+                    if caller not in hops:
+                        hops[caller] = hops[pair] + 1
+                        queue.append(caller)
+            self._include_hops[inc] = hops
+        return self._include_hops[inc]
+
     def shape(self, cond: Conditions) -> Shape | None:
         """The :class:`Shape` of the step prompted with ``cond``, if the data can shape it: a known parent operation
-        seen with children, a size it was seen holding that its children could hold within the widest layer seen,
-        and no include to carry (those set their own lower bounds). Else None: the step is only held to the
-        request."""
-        if not self.sized or cond.client or cond.includes or cond.calls is None or cond.depth is None:
+        seen with children, and a size it was seen holding that its children could hold within the widest layer
+        seen. Else None: the step is only held to the request. A step that carries an include is shaped too; its
+        grammar lets the shape go (:func:`step_program`) where the include could not be placed within it."""
+        if not self.sized or cond.client or cond.calls is None or cond.depth is None:
             return None
         key = (cond.service, cond.operation)
         if key not in self._shapes:
@@ -179,6 +203,31 @@ class GrammarVocab:
                 each = max(1 + self.below_cap(q, levels - 1) for q in kids)
                 self._below_caps[key] = min(st.max_calls, st.max_fanout * each)
         return self._below_caps[key]
+
+    def include_cap(self, inc: Include, pair: tuple[str, str], levels: int) -> int:
+        """The most calls a span of ``pair`` can have below it within ``levels`` levels while its subtree makes the
+        call ``inc`` asks for along operations seen (:meth:`include_hops`), by the data as in :meth:`below_cap`:
+        one child on the way there (a B child where ``pair`` makes the call itself), the rest anything. -1 if the
+        call cannot be reached within ``levels``."""
+        h = self.include_hops(inc).get(pair)
+        if h is None or h + 1 > levels:
+            return -1
+        key = (inc, pair, levels)
+        if key not in self._include_caps:
+            cat = self.catalog
+            st = cat.operations.get(pair[0], {}).get(pair[1])
+            kids = [(cs, co) for cs, cos in cat.op_edges.get(pair[0], {}).get(pair[1], {}).items() for co in cos]
+            if h == 0:  # this operation makes the call: the path child is a B
+                path = [1 + self.below_cap(q, levels - 1) for q in kids
+                        if q[0] == inc.dst and inc.dst_op in (None, q[1]) and (inc.kind is None or inc.kind.name in cat.kinds(*q))]
+            else:
+                path = [1 + c for q in kids if (c := self.include_cap(inc, q, levels - 1)) >= 0]
+            each = max((1 + self.below_cap(q, levels - 1) for q in kids), default=0)
+            fanout = max(st.max_fanout, 1) if st is not None else 1
+            best = max(path, default=-1)
+            self._include_caps[key] = -1 if best < 0 else min(st.max_calls if st is not None and st.max_calls else best,
+                                                              best + (fanout - 1) * each)  # fmt: skip
+        return self._include_caps[key]
 
     def number(self, n: int) -> Spec:
         return tuple(self.digit[int(c)] for c in str(n))
@@ -271,21 +320,49 @@ class Shape:
     def deep(self, pair: tuple[str, str]) -> bool:
         return min(self.limits[pair]) >= self.below
 
-    def fits(self, k: int, held: int, deep: bool, slots: int) -> bool:
+    def fits(self, k: int, held: int, deep: bool, slots: int, carrier: int | None = None) -> bool:
         """Whether ``k`` children that may hold ``held`` calls below them (one ``deep`` enough, or not yet) can
-        still take the step's calls with at most ``slots`` more children."""
+        still take the step's calls with at most ``slots`` more children. ``carrier``: one of those must carry an
+        include, and may hold at most that many calls below it."""
         need = self.calls - k - held
-        if deep or self.below == 0:
+        deep = deep or self.below == 0
+        if deep and carrier is None:
             return need <= slots * (1 + self.widest)
-        return slots >= 1 and need <= (slots - 1) * (1 + self.widest) + 1 + self.widest_deep
+        if slots < 1:
+            return False
+        if not deep and carrier is not None and slots == 1:  # one child to reach the depth and carry the include
+            return need <= 1 + min(self.widest_deep, carrier)
+        short = max(0 if deep else self.widest - self.widest_deep, 0 if carrier is None else self.widest - carrier)
+        return need <= slots * (1 + self.widest) - short
 
-    def choices(self, calls: Sequence[Call], slots_after: int) -> dict[str, tuple[str, ...]]:
-        """The pairs the next child may be, by service: those after which the layer can still be completed."""
-        k, held = len(calls) + 1, sum(self.upper(c) for c in calls)
-        deep = any(self.deep((c.service, c.operation)) for c in calls)
-        out = {s: tuple(o for o in ops if self.fits(k, held + self.limits[s, o][0], deep or self.deep((s, o)), slots_after))
-               for s, ops in self.children.items()}  # fmt: skip
-        return {s: ops for s, ops in out.items() if ops}
+    def choices(self, calls: Sequence[Call], slots_after: int, held: Sequence[int] | None = None,
+                carrying: Callable[[str, str], int | None] | None = None) -> dict[str, tuple[str, ...]]:
+        """The pairs the next child may be, by service: those after which the layer can still be completed.
+        ``held``: what each child so far may hold below it (default: the data's most). ``carrying(service,
+        operation)``: with an include still to hand down, what that child could hold below it if it carried the
+        include, None if it cannot carry it (then a later child must)."""
+        held = [self.upper(c) for c in calls] if held is None else held
+        k, total = len(calls) + 1, sum(held)
+        deep = any(min(h, self.levels(c)) >= self.below for h, c in zip(held, calls))
+        later = None
+        if carrying is not None:  # the most a later carrier could hold
+            later = max((u for s, ops in self.children.items() for o in ops if (u := carrying(s, o)) is not None), default=-1)
+        out = {}
+        for s, ops in self.children.items():
+            fit = []
+            for o in ops:
+                u, lv = self.limits[s, o]
+                mine = carrying(s, o) if carrying is not None else None
+                if mine is not None:
+                    u = min(u, mine)
+                need_later = later if carrying is not None and mine is None else None
+                if need_later is not None and need_later < 0:
+                    continue
+                if self.fits(k, total + u, deep or min(u, lv) >= self.below, slots_after, need_later):
+                    fit.append(o)
+            if fit:
+                out[s] = tuple(fit)
+        return out
 
 
 # --- one step -----------------------------------------------------------------------------------------------
@@ -318,19 +395,11 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
     limits = limits or StepLimits()
     client = cond.client
     C, D = cond.calls, cond.depth
-    needs = _Needs()
-    for inc in cond.includes:
-        (needs.meet if (not client and cond.service == inc.src and inc.src_op in (None, cond.operation)) else needs.hand).append(inc)
-    hops = {inc: v.hops_to(inc.src) for inc in needs.hand}
     # Levels below each child: known from the conditions, else the most the calls (or the limits) allow.
     if D is not None:
         depth_cap = D - 1
     else:
         depth_cap = min(C - 1, limits.max_depth - 1) if C is not None else limits.max_depth - 1
-
-    def can_carry(inc: Include, service: str) -> bool:
-        return _carrier_lb(hops, inc, service, depth_cap) is not None
-
     if client:
         kmax = 1
     elif D == 1:
@@ -338,17 +407,80 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
     else:
         kmax = C - (D - 1)  # type: ignore[operator]
     shape = v.shape(cond)
-    if shape is not None:
-        kmax = shape.most_children
+    needs = _Needs()
+    if shape is not None and cond.includes:
+        # Under a shape an include is placed along operations seen calling each other: met in this layer when this
+        # operation was seen making the A -> B call, else handed to a child operation that leads to one within
+        # the levels and calls the data allows it. Else the step is left to the request's rules.
+        for inc in cond.includes:
+            if v.include_hops(inc).get((cond.service, cond.operation)) == 0:
+                needs.meet.append(inc)
+            elif any(_op_carrier_lb(v, inc, pair, depth_cap, shape) is not None for pair in shape.limits):
+                needs.hand.append(inc)
+            else:
+                shape, needs = None, _Needs()
+                v.shapes_let_go += 1
+                break
+    if shape is None:
+        for inc in cond.includes:
+            meets = not client and cond.service == inc.src and inc.src_op in (None, cond.operation)
+            (needs.meet if meets else needs.hand).append(inc)
+    else:
+        kmax, loose_kmax = shape.most_children, kmax
+    hops = {inc: v.hops_to(inc.src) for inc in needs.hand}
+
+    def carrier_lb(inc: Include, service: str, operation: str | None, depth_left: int) -> int | None:
+        """The calls and levels a child (service, operation) needs below it to carry ``inc`` down; None if it
+        cannot. Under a shape: along operations (``operation`` None: any of the service's), else services."""
+        if shape is None:
+            return _carrier_lb(hops, inc, service, depth_left)
+        if operation is None:
+            lbs = [lb for o in shape.children.get(service, ()) if (lb := _op_carrier_lb(v, inc, (service, o), depth_left, shape)) is not None]
+            return min(lbs, default=None)
+        return _op_carrier_lb(v, inc, (service, operation), depth_left, shape)
+
+    def settles(service: str, operation: str) -> bool:
+        """Whether a child (service, operation) meets an open include or can carry one."""
+        return (any(i.dst == service and i.dst_op in (None, operation)
+                    and (i.kind is None or i.kind.name in v.catalog.kinds(service, operation)) for i in open_meet)
+                or any(carrier_lb(i, service, operation, depth_cap) is not None for i in open_hand))  # fmt: skip
+
+    def subtree_limits(calls: Sequence[Call], depth_left: int) -> tuple[list[int], list[int]] | tuple[None, None]:
+        """What each child's subtree may hold (calls, levels) under the shape: the data's most, and for a child
+        that carries an include, the most it could hold on the way to the call."""
+        if shape is None:
+            return None, None
+        ups, lvs = [shape.upper(c) for c in calls], [shape.levels(c) for c in calls]
+        for inc, i in _carriers(calls, needs, carrier_lb, depth_left).items():
+            ups[i] = min(ups[i], v.include_cap(inc, (calls[i].service, calls[i].operation), min(depth_left, lvs[i])))
+        return ups, lvs
+
+    def carrying(service: str, operation: str) -> int | None:
+        """What a child (service, operation) could hold below it while carrying the open includes it can carry;
+        None if it can carry none."""
+        lv = shape.limits[service, operation][1]
+        caps = [v.include_cap(inc, (service, operation), min(depth_cap, lv)) for inc in open_hand
+                if carrier_lb(inc, service, operation, depth_cap) is not None]
+        return min(caps) if caps else None
+
+    def open_includes() -> tuple[list[Include], list[Include], bool]:
+        meet = [i for i in needs.meet if not any(i.matches(cond.service, cond.operation, c) for c in calls)]
+        hand = [i for i in needs.hand if not any(carrier_lb(i, c.service, c.operation, depth_cap) is not None for c in calls)]
+        close = (bool(calls) and not meet and not hand
+                 and _layer_fits(cond, calls, _lower_bounds(calls, needs, carrier_lb, depth_cap), *subtree_limits(calls, depth_cap)))
+        return meet, hand, close
 
     calls: list[Call] = []
     prev_start = 0
     while True:
         k = len(calls)
-        open_meet = [i for i in needs.meet if not any(i.matches(cond.service, cond.operation, c) for c in calls)]
-        open_hand = [i for i in needs.hand if not any(can_carry(i, c.service) for c in calls)]
-        can_close = k >= 1 and not open_meet and not open_hand and _layer_fits(cond, calls, needs, hops, depth_cap,
-                                                                               shape)
+        open_meet, open_hand, can_close = open_includes()
+        if shape is not None and k >= kmax and not can_close:
+            # The shape's widest layer is full and an include is still unplaced (or its carrier cannot hold the
+            # path): go on under the request's rules alone, which every layer written so far also obeys.
+            shape, kmax = None, loose_kmax
+            v.shapes_let_go += 1
+            open_meet, open_hand, can_close = open_includes()
         spec = ([v.mark["call"]] if k < kmax else []) + ([v.mark["book"]] if can_close else [])
         assert spec, f"no way to go on after {k} calls under {cond.text()}"
         if (yield tuple(spec)) == v.mark["book"]:
@@ -356,31 +488,45 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         # -- one call: <call> k svc= ... (the <call> mark was just drawn)
         yield from _forced(v.number(k) + (v.key["svc"],))
         slots_after = kmax - (k + 1)
+        forced = len(open_meet) + len(open_hand) > slots_after  # no room left to put an include off
+        pairs = None
+        if shape is not None:
+            # Pairs the parent operation was seen calling, after which the layer can still hold the step's calls
+            # (and, with no room left to put an include off, that place it).
+            held, _ = subtree_limits(calls, depth_cap)
+            pairs = shape.choices(calls, slots_after, held, carrying if open_hand else None)
+            if forced:
+                pairs = {s: ops for s, ops in ((s, tuple(o for o in ops if settles(s, o))) for s, ops in pairs.items()) if ops}
+            if not pairs:
+                shape, kmax = None, loose_kmax
+                v.shapes_let_go += 1
+                open_meet, open_hand, _ = open_includes()
+                slots_after = kmax - (k + 1)
+                forced = len(open_meet) + len(open_hand) > slots_after
+                pairs = None
         if client:
             services = (v.str_id(entry_service),) if entry_service else v.entry_services
-        elif shape is not None:
-            # Pairs the parent operation was seen calling, after which the layer can still hold the step's calls.
-            pairs = shape.choices(calls, slots_after)
+        elif pairs is not None:
             services = tuple(sorted(v.str_id(s) for s in pairs))
         else:
             services = v.callees(cond.service)
-        meet_now: Include | None = None
-        if len(open_meet) + len(open_hand) > slots_after:
-            # No room left to put it off: this call must meet an include or be able to carry one down.
+        if forced and pairs is None:
+            # This call must meet an include or be able to carry one down.
             wanted = {v.str_id(i.dst) for i in open_meet}
             for inc in open_hand:
-                wanted |= {v.str_id(s) for s in v.catalog.services if can_carry(inc, s)}
+                wanted |= {v.str_id(s) for s in v.catalog.services if carrier_lb(inc, s, None, depth_cap) is not None}
             if not (client and entry_service):  # a pinned entry was checked against the includes up front
                 services = tuple(sorted(wanted & set(services) or wanted))
         svc_id = yield services
         service = v.string_value(svc_id)
-        if open_meet and len(open_meet) + len(open_hand) > slots_after:
+        meet_now: Include | None = None
+        if open_meet and forced:
             meet_now = next((i for i in open_meet if i.dst == service), None)
         yield (v.key["op"],)
         if client and entry_operation:
             ops = (v.str_id(entry_operation),)
         else:
-            ops = v.ops(service, entry=client) if shape is None else tuple(sorted(v.str_id(o) for o in pairs[service]))
+            ops = v.ops(service, entry=client) if pairs is None else tuple(sorted(v.str_id(o) for o in pairs[service]))
             if meet_now is not None and meet_now.dst_op is not None:
                 ops = (v.str_id(meet_now.dst_op),)
         op_id = yield ops
@@ -423,7 +569,7 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
 
     # -- <book> generated=k left=C-k=L child_depth=D-1=E
     k = len(calls)
-    lower = _lower_bounds(calls, needs, hops, depth_cap)
+    lower = _lower_bounds(calls, needs, carrier_lb, depth_cap)
     yield from _forced((v.key["generated"],) + v.number(k) + (v.key["left"],))
     if C is None:
         lo = k + max(sum(lower.values()), 0 if D is None else D - 1)
@@ -444,12 +590,13 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
 
     # -- <sub> i calls=N depth=N [<high_latency>] [<include> ...]
     depth_below = D - 1
-    lower = _lower_bounds(calls, needs, hops, depth_below)
+    lower = _lower_bounds(calls, needs, carrier_lb, depth_below)
     lbs = [lower.get(i, 0) for i in range(k)]
-    carried = _carriers(calls, needs, hops, depth_below)
+    carried = _carriers(calls, needs, carrier_lb, depth_below)
     # What each child's subtree may hold: the data's most under a shape, else anything.
-    ups = [shape.upper(c) for c in calls] if shape is not None else [C] * k
-    lvs = [shape.levels(c) for c in calls] if shape is not None else [depth_below] * k
+    ups, lvs = subtree_limits(calls, depth_below)
+    if shape is None:
+        ups, lvs = [C] * k, [depth_below] * k
     remaining, reached = C - k, False
     subs: list[Sub] = []
     for i in range(k):
@@ -465,7 +612,9 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         d_lo, d_hi = max(lbs[i], 1 if n > 0 else 0), min(n, depth_below, lvs[i])
         if shape is not None and n > 0:  # as many levels as it takes to hold n calls
             pair = (calls[i].service, calls[i].operation)
-            d_lo = max(d_lo, next((d for d in range(1, d_hi + 1) if v.below_cap(pair, d) >= n), d_hi))
+            cap = ((lambda d: v.include_cap(incs_here[0], pair, d)) if (incs_here := [inc for inc, j in carried.items() if j == i])
+                   else (lambda d: v.below_cap(pair, d)))  # fmt: skip
+            d_lo = max(d_lo, next((d for d in range(1, d_hi + 1) if cap(d) >= n), d_hi))
         if not reached and not subtrees_fit(remaining - n, rest, depth_below, False, rest_up, rest_lv):
             d_lo = depth_below  # the others cannot reach the promised depth: this child must
         incs = tuple(inc for inc in cond.includes if carried.get(inc) == i) if n > 0 else ()
@@ -488,36 +637,49 @@ def _carrier_lb(hops: dict, inc: Include, service: str, depth_left: int) -> int 
     return None if h is None or h + 1 > depth_left else h + 1
 
 
-def _carriers(calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: int) -> dict[Include, int]:
+def _op_carrier_lb(v: GrammarVocab, inc: Include, pair: tuple[str, str], depth_left: int, shape: Shape) -> int | None:
+    """Calls and levels a child ``pair`` needs to carry ``inc`` down to an operation seen making the call, None if
+    it cannot within ``depth_left`` levels or within what ``shape`` lets its subtree hold."""
+    h = v.include_hops(inc).get(pair)
+    if h is None or h + 1 > depth_left or h + 1 > min(shape.limits.get(pair, (0, 0))):
+        return None
+    if v.include_cap(inc, pair, min(depth_left, shape.limits[pair][1])) < h + 1:
+        return None
+    return h + 1
+
+
+CarrierBound = Callable[[Include, str, "str | None", int], "int | None"]
+"""(include, child service, child operation, levels left) -> the calls and levels that child needs below it to
+carry the include down, or None if it cannot."""
+
+
+def _carriers(calls: Sequence[Call], needs: _Needs, carrier_lb: CarrierBound, depth_left: int) -> dict[Include, int]:
     """For each include handed down, the child that carries it: the first that can (as the encoder does)."""
     out = {}
     for inc in needs.hand:
         for c in calls:
-            if _carrier_lb(hops, inc, c.service, depth_left) is not None:
+            if carrier_lb(inc, c.service, c.operation, depth_left) is not None:
                 out[inc] = c.index
                 break
     return out
 
 
-def _lower_bounds(calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: int) -> dict[int, int]:
+def _lower_bounds(calls: Sequence[Call], needs: _Needs, carrier_lb: CarrierBound, depth_left: int) -> dict[int, int]:
     """Child index -> the calls and levels its subtree needs for the includes it carries."""
     lower: dict[int, int] = {}
-    for inc, i in _carriers(calls, needs, hops, depth_left).items():
-        lower[i] = max(lower.get(i, 0), _carrier_lb(hops, inc, calls[i].service, depth_left))
+    for inc, i in _carriers(calls, needs, carrier_lb, depth_left).items():
+        c = calls[i]
+        lower[i] = max(lower.get(i, 0), carrier_lb(inc, c.service, c.operation, depth_left))
     return lower
 
 
-def _layer_fits(cond: Conditions, calls: Sequence[Call], needs: _Needs, hops: dict, depth_left: int,
-                shape: Shape | None = None) -> bool:
-    """Whether the layer ``calls`` can be closed now: its subtrees can take the calls and depth left (within
-    what ``shape`` allows each, if given)."""
+def _layer_fits(cond: Conditions, calls: Sequence[Call], lower: dict[int, int], upper: Sequence[int] | None = None,
+                levels: Sequence[int] | None = None) -> bool:
+    """Whether the layer ``calls`` can be closed now: its subtrees can take the calls and depth left, each at least
+    ``lower`` (by child index) and within ``upper`` calls and ``levels`` levels, if given."""
     if cond.client:
         return len(calls) == 1
     C, D, k = cond.calls, cond.depth, len(calls)
     if k > C or (D == 1 and k != C):
         return False
-    lower = _lower_bounds(calls, needs, hops, depth_left)
-    lows = [lower.get(i, 0) for i in range(k)]
-    if shape is None:
-        return subtrees_fit(C - k, lows, D - 1, False)
-    return subtrees_fit(C - k, lows, D - 1, False, [shape.upper(c) for c in calls], [shape.levels(c) for c in calls])
+    return subtrees_fit(C - k, [lower.get(i, 0) for i in range(k)], D - 1, False, upper, levels)
