@@ -214,13 +214,13 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
                    help="data (default): without --service, draw the entry service from the training mix, and "
                         "without --calls/--depth, the entry operation, calls, depth, latency and instructions (high "
                         "latency, an uncommon call) of a training trace entered there; model: let the model choose "
-                        "the entry and size")
+                        "the entry and size (no latency or instructions are drawn)")
     w.add_argument("--calls", type=_positive_int, help="spans per trace, root included; met exactly")
     w.add_argument("--depth", type=_positive_int, help="span levels per trace; met exactly")
     w.add_argument("--latency-ms", type=float, help="the root span's duration in ms")
     w.add_argument("--high-latency", action="store_true", help="latency above the p90 of the entry (instruction)")
     w.add_argument("--include-call", type=_include_call, action="append", default=[], metavar="'A -> B[:KIND]'",
-                   help="a call from service A to service B (span kind of B) somewhere in each trace; repeatable")
+                   help="a call from service A to service B (span kind of B) somewhere in each trace (one per trace)")
     inc = g.add_argument_group("a labelled incident, for chaos testing (docs/localize.md)")
     inc.add_argument("--inject-latency", metavar="SERVICE=MS",
                      help="every call into SERVICE takes MS longer (its own work); callers wait, later calls move")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..report import UserError
-from ..trace import Trace
+from ..trace import SpanKind, Trace
 
 CATALOG_FILE = "catalog.json"
 
@@ -172,14 +172,11 @@ class Catalog:
         """The training traces entered at ``service`` (and ``operation``) by size and instruction tags: the joint
         mix that requests without a size or instructions are drawn from. From ``sizes`` without tags for catalogs
         written before the mix was recorded."""
-        out = []
-        if self.mix:
-            for op, rows in self.mix.get(service, {}).items():
-                if operation is None or op == operation:
-                    out.extend(MixEntry(op, n, d, bool(high), tuple(tuple(e) for e in calls), k, tuple(lat))
-                               for n, d, high, calls, k, lat in rows)
-            return out
-        return [MixEntry(op, n, d, False, (), k) for op, n, d, k in self.size_mix(service, operation)]
+        if service not in self.mix:
+            return [MixEntry(op, n, d, False, (), k) for op, n, d, k in self.size_mix(service, operation)]
+        return [MixEntry(op, n, d, bool(high), tuple(tuple(e) for e in calls), k, tuple(lat))
+                for op, rows in self.mix[service].items() if operation is None or op == operation
+                for n, d, high, calls, k, lat in rows]
 
     def restricted_to(self, known: set[str]) -> Catalog:
         """Only services and operations whose names are in ``known`` (a tokenizer's strings): the sampler can
@@ -200,7 +197,7 @@ class Catalog:
                     if kept:
                         op_edges.setdefault(ps, {}).setdefault(po, {})[cs] = kept
         # An uncommon call between services without tokens cannot be asked for; the trace's size still counts.
-        mix = {s: {o: [[n, d, high, [e for e in calls if e[0] in ops and e[1] in ops], k, lat] for n, d, high, calls, k, lat in rows]
+        mix = {s: {o: [[n, d, slow, [e for e in calls if e[0] in ops and e[1] in ops], k, lat] for n, d, slow, calls, k, lat in rows]
                    for o, rows in os.items() if o in entries.get(s, {})} for s, os in self.mix.items()}  # fmt: skip
         return Catalog(ops, {s: c for s, c in edges.items() if c}, {s: o for s, o in entries.items() if o},
                        self.traces, self.max_depth, self.max_spans, self.max_root_duration_us,
@@ -234,8 +231,8 @@ class Catalog:
                        {s: {o: float(p) for o, p in os.items()} for s, os in (d.get("high_latency_us") or {}).items()},
                        {ps: {po: {cs: {co: int(n) for co, n in cos.items()} for cs, cos in css.items()}
                              for po, css in pos.items()} for ps, pos in (d.get("op_edges") or {}).items()},
-                       {s: {o: [[int(n), int(dp), int(high), [[str(a), str(b), str(k)] for a, b, k in calls], int(c),
-                                 [int(x) for x in lat]] for n, dp, high, calls, c, lat in rows] for o, rows in os.items()}
+                       {s: {o: [[int(n), int(dp), int(high), [[str(a), str(b), SpanKind[k].name] for a, b, k in calls],
+                                 int(c), [int(x) for x in lat]] for n, dp, high, calls, c, lat in rows] for o, rows in os.items()}
                         for s, os in (d.get("mix") or {}).items()})  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"catalog: malformed ({type(e).__name__}: {e})") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..encoding import Conditions, Include, Step, next_conditions
 from ..report import UserError
@@ -72,6 +72,11 @@ class TraceRequest:
             raise UserError(f"--latency-ms must be a finite number >= 0, got {self.latency_ms}")
         if self.includes and self.calls is not None and self.calls < 2:
             raise UserError("--include-call needs --calls >= 2 (a root and its callee)")
+        if len(self.includes) > 1:
+            # The instruct adapter was tuned on one include per trace, and the grammar does not keep room for
+            # several carried down one path (it could run out of calls for them).
+            raise UserError(f"one --include-call per trace, got {len(self.includes)}: "
+                            + ", ".join(f"{i.src} -> {i.dst}" for i in self.includes))
         for inc in self.includes:
             for name in (inc.src, inc.dst):
                 catalog.check_service(name)
@@ -257,7 +262,6 @@ class TraceSampler:
         A request for high latency draws among the traces above the p90.
         """
         import random
-        from dataclasses import replace
 
         names = sorted(self.catalog.entries)
         weights = [sum(self.catalog.entries[n].values()) for n in names]
@@ -280,11 +284,11 @@ class TraceSampler:
                 if mix:
                     m = rng.choices(mix, [m.traces for m in mix])[0]
                     r = replace(r, operation=m.operation, calls=m.calls, depth=m.depth)
-                    if r.latency_ms is None and m.latencies_us and (m.high_latency or not r.high_latency):
-                        # The latency of one of those traces: the model writes the spans under it.
-                        r = replace(r, latency_ms=rng.choice(m.latencies_us) / 1000, **_tags_of(m, rng))
-                    elif r.latency_ms is None and not r.high_latency:
-                        r = replace(r, **_tags_of(m, rng))
+                    if r.latency_ms is None and (m.high_latency or not r.high_latency):
+                        # The latency and instructions of one of those traces (older catalogs have neither): the
+                        # model writes the spans under them.
+                        latency = rng.choice(m.latencies_us) / 1000 if m.latencies_us else None
+                        r = replace(r, latency_ms=latency, **_tags_of(r, m, rng, self.catalog, self.limits))
             out.append(r)
         return out
 
@@ -398,16 +402,21 @@ def _generate_transformers(model, prompts, rows, hook, room: int, end_id: int, p
     return outs
 
 
-def _tags_of(m: MixEntry, rng) -> dict:
-    """The instructions a request takes from the training trace ``m`` it drew its size from. "High latency"
+def _tags_of(r: TraceRequest, m: MixEntry, rng, catalog: Catalog, limits: StepLimits) -> dict:
+    """The instructions request ``r`` takes from the training trace ``m`` it drew its size from. "High latency"
     alone for a trace above the p90, whatever calls it made: the adapter's "high latency" examples came from
     every such trace, so that tag already carries their uncommon calls. Else one uncommon call, drawn as the
-    instruct stage drew it."""
+    instruct stage drew it (dropped if this catalog cannot place it, e.g. one cut to a tokenizer's names)."""
     if m.high_latency:
         return {"high_latency": True}
     if m.uncommon:
         src, dst, kind = rng.choice(m.uncommon)
-        return {"includes": (Include(src, dst, SpanKind[kind]),)}
+        inc = Include(src, dst, SpanKind[kind])
+        try:
+            replace(r, includes=(inc,)).check(catalog, limits)
+        except UserError:
+            return {}
+        return {"includes": (inc,)}
     return {}
 
 

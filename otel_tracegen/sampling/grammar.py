@@ -15,7 +15,8 @@ step whose subtree can still be completed exactly:
 - the layer has between 1 and ``calls - (depth - 1)`` children (room is left for the deepest path), and the
   ``<sub>`` counts add up to ``left`` with the deepest child at exactly ``child_depth``, digit by digit;
 - an "include call A -> B" is met in the layer when the parent is A, else handed to a child that can still reach
-  an A within its depth (along edges seen in the data), which gets the depth and calls that path needs.
+  an A within its depth (along edges seen in the data), which gets the depth and calls that path needs; under a
+  shape, along operations: met where the parent's operation was seen making the call, else handed down.
 
 When the model's own choices keep every option open, the masks change nothing; they narrow only as the room
 runs out, so the model decides everything it can.
@@ -118,7 +119,7 @@ class GrammarVocab:
         self._shape_levels: dict[tuple[tuple[str | None, str | None], int], Shape | None] = {}
         # Catalogs written before subtree sizes were recorded have no shapes: their steps are left unshaped.
         self.sized = any(st.max_calls for ops in self.catalog.operations.values() for st in ops.values())
-        self.shapes_let_go = 0  # steps whose include could not be placed within their shape (see step_program)
+        self.shapes_let_go = 0  # step programs (redraws included) whose include the shape could not place
         self.encode = lru_cache(maxsize=4096)(lambda text: tuple(tokenizer.encode(text).ids))
 
     def ops(self, service: str, entry: bool = False) -> Spec:
@@ -317,9 +318,6 @@ class Shape:
     def levels(self, call: Call) -> int:
         return self.limits.get((call.service, call.operation), (0, 0))[1]
 
-    def deep(self, pair: tuple[str, str]) -> bool:
-        return min(self.limits[pair]) >= self.below
-
     def fits(self, k: int, held: int, deep: bool, slots: int, carrier: int | None = None) -> bool:
         """Whether ``k`` children that may hold ``held`` calls below them (one ``deep`` enough, or not yet) can
         still take the step's calls with at most ``slots`` more children. ``carrier``: one of those must carry an
@@ -431,12 +429,10 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
 
     def carrier_lb(inc: Include, service: str, operation: str | None, depth_left: int) -> int | None:
         """The calls and levels a child (service, operation) needs below it to carry ``inc`` down; None if it
-        cannot. Under a shape: along operations (``operation`` None: any of the service's), else services."""
+        cannot. Under a shape along operations, else along services (``operation`` may then be None). The shape may
+        be let go during the step; the include keeps the place it gave it (met here or handed down)."""
         if shape is None:
             return _carrier_lb(hops, inc, service, depth_left)
-        if operation is None:
-            lbs = [lb for o in shape.children.get(service, ()) if (lb := _op_carrier_lb(v, inc, (service, o), depth_left, shape)) is not None]
-            return min(lbs, default=None)
         return _op_carrier_lb(v, inc, (service, operation), depth_left, shape)
 
     def settles(service: str, operation: str) -> bool:
@@ -475,7 +471,7 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
     while True:
         k = len(calls)
         open_meet, open_hand, can_close = open_includes()
-        if shape is not None and k >= kmax and not can_close:
+        if shape is not None and cond.includes and k >= kmax and not can_close:
             # The shape's widest layer is full and an include is still unplaced (or its carrier cannot hold the
             # path): go on under the request's rules alone, which every layer written so far also obeys.
             shape, kmax = None, loose_kmax
@@ -497,7 +493,7 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
             pairs = shape.choices(calls, slots_after, held, carrying if open_hand else None)
             if forced:
                 pairs = {s: ops for s, ops in ((s, tuple(o for o in ops if settles(s, o))) for s, ops in pairs.items()) if ops}
-            if not pairs:
+            if not pairs and cond.includes:
                 shape, kmax = None, loose_kmax
                 v.shapes_let_go += 1
                 open_meet, open_hand, _ = open_includes()
@@ -612,8 +608,8 @@ def step_program(v: GrammarVocab, cond: Conditions, limits: StepLimits | None = 
         d_lo, d_hi = max(lbs[i], 1 if n > 0 else 0), min(n, depth_below, lvs[i])
         if shape is not None and n > 0:  # as many levels as it takes to hold n calls
             pair = (calls[i].service, calls[i].operation)
-            cap = ((lambda d: v.include_cap(incs_here[0], pair, d)) if (incs_here := [inc for inc, j in carried.items() if j == i])
-                   else (lambda d: v.below_cap(pair, d)))  # fmt: skip
+            carries = next((inc for inc, j in carried.items() if j == i), None)
+            cap = (lambda d: v.below_cap(pair, d)) if carries is None else (lambda d: v.include_cap(carries, pair, d))
             d_lo = max(d_lo, next((d for d in range(1, d_hi + 1) if cap(d) >= n), d_hi))
         if not reached and not subtrees_fit(remaining - n, rest, depth_below, False, rest_up, rest_lv):
             d_lo = depth_below  # the others cannot reach the promised depth: this child must
