@@ -266,7 +266,7 @@ class TraceSampler:
         names = sorted(self.catalog.entries)
         weights = [sum(self.catalog.entries[n].values()) for n in names]
         rng = random.Random(f"entries:{seed}")
-        out, eligible = [], {}
+        out, eligible, mixes = [], {}, {}
         for r in requests:
             if r.service is None:
                 # An include needs an entry that reaches its caller within the requested depth (found once per
@@ -277,12 +277,16 @@ class TraceSampler:
                 if ok:
                     r = replace(r, service=rng.choices([n for n, _ in ok], [w for _, w in ok])[0])
             if r.service is not None and r.calls is None and r.depth is None and not r.includes:
-                mix = [m for m in self.catalog.trace_mix(r.service, r.operation)
-                       if m.calls <= self.limits.max_calls and m.depth <= self.limits.max_depth]  # fmt: skip
-                if r.high_latency:
-                    mix = [m for m in mix if m.high_latency] or mix
+                key = (r.service, r.operation, r.high_latency)
+                if key not in mixes:  # once per distinct request, as for entries above
+                    mix = [m for m in self.catalog.trace_mix(r.service, r.operation)
+                           if m.calls <= self.limits.max_calls and m.depth <= self.limits.max_depth]  # fmt: skip
+                    if r.high_latency:
+                        mix = [m for m in mix if m.high_latency] or mix
+                    mixes[key] = (mix, [m.traces for m in mix])
+                mix, counts = mixes[key]
                 if mix:
-                    m = rng.choices(mix, [m.traces for m in mix])[0]
+                    m = rng.choices(mix, counts)[0]
                     r = replace(r, operation=m.operation, calls=m.calls, depth=m.depth)
                     if r.latency_ms is None and (m.high_latency or not r.high_latency):
                         # The latency and instructions of one of those traces (older catalogs have neither): the

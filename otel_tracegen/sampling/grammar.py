@@ -333,13 +333,12 @@ class Shape:
         short = max(0 if deep else self.widest - self.widest_deep, 0 if carrier is None else self.widest - carrier)
         return need <= slots * (1 + self.widest) - short
 
-    def choices(self, calls: Sequence[Call], slots_after: int, held: Sequence[int] | None = None,
+    def choices(self, calls: Sequence[Call], slots_after: int, held: Sequence[int],
                 carrying: Callable[[str, str], int | None] | None = None) -> dict[str, tuple[str, ...]]:
         """The pairs the next child may be, by service: those after which the layer can still be completed.
-        ``held``: what each child so far may hold below it (default: the data's most). ``carrying(service,
+        ``held``: what each child so far may hold below it (the data's most, less for a carrier). ``carrying(service,
         operation)``: with an include still to hand down, what that child could hold below it if it carried the
         include, None if it cannot carry it (then a later child must)."""
-        held = [self.upper(c) for c in calls] if held is None else held
         k, total = len(calls) + 1, sum(held)
         deep = any(min(h, self.levels(c)) >= self.below for h, c in zip(held, calls))
         later = None
