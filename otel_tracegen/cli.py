@@ -245,8 +245,9 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
                    help="processes decoding rounds of --batch-size traces side by side, --threads torch threads "
                         "each (default on a CPU: one per core when the run has more than one round; else 1)")
     d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="weights and activations: auto = bfloat16 on a GPU or a CPU with native bf16 "
-                        "(AVX512-BF16/AMX), else float32 (default auto)")
+                   help="weights and activations: auto = bfloat16 on a GPU, or on a CPU where it measured clearly "
+                        "faster than float32 (timed once per machine, remembered in ~/.cache/otel-tracegen), else "
+                        "float32 (default auto)")
     o = g.add_argument_group("output: a file, OTLP, or both")
     o.add_argument("--out", type=Path, help="write the traces to this file (.gz compresses)")
     o.add_argument("--format", default="otlp-json", choices=writable_formats(), help="file format (default otlp-json)")
@@ -639,7 +640,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
     import torch
 
     from . import generate
-    from .lm.model import load_model
+    from .lm.model import load_model, resolve_dtype
     from .sampling import TraceRequest, TraceSampler
 
     if args.threads:
@@ -665,12 +666,15 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
 
     from .sampling.pool import DecodePool, SamplerSpec, auto_workers
 
+    # The dtype "auto" resolved to, passed to the workers: every worker must run the same arithmetic as
+    # in-process decoding (its traces depend on it), whatever it would resolve by itself.
+    dtype = str(resolve_dtype(args.dtype, str(lm.device))).removeprefix("torch.")
     rounds = None if count is None else sum(1 for _ in generate.round_sizes(count, args.batch_size, args.rate))
     workers = args.decode_workers or auto_workers(str(lm.device), rounds)
     pool = None
     if workers > 1:  # the same traces as in-process decoding (rounds are seeded by their index), sooner
         pool = DecodePool(SamplerSpec(model=None if args.model is None else str(args.model), device=str(lm.device),
-                                      dtype=args.dtype, adapter=sampler.adapter, batch_size=args.batch_size,
+                                      dtype=dtype, adapter=sampler.adapter, batch_size=args.batch_size,
                                       entries=args.entries, attempts=args.attempts),
                           workers, threads_per_worker=args.threads or 1)  # fmt: skip
     summary = generate.GenerationSummary()
@@ -712,8 +716,9 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
 
         write_traces(args.format, kept, args.out)
         print(f"wrote {len(kept)} traces to {args.out} ({args.format})", file=env.stderr)
-    print(summary.line() + "; entry services: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_entry.items())),
-          file=env.stderr)
+    print(summary.line() + "; entry services: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_entry.items()))
+          + f"; decoded on {lm.device} in {dtype}" + (f" by {workers} workers" if pool is not None else ""),
+          file=env.stderr)  # fmt: skip
     if sampler.bpe is not None:  # a --base-model run: how often the model's own values had to be resampled
         print(f"base-model values: {sampler.bpe.stats.line()}", file=env.stderr)
     ok = summary.valid == summary.traces

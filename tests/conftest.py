@@ -5,6 +5,15 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The session's own ``$XDG_CACHE_HOME``: what the commands remember (the CPU dtype choice, model baselines)
+    goes there, not into the user's ``~/.cache``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def trainticket_corpus(tmp_path_factory):
     """The whole nezha-trainticket set built into a corpus once per session: (directory, BuildResult)."""

@@ -261,6 +261,34 @@ def test_decode_workers_give_the_same_bytes_as_in_process_decoding(model_dir, tm
     assert len(read_traces("otlp-json", [files[2]], ReadReport())) == 7
 
 
+def test_decode_workers_run_the_dtype_the_parent_chose(model_dir, tmp_path, monkeypatch):
+    """``--dtype auto``: the workers decode in the dtype this process resolved, not in one they would resolve
+    themselves. Here this process remembers bfloat16, while the cache file the workers could read says float32."""
+    from otel_tracegen.lm import cpu_dtype
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "otel-tracegen" / "cpu-dtype.json"
+    cache.parent.mkdir(parents=True)
+    fields = dict(fp32_ms=1.0, bf16_ms=2.0, cpu="?", torch=torch.__version__, measured_at="t")
+    cache.write_text(json.dumps({cpu_dtype._machine_key(): {"bfloat16": False, **fields}}))
+    monkeypatch.setattr(cpu_dtype, "_CHOICE", cpu_dtype.CpuDtypeChoice(bfloat16=True, **fields))
+    monkeypatch.setattr(cpu_dtype, "_cpuinfo", lambda: ("Test CPU", frozenset({"avx512_bf16"})))
+    args = ["generate", "--model", str(model_dir), "--count", "7", "--batch-size", "3", "--calls", "5", "--seed", "4",
+            "--start-time", "2026-01-02T03:04:05Z", "--threads", "1"]
+    files = {}
+    for name, extra in {"auto, 2 workers": ["--dtype", "auto", "--decode-workers", "2"],
+                        "bf16, 1 process": ["--dtype", "bfloat16", "--decode-workers", "1"],
+                        "fp32, 1 process": ["--dtype", "float32", "--decode-workers", "1"]}.items():
+        files[name] = tmp_path / f"{name}.json"
+        rc, _, err = run(*args, *extra, "--out", str(files[name]))
+        assert rc == ExitStatus.SUCCESS, err
+        said = {"auto, 2 workers": "bfloat16 by 2 workers", "bf16, 1 process": "bfloat16\n",
+                "fp32, 1 process": "float32\n"}[name]
+        assert f"decoded on cpu in {said}" in err, err  # the summary says what ran
+    assert files["auto, 2 workers"].read_bytes() == files["bf16, 1 process"].read_bytes()
+    assert files["bf16, 1 process"].read_bytes() != files["fp32, 1 process"].read_bytes()  # the dtype shows
+
+
 def test_generate_command_errors_name_what_is_wrong(model_dir, tmp_path, capsys):
     out = str(tmp_path / "x.json")
     rc, _, err = run("generate", "--model", str(model_dir), "--service", "ts-gateway-servic", "--out", out)

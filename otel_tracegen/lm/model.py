@@ -269,23 +269,9 @@ BACKENDS = ("auto", "runtime", "transformers")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without it bf16 is emulated and
-    slower than float32; with it, the runtime's matrix products run ~2.5x faster (measured on a 2-core EPYC)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def resolve_dtype(dtype: str | None, device: str):
-    """A torch dtype for ``dtype`` (``None``: float32; ``"auto"``: bfloat16 on a GPU or a CPU with native bf16,
-    else float32)."""
+    """A torch dtype for ``dtype`` (``None``: float32; ``"auto"``: bfloat16 on a GPU, or on a CPU where it measured
+    clearly faster than float32 (:mod:`.cpu_dtype`: measured once per machine and remembered), else float32)."""
     import torch
 
     if dtype is None or dtype == "float32":
@@ -293,8 +279,11 @@ def resolve_dtype(dtype: str | None, device: str):
     if dtype == "bfloat16":
         return torch.bfloat16
     if dtype == "auto":
-        fast = device.startswith("cuda") or (device == "cpu" and cpu_has_native_bf16())
-        return torch.bfloat16 if fast else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16
+        from .cpu_dtype import cpu_prefers_bf16
+
+        return torch.bfloat16 if device == "cpu" and cpu_prefers_bf16() else torch.float32
     raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
@@ -306,8 +295,8 @@ def load_model(path: str | Path | None = None, device: str | None = None, *, bac
     ``backend``: ``"runtime"`` (our torch-only implementation, for our own trace models), ``"transformers"``
     (``LlamaForCausalLM`` + peft), or ``"auto"``: the runtime where it applies, else transformers (``--base-model``
     runs, architectures the runtime does not implement).
-    ``dtype``: ``None``/``"float32"`` (exact), ``"bfloat16"``, or ``"auto"`` (bfloat16 where the hardware runs it
-    natively: a GPU, or a CPU with AVX512-BF16/AMX; sampling then differs from float32 in rounding only).
+    ``dtype``: ``None``/``"float32"`` (exact), ``"bfloat16"``, or ``"auto"`` (bfloat16 on a GPU, or on a CPU where it
+    measured clearly faster than float32; sampling then differs from float32 in rounding only).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
