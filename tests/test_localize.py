@@ -420,3 +420,21 @@ def replace_span(s: Span) -> Span:
 def test_a_delay_must_be_finite(text):
     with pytest.raises(UserError):
         LatencyIncident.parse(text)
+
+
+def test_structure_probe_charges_missing_calls_within_an_api():
+    """``scripts/localize_structure_probe.py`` (the probe behind docs/localize.md's structure table): a service
+    that stops making a call ranks first, and a trace's API is its root operation and first other service."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "localize_structure_probe.py"
+    spec = importlib.util.spec_from_file_location("localize_structure_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    baseline = chains(40, 1)
+    assert probe.api_of(baseline[0]) == ("GET /", "svc-a", "POST /a")
+    window = [Trace([s for s in t if s.name != "SELECT items"]) for t in chains(20, 2)]  # svc-b throws before its DB
+    assert probe.rank_by_structure(window, probe.by_api(baseline))[0] == "svc-b"
+    same = probe.rank_by_structure(chains(20, 3), probe.by_api(baseline))
+    assert sorted(same) == ["gateway", "svc-a", "svc-b", "svc-c"]  # nothing changed: all tie at 0, by name
+    assert same == sorted(same)
