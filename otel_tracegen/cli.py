@@ -666,15 +666,13 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
 
     from .sampling.pool import DecodePool, SamplerSpec, auto_workers
 
-    # The dtype "auto" resolved to, passed to the workers: every worker must run the same arithmetic as
-    # in-process decoding (its traces depend on it), whatever it would resolve by itself.
-    dtype = str(resolve_dtype(args.dtype, str(lm.device))).removeprefix("torch.")
+    dtype = str(resolve_dtype(args.dtype, str(lm.device))).removeprefix("torch.")  # what "auto" chose, for the summary
     rounds = None if count is None else sum(1 for _ in generate.round_sizes(count, args.batch_size, args.rate))
     workers = args.decode_workers or auto_workers(str(lm.device), rounds)
     pool = None
     if workers > 1:  # the same traces as in-process decoding (rounds are seeded by their index), sooner
         pool = DecodePool(SamplerSpec(model=None if args.model is None else str(args.model), device=str(lm.device),
-                                      dtype=dtype, adapter=sampler.adapter, batch_size=args.batch_size,
+                                      dtype=args.dtype, adapter=sampler.adapter, batch_size=args.batch_size,
                                       entries=args.entries, attempts=args.attempts),
                           workers, threads_per_worker=args.threads or 1)  # fmt: skip
     summary = generate.GenerationSummary()

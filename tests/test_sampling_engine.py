@@ -262,8 +262,9 @@ def test_decode_workers_give_the_same_bytes_as_in_process_decoding(model_dir, tm
 
 
 def test_decode_workers_run_the_dtype_the_parent_chose(model_dir, tmp_path, monkeypatch):
-    """``--dtype auto``: the workers decode in the dtype this process resolved, not in one they would resolve
-    themselves. Here this process remembers bfloat16, while the cache file the workers could read says float32."""
+    """``--dtype auto``: the workers decode in the dtype this process resolved (``DecodePool`` resolves it before
+    spawning them), not in one they would resolve themselves. Here this process remembers bfloat16, while the cache
+    file the workers could read says float32."""
     from otel_tracegen.lm import cpu_dtype
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
