@@ -15,6 +15,7 @@ Delete the file to measure again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ def cache_file() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "otel-tracegen" / "cpu-dtype.json"
 
 
+@functools.lru_cache(maxsize=1)
 def _cpuinfo() -> tuple[str, frozenset[str]]:
     """The CPU's model name and flags from /proc/cpuinfo (empty where there is none: not Linux)."""
     model, flags = "", frozenset()
