@@ -640,7 +640,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
     import torch
 
     from . import generate
-    from .lm.model import load_model, resolve_dtype
+    from .lm.model import load_model, resolve_dtype_name
     from .sampling import TraceRequest, TraceSampler
 
     if args.threads:
@@ -666,7 +666,7 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
 
     from .sampling.pool import DecodePool, SamplerSpec, auto_workers
 
-    dtype = str(resolve_dtype(args.dtype, str(lm.device))).removeprefix("torch.")  # what "auto" chose, for the summary
+    dtype = resolve_dtype_name(args.dtype, str(lm.device))  # what "auto" chose, for the summary
     rounds = None if count is None else sum(1 for _ in generate.round_sizes(count, args.batch_size, args.rate))
     workers = args.decode_workers or auto_workers(str(lm.device), rounds)
     pool = None

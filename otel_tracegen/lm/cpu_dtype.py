@@ -111,7 +111,7 @@ def time_decode_products(dtype, rounds: int = 3, reps: int = 10) -> float:
 
 
 def measure() -> CpuDtypeChoice:
-    """Time both dtypes now (about 0.2 s on 2 cores), interleaved so that a burst of load hits both."""
+    """Time both dtypes now (0.3-0.4 s on 2 cores), interleaved so that a burst of load hits both."""
     import torch
 
     fp32, bf16 = float("inf"), float("inf")

@@ -287,6 +287,12 @@ def resolve_dtype(dtype: str | None, device: str):
     raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
+def resolve_dtype_name(dtype: str | None, device: str) -> str:
+    """What ``dtype`` resolves to on ``device``, by name ("float32" or "bfloat16"): what to hand a process that must
+    run the same arithmetic (``"auto"`` is measured on a CPU, and could resolve otherwise there)."""
+    return str(resolve_dtype(dtype, device)).removeprefix("torch.")
+
+
 def load_model(path: str | Path | None = None, device: str | None = None, *, backend: str = "auto",
                dtype: str | None = None) -> LoadedModel:
     """Load a model directory (default: the shipped ``model/``) with its tokenizer and any LoRA adapters.

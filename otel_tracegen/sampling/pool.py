@@ -61,11 +61,11 @@ class DecodePool:
 
         if workers < 1 or threads_per_worker < 1:
             raise ValueError(f"need workers >= 1 and threads >= 1, got {workers}, {threads_per_worker}")
-        from ..lm.model import resolve_dtype
+        from ..lm.model import resolve_dtype_name
 
         # Resolved here, once: a worker resolving "auto" by itself could pick another dtype than in-process decoding
         # (lm/cpu_dtype.py measures), and the arithmetic decides the traces.
-        spec = replace(spec, dtype=str(resolve_dtype(spec.dtype, spec.device)).removeprefix("torch."))
+        spec = replace(spec, dtype=resolve_dtype_name(spec.dtype, spec.device))
         self.workers = workers
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start, initargs=(spec, threads_per_worker))  # fmt: skip
