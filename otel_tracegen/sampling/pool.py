@@ -65,10 +65,10 @@ class DecodePool:
 
         # Resolved here, once: a worker resolving "auto" by itself could pick another dtype than in-process decoding
         # (lm/cpu_dtype.py measures), and the arithmetic decides the traces.
-        spec = replace(spec, dtype=resolve_dtype_name(spec.dtype, spec.device))
+        self.spec = replace(spec, dtype=resolve_dtype_name(spec.dtype, spec.device))  # what every worker builds
         self.workers = workers
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start, initargs=(spec, threads_per_worker))  # fmt: skip
+                                         initializer=_start, initargs=(self.spec, threads_per_worker))  # fmt: skip
 
     def submit(self, requests: Sequence[TraceRequest], *, temperature: float, top_p: float,
                seed: int) -> Future:
