@@ -78,6 +78,13 @@ def read_faults(label_dir: Path) -> list[dict]:
     return sorted(out, key=lambda f: f["ns"])
 
 
+def quiet_traces(traces: list, faults: list[dict], w_ns: int) -> list:
+    """The ``quiet`` baseline: every trace that starts outside ``[inject - 60 s, inject + window + 60 s]`` of every
+    fault."""
+    return [t for t in traces
+            if len(t) and not any(f["ns"] - 60e9 <= t.start_ns <= f["ns"] + w_ns + 60e9 for f in faults)]  # fmt: skip
+
+
 def recall_table(ranks: list[int | None], n_services: list[int] | None = None) -> dict:
     """R@1/3/5 and MRR from ranks (None: not found); with ``n_services``, the random ranking's expected values."""
     n = len(ranks)
@@ -137,7 +144,7 @@ def evaluate_app(data: Path, app: str, window_s: float, baseline_kind: str, larg
     if baseline_kind == "faultfree":
         base = spancsv.read([f for f in files if Path(f).name.startswith("faultfree_")])
     else:
-        base = [t for t in traces if len(t) and not any(f["ns"] - 60e9 <= t.start_ns <= f["ns"] + w_ns + 60e9 for f in faults)]
+        base = quiet_traces(traces, faults, w_ns)
     base_profile = Profile.of(base)
     rows, seconds = [], []
     for f in faults:
@@ -172,7 +179,7 @@ def evaluate_app(data: Path, app: str, window_s: float, baseline_kind: str, larg
     localize(Profile.of(ordered), base_profile)
     large_s = time.perf_counter() - t0
     quiet = base_profile if baseline_kind == "quiet" else Profile.of(
-        [t for t in traces if len(t) and not any(f["ns"] - 60e9 <= t.start_ns <= f["ns"] + w_ns + 60e9 for f in faults)])
+        quiet_traces(traces, faults, w_ns))
     model = evaluate_model_baseline(app, traces, files, faults, w_ns, quiet, model_traces) if model_traces else None
     return {"app": app, "traces": len(traces), "read_s": read_s, "baseline_traces": len(base), "faults": len(faults),
             "model_baseline": model,

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from localize import APPS, rank_in, read_faults, recall_table  # noqa: E402
+from localize import APPS, quiet_traces, rank_in, read_faults, recall_table  # noqa: E402
 
 from otel_tracegen.formats import spancsv  # noqa: E402
 from otel_tracegen.trace import Trace  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> int:
             return 1
         traces = [t for t in spancsv.read(files) if len(t)]
         faults = read_faults(root / "labels")
-        quiet = [t for t in traces
-                 if not any(f["ns"] - 60e9 <= t.start_ns <= f["ns"] + w_ns + 60e9 for f in faults)]  # fmt: skip
+        quiet = quiet_traces(traces, faults, w_ns)
         baseline = by_api(quiet)
         ranks, sizes = defaultdict(list), defaultdict(list)
         for f in faults:
