@@ -4,7 +4,7 @@ traces through, against the rotel collector in the same run.
 
     python3 benchmarks/bench_infill.py [--corpus DIR] [--model DIR] [--n 300] [--seed 0] [--confidence 0.5]
         [--batch 64] [--device cpu] [--dtype auto] [--examples 3] [--json OUT.json]
-        [--throughput-spans 150000] [--repeats 3] [--skip-accuracy]
+        [--throughput-spans 150000] [--repeats 3] [--skip-accuracy] [--unseen-calls]
 
 **Throughput.** Complete validation traces, packed into requests of ~500 spans, are sent over OTLP/gRPC from 4
 threads of this process through (a) ``rotel`` (the Rust collector from PyPI: OTLP in, OTLP out) and (b)
@@ -27,7 +27,9 @@ missing call         one connecting span (it has a parent and children; seeded) 
                      1 µs) and start error (median ``|made start - true start|`` in µs over made spans).
                      Split by how often the removed span's path (grandparent op -> lost op -> child op, ops as
                      (service, name); the rarest over its children) occurs in the train split: seen >= 10, 1-9,
-                     unseen.
+                     unseen. ``--unseen-calls`` draws only lost spans that make a call (lost op -> child op)
+                     the train split never saw: on a corpus from ``scripts/holdout_calls.py`` that is where the
+                     lookups below cannot know the lost span and a model has to generalize.
 attribute            one non-root span's service (the even-numbered cases; ``service.name`` replaced by
                      ``unknown_service``) or name (the odd ones; emptied) is masked. **Correct**: the repaired value
                      equals the original. Below the confidence threshold nothing is written (not repaired);
@@ -153,6 +155,10 @@ class TrainStats:
             return 0
         return min(self.paths.get((op_of(grandparent), op_of(lost), op_of(k)), 0) for k in kids)
 
+    def makes_unseen_call(self, span: Span, kids: Sequence[Span]) -> bool:
+        """Whether the train split never saw ``span``'s operation calling one of these children's operations."""
+        return any(self.parent_of_one.get(op_of(k), {}).get(op_of(span), 0) == 0 for k in kids)
+
 
 def _stats(train_or_stats) -> TrainStats:
     return train_or_stats if isinstance(train_or_stats, TrainStats) else TrainStats.build(train_or_stats)
@@ -191,12 +197,24 @@ def is_whole(t: Trace) -> bool:
 
 
 def missing_call_cases(traces: Sequence[Trace], n: int, rng: random.Random,
-                       stats: TrainStats | None = None) -> list[MissingCase]:  # fmt: skip
-    """``n`` whole traces (fewer if there are not as many) with one random connecting span removed each."""
-    pool = [t for t in traces if is_whole(t) and any(s.parent_id is not None and t.children(s) for s in t.spans)]
+                       stats: TrainStats | None = None, unseen_calls: bool = False) -> list[MissingCase]:  # fmt: skip
+    """``n`` whole traces (fewer if there are not as many) with one random connecting span removed each.
+
+    ``unseen_calls`` (needs ``stats``): only spans that make a call the train split never saw (see
+    ``scripts/holdout_calls.py``), where the lookups cannot know the lost span."""
+
+    def eligible(t: Trace) -> list[Span]:
+        spans = [s for s in t.spans if s.parent_id is not None and t.children(s)]
+        if unseen_calls:
+            spans = [s for s in spans if stats is not None and stats.makes_unseen_call(s, t.children(s))]
+        return spans
+
+    if unseen_calls and stats is None:
+        raise ValueError("unseen_calls needs the train split's stats")
+    pool = [t for t in traces if is_whole(t) and eligible(t)]
     out = []
     for t in rng.sample(pool, min(n, len(pool))):
-        lost = rng.choice([s for s in t.spans if s.parent_id is not None and t.children(s)])
+        lost = rng.choice(eligible(t))
         kids = t.children(lost)
         seen = stats.path_seen(t.by_id.get(lost.parent_id), lost, kids) if stats is not None else 0
         out.append(MissingCase(t, lost, [s for s in t.spans if s.span_id != lost.span_id],
@@ -700,6 +718,9 @@ def main() -> None:
                     help="complete-trace spans sent through each pipeline per repeat (0: skip throughput)")
     ap.add_argument("--repeats", type=int, default=3, help="throughput runs per pipeline, alternated (median)")
     ap.add_argument("--skip-accuracy", action="store_true", help="throughput only")
+    ap.add_argument("--unseen-calls", action="store_true",
+                    help="missing-call cases only where the lost span makes a call the train split never saw "
+                         "(a corpus from scripts/holdout_calls.py)")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_all = time.perf_counter()
@@ -730,7 +751,7 @@ def main() -> None:
     result: dict = {"corpus": str(corpus), "machine": machine(args.device), "goals": GOALS, "paper": PAPER}
     if not args.skip_accuracy:
         rng = random.Random(args.seed)
-        missing = missing_call_cases(held, args.n, rng, stats)
+        missing = missing_call_cases(held, args.n, rng, stats, unseen_calls=args.unseen_calls)
         attrs = attribute_cases(held, args.n, rng)
 
         lm = load_model(args.model, args.device, dtype=args.dtype)

@@ -151,3 +151,64 @@ def test_path_lookup_climbs_past_a_concurrent_sibling(bench):
     # the rule hung c under d in the second trace; d never called anything that calls c, so the parent is a
     got = bench.summarize_missing(bench.measure_lookup(cases, bench.PathLookupBaseline([traces[0]]), outs))
     assert (got["accuracy"], got["identity"], got["right_parent"]) == (1.0, 1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def holdout():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "holdout_calls.py"
+    spec = importlib.util.spec_from_file_location("holdout_calls", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tree_via(i: int, caller: str) -> Trace:
+    """a -> b(call) -> c -> e as ``_tree``, but c is called by ``caller`` (a span of b's service)."""
+    t = _tree(i)
+    t.spans[1].name = caller
+    return t
+
+
+def test_holdout_removes_the_cheapest_call_whose_ends_stay_known(holdout):
+    # b.call -> c.query is in 2 train traces, b.other -> c.query in 5, and one trace has b.call -> e.read:
+    # without the first two, b.call is still known (it calls e.read) and c.query still has a caller (b.other)
+    train = [_tree_via(i, "call") for i in range(2)] + [_tree_via(i, "other") for i in range(2, 7)]
+    extra = _tree(7)
+    extra.spans[2].name, extra.spans[2].service = "read", "e"
+    train.append(extra)
+    validation = [_tree_via(i, "call") for i in range(10, 13)]
+    held, removed = holdout.choose_held_out(train, validation, calls=1, min_validation=3, max_removed=0.5)
+    assert [(tuple(h["parent"]), tuple(h["child"])) for h in held] == [(("b", "call"), ("c", "query"))]
+    assert held[0]["train_traces"] == 2 and held[0]["validation_cases"] == 3
+    assert removed == {0, 1}
+    left = [t for i, t in enumerate(train) if i not in removed]
+    assert all((("b", "call"), ("c", "query")) not in holdout.calls_of(t) for t in left)
+
+
+def test_holdout_refuses_calls_that_would_leave_an_end_unknown_or_cost_too_much(holdout):
+    train = [_tree_via(i, "call") for i in range(4)] + [_tree_via(i, "other") for i in range(4, 6)]
+    validation = [_tree_via(i, "call") for i in range(10, 13)]
+    # b.call occurs only in traces with b.call -> c.query: holding it out would make "b call" unknown
+    held, _ = holdout.choose_held_out(train, validation, calls=4, min_validation=3, max_removed=1.0)
+    assert (["b", "call"], ["c", "query"]) not in [(h["parent"], h["child"]) for h in held]
+    # a budget below the call's 4 train traces refuses every call that costs more
+    held, removed = holdout.choose_held_out(train, validation, calls=4, min_validation=3, max_removed=0.3)
+    assert all(h["train_traces"] <= 1 for h in held) and len(removed) <= 1
+
+
+def test_unseen_call_cases_draw_only_lost_spans_making_a_call_train_never_saw(bench):
+    train = [_tree_via(i, "other") for i in range(4)]  # b.other -> c.query; c.query -> e.read
+    stats = bench.TrainStats.build(train)
+    held = [_tree_via(i, "call") for i in range(10, 16)]  # b.call -> c.query: never in train
+    cases = bench.missing_call_cases(held, 6, random.Random(0), stats, unseen_calls=True)
+    assert len(cases) == 6 and {c.lost.name for c in cases} == {"call"}
+    assert all(c.seen == 0 and bench.bucket(c.seen) == "unseen" for c in cases)
+    # without the filter, c.query (a seen call to e.read) is lost as well
+    every = bench.missing_call_cases(held, 6, random.Random(0), stats)
+    assert {c.lost.name for c in every} == {"call", "query"}
+    # the lookup answers what train saw calling c.query: b.other, the wrong operation
+    rule_recs, rule_outs, _ = bench.measure_missing_calls(cases, TraceRepairer(None, None))
+    recs = bench.measure_lookup(cases, bench.lookup_baseline(stats), rule_outs)
+    assert bench.summarize_missing(recs)["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="stats"):
+        bench.missing_call_cases(held, 6, random.Random(0), None, unseen_calls=True)

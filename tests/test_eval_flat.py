@@ -392,3 +392,30 @@ def test_copied_flat_model_still_loads(flat_model, tmp_path):
     shutil.copytree(flat_model, copy)
     gen = FlatTableGenerator.from_pretrained(copy, device="cpu", temperature=0.0)
     assert gen.temperature == 0.0 and gen.context == lm.PRESETS["tiny"].max_position_embeddings
+
+
+def test_flat_vs_recursive_script_trains_both_at_one_budget_and_scores_them(corpus, tmp_path):
+    """``scripts/flat_vs_recursive.sh`` end to end with a tiny budget: both models trained with the same preset,
+    steps, batch and block, then one report with the model and the flat baseline side by side."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "flat_vs_recursive.sh"
+    out = tmp_path / "fvr"
+    env = {**os.environ, "N": "3", "N_INSTRUCTIONS": "1"}
+    run = subprocess.run(["bash", str(script), str(corpus), str(out), "tiny", "3", "4"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    args = {}
+    for name, stage in (("rec", "pretrain"), ("flat", "flat")):
+        training = json.loads((out / name / "training.json").read_text())
+        a = training["stages"][stage]["args"]
+        args[name] = {k: a[k] for k in ("config", "max_steps", "batch_size", "block_size", "text_passes", "seed")}
+    assert args["rec"] == args["flat"] == {"config": "tiny", "max_steps": 3, "batch_size": 4, "block_size": 0,
+                                           "text_passes": 3, "seed": 0}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["generators"]) == {"model", "flat", "replay", "probabilistic"}
+    assert metrics["settings"]["n"] == 3
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    free = json.loads((out / "free_running.json").read_text())
+    assert free["n"] == 3 and free["adapter"] is None and "comparison" in free  # grammar-free samples, scored
