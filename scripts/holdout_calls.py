@@ -29,16 +29,15 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))  # the benchmark this corpus is for names operations the same way
 
-from otel_tracegen.trace import Span, Trace  # noqa: E402
+from bench_infill import Op, op_of  # noqa: E402
 
-Op = tuple[str, str]  # (service, span name)
+from otel_tracegen.trace import Trace  # noqa: E402
+
 Call = tuple[Op, Op]  # (parent op, child op)
-
-
-def op_of(s: Span) -> Op:
-    return (s.service, s.name)
 
 
 def calls_of(t: Trace) -> set[Call]:
@@ -63,11 +62,15 @@ def choose_held_out(train: Sequence[Trace], validation: Sequence[Trace], *, call
                     min_validation: int = 20, max_removed: float = 0.03) -> tuple[list[dict], set[int]]:
     """The calls to hold out (each a record: parent, child, train traces, validation cases) and the indices of
     the train traces to remove. See the module docstring for the rules."""
-    train_calls = [calls_of(t) for t in train]
-    holders: dict[Call, set[int]] = defaultdict(set)
-    for i, cs in enumerate(train_calls):
-        for c in cs:
+    holders: dict[Call, set[int]] = defaultdict(set)  # call -> the train traces making it
+    in_calls: dict[Op, set[int]] = defaultdict(set)  # op -> the train traces where it calls or is called
+    callers: dict[Op, set[Op]] = defaultdict(set)  # op -> the ops seen calling it
+    for i, t in enumerate(train):
+        for c in calls_of(t):
             holders[c].add(i)
+            in_calls[c[0]].add(i)
+            in_calls[c[1]].add(i)
+            callers[c[1]].add(c[0])
     wanted = repairable_calls(validation)
     # cheapest first; ties by name so that the choice is the same on every machine
     order = sorted((c for c, n in wanted.items() if n >= min_validation and c in holders),
@@ -81,10 +84,9 @@ def choose_held_out(train: Sequence[Trace], validation: Sequence[Trace], *, call
         after = removed | holders[c]
         if len(after) > budget:
             continue
-        left = [train_calls[i] for i in range(len(train)) if i not in after]
         parent, child = c
-        parent_known = any(parent in (a, b) for cs in left for a, b in cs)
-        other_caller = any(b == child and a != parent for cs in left for a, b in cs)
+        parent_known = bool(in_calls[parent] - after)
+        other_caller = any(holders[a, child] - after for a in callers[child] if a != parent)
         if parent_known and other_caller:
             chosen.append(c)
             removed = after
