@@ -203,14 +203,12 @@ def missing_call_cases(traces: Sequence[Trace], n: int, rng: random.Random,
     ``unseen_calls`` (needs ``stats``): only spans that make a call the train split never saw (see
     ``scripts/holdout_calls.py``), where the lookups cannot know the lost span."""
 
-    def eligible(t: Trace) -> list[Span]:
-        spans = [s for s in t.spans if s.parent_id is not None and t.children(s)]
-        if unseen_calls:
-            spans = [s for s in spans if stats is not None and stats.makes_unseen_call(s, t.children(s))]
-        return spans
-
     if unseen_calls and stats is None:
         raise ValueError("unseen_calls needs the train split's stats")
+
+    def eligible(t: Trace) -> list[Span]:
+        spans = [s for s in t.spans if s.parent_id is not None and t.children(s)]
+        return [s for s in spans if stats.makes_unseen_call(s, t.children(s))] if unseen_calls else spans
     pool = [t for t in traces if is_whole(t) and eligible(t)]
     out = []
     for t in rng.sample(pool, min(n, len(pool))):

@@ -247,6 +247,12 @@ def split_path(corpus_dir: Path, split: str) -> Path:
     return Path(corpus_dir) / f"{split}.otlp.jsonl.gz"
 
 
+def split_counts(splits: dict[str, list[Trace]]) -> dict[str, dict]:
+    """What a manifest records of each split: its file name, traces and spans."""
+    return {name: {"file": split_path(Path("."), name).name, "traces": len(ts), "spans": sum(len(t) for t in ts)}
+            for name, ts in splits.items()}
+
+
 def build_corpus(
     fmt: str,
     inputs: Sequence[str | Path],
@@ -280,10 +286,7 @@ def build_corpus(
         "files_read": len(files),
         "config": asdict(config),
         "validation_cut_unix_nano": cut,
-        "splits": {
-            name: {"file": split_path(Path("."), name).name, "traces": len(ts), "spans": sum(len(t) for t in ts)}
-            for name, ts in splits.items()
-        },
+        "splits": split_counts(splits),
         "report": {
             "counts": dict(report.counts),
             "dropped": dict(report.dropped),
@@ -396,10 +399,7 @@ def join_corpora(
         "joined": parts,
         "model_view_only": model_view_only,
         "validation_cut_unix_nano": None,  # each part keeps its own; see "joined"
-        "splits": {
-            name: {"file": split_path(Path("."), name).name, "traces": len(ts), "spans": sum(len(t) for t in ts)}
-            for name, ts in joined.items()
-        },
+        "splits": split_counts(joined),
     }
     write_corpus(Path(out_dir), joined, manifest)
     return manifest

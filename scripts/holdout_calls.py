@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train traces that may be removed, as a share of the train split (default 0.03)")
     args = ap.parse_args(argv)
 
-    from otel_tracegen.dataset import load_corpus, split_path, write_corpus
+    from otel_tracegen.dataset import load_corpus, split_counts, write_corpus
 
     manifest, splits = load_corpus(args.corpus)
     train, validation = splits["train"], splits["validation"]
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     splits["train"] = [t for i, t in enumerate(train) if i not in removed]
     manifest = {**manifest, "held_out": {"source": str(args.corpus), "calls": held,
                                          "removed_train_traces": len(removed)}}
-    manifest["splits"] = {name: {"file": split_path(Path("."), name).name, "traces": len(ts),
-                                 "spans": sum(len(t) for t in ts)} for name, ts in splits.items()}
+    manifest["splits"] = split_counts(splits)
     write_corpus(args.out, splits, manifest)
     for h in held:
         print(f"held out {' '.join(h['parent'])} -> {' '.join(h['child'])}: {h['train_traces']} train traces, "
