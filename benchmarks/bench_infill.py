@@ -4,7 +4,7 @@ traces through, against the rotel collector in the same run.
 
     python3 benchmarks/bench_infill.py [--corpus DIR] [--model DIR] [--n 300] [--seed 0] [--confidence 0.5]
         [--batch 64] [--device cpu] [--dtype auto] [--examples 3] [--json OUT.json]
-        [--throughput-spans 150000] [--repeats 3] [--skip-accuracy] [--unseen-calls]
+        [--throughput-spans 150000] [--repeats 3] [--skip-accuracy] [--unseen-calls] [--no-analogy]
 
 **Throughput.** Complete validation traces, packed into requests of ~500 spans, are sent over OTLP/gRPC from 4
 threads of this process through (a) ``rotel`` (the Rust collector from PyPI: OTLP in, OTLP out) and (b)
@@ -47,6 +47,10 @@ Rows:
 - path lookup (an extra, stronger baseline): the lookup, but the parent is the first ancestor up from the rule's
   choice that training saw calling a (service, op) that calls every orphan, and the lost span that (service, op):
   what the train split's call paths alone decide (the repairer's grammar uses the same paths from the catalog).
+- analogy lookup (another extra baseline): the path lookup, and where no ancestor qualifies, the repairer's
+  analogues without the model (``RepairSettings.analogy``): a caller of every orphan (else of any) in training,
+  as a span of the nearest ancestor's service when it has that operation, or of the orphans' own service; the
+  most frequent first. It shows what that rule alone decides where the model's path is new.
 - most frequent / most frequent given the parent (attributes): the most frequent service overall and the most
   frequent operation of the span's service; the most frequent child service of the parent's service and the most
   frequent operation of that service among the parent operation's callees (falling back to the former).
@@ -382,6 +386,10 @@ class PathLookupBaseline(LookupBaseline):
     def choose(self, kids: Sequence[Span], spans: Sequence[Span]) -> tuple[Op | None, str | None]:
         if not kids:
             return None, None
+        return self.on_path(kids, spans) or super().choose(kids, spans)
+
+    def on_path(self, kids: Sequence[Span], spans: Sequence[Span]) -> tuple[Op, str] | None:
+        """(lost span, its parent's id) from the first ancestor through which train saw the path; None if none."""
         st = self.stats
         callers: set | None = None
         for k in kids:
@@ -397,7 +405,36 @@ class PathLookupBaseline(LookupBaseline):
                 return _most(pool), a.span_id
             a = by_id.get(a.parent_id) if a.parent_id is not None else None
             hops += 1
-        return super().choose(kids, spans)
+        return None
+
+
+class AnalogyLookupBaseline(PathLookupBaseline):
+    """The path lookup, and where no ancestor qualifies, the repairer's analogues without the model (not in the
+    issue; it shows what the analogy rule alone decides, ``RepairSettings.analogy``): under the rule's nearest
+    ancestor, a (service, op) seen calling every orphan, taken as a span of that ancestor's service (when the
+    service has that op) or of the orphans' own service, the most frequent caller first. Else the plain lookup."""
+
+    def choose(self, kids: Sequence[Span], spans: Sequence[Span]) -> tuple[Op | None, str | None]:
+        if not kids:
+            return None, None
+        found = self.on_path(kids, spans)
+        if found:
+            return found
+        st = self.stats
+        parent_id = kids[0].parent_id  # the rule's nearest ancestor
+        a = next((s for s in spans if s.span_id == parent_id), None)
+        seen = [st.parent_of_one.get(op_of(k), Counter()) for k in kids]
+        both = set.intersection(*(set(c) for c in seen))
+        votes: Counter = Counter()  # callers of every orphan, else of any (as the repairer's _analogues)
+        for c in seen:
+            for (svc, name), n in c.items():
+                if both and (svc, name) not in both:
+                    continue
+                if a is not None and name in st.ops.get(a.service, {}):
+                    votes[a.service, name] += n
+                if all(k.service == svc for k in kids):
+                    votes[svc, name] += n
+        return (_most(votes), parent_id) if votes else LookupBaseline.choose(self, kids, spans)
 
 
 def lookup_baseline(train_or_stats) -> LookupBaseline:
@@ -719,6 +756,8 @@ def main() -> None:
     ap.add_argument("--unseen-calls", action="store_true",
                     help="missing-call cases only where the lost span makes a call the train split never saw "
                          "(a corpus from scripts/holdout_calls.py)")
+    ap.add_argument("--no-analogy", action="store_true",
+                    help="the model alone where no grandparent has seen the path (RepairSettings.analogy off)")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_all = time.perf_counter()
@@ -754,7 +793,9 @@ def main() -> None:
 
         lm = load_model(args.model, args.device, dtype=args.dtype)
         filler = ModelFiller(lm)
-        settings = RepairSettings() if args.confidence is None else RepairSettings(confidence=args.confidence)
+        settings = RepairSettings(analogy=not args.no_analogy)
+        if args.confidence is not None:
+            settings.confidence = args.confidence
         model = TraceRepairer(filler, settings=settings)
         rule = TraceRepairer(None, filler.catalog, settings=settings)
         dtype = str(lm.model.dtype).removeprefix("torch.")
@@ -767,15 +808,16 @@ def main() -> None:
                                           lambda adv: measure_missing_calls(missing, rule, args.batch, adv))
         l_recs = measure_lookup(missing, lookup_baseline(stats), r_outs)
         p_recs = measure_lookup(missing, PathLookupBaseline(stats), r_outs)
+        y_recs = measure_lookup(missing, AnalogyLookupBaseline(stats), r_outs)
         a_recs, a_sec = _run_with_bar("attributes: model", len(attrs),
                                       lambda adv: measure_attributes(attrs, model, args.batch, adv))
         f_recs = measure_attribute_baseline(attrs, FrequencyBaseline(stats))
         g_recs = measure_attribute_baseline(attrs, FrequencyBaseline(stats, given_parent=True))
 
-        m_sum, r_sum, l_sum, p_sum = map(missing_summary, (m_recs, r_recs, l_recs, p_recs))
+        m_sum, r_sum, l_sum, p_sum, y_sum = map(missing_summary, (m_recs, r_recs, l_recs, p_recs, y_recs))
         result |= {
             "corpus": str(corpus), "model": str(lm.path), "dtype": dtype, "device": args.device, "n": args.n,
-            "seed": args.seed, "confidence": model.settings.confidence,
+            "seed": args.seed, "confidence": model.settings.confidence, "analogy": model.settings.analogy,
             "cases": {"missing_call": len(missing), "attribute": len(attrs)},
             "rows": {
                 "model": {"missing": m_sum["all"], "missing_by_path": m_sum["by_path"],
@@ -783,6 +825,7 @@ def main() -> None:
                 "nearest ancestor": {"missing": r_sum["all"], "missing_by_path": r_sum["by_path"]},
                 "lookup": {"missing": l_sum["all"], "missing_by_path": l_sum["by_path"]},
                 "path lookup": {"missing": p_sum["all"], "missing_by_path": p_sum["by_path"]},
+                "analogy lookup": {"missing": y_sum["all"], "missing_by_path": y_sum["by_path"]},
                 "most frequent": {"attribute": summarize_attributes(f_recs)},
                 "most frequent | parent": {"attribute": summarize_attributes(g_recs)},
             },
@@ -847,7 +890,7 @@ def main() -> None:
     if args.json:
         if not args.skip_accuracy:
             result["records"] = {"missing_call": {"model": m_recs, "nearest ancestor": r_recs, "lookup": l_recs,
-                                                  "path lookup": p_recs},
+                                                  "path lookup": p_recs, "analogy lookup": y_recs},
                                  "attribute": {"model": a_recs, "most frequent": f_recs,
                                                "most frequent | parent": g_recs}}
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")

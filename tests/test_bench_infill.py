@@ -212,3 +212,34 @@ def test_unseen_call_cases_draw_only_lost_spans_making_a_call_train_never_saw(be
     assert bench.summarize_missing(recs)["accuracy"] == 0.0
     with pytest.raises(ValueError, match="stats"):
         bench.missing_call_cases(held, 6, random.Random(0), None, unseen_calls=True)
+
+
+def _client_call(i: int, caller: str, callee: tuple[str, str]) -> Trace:
+    """gw GET / -> ``caller`` handle -> ``caller`` "HTTP GET" (its client span) -> ``callee``."""
+    t = f"{i + 1:032x}"
+    return Trace([
+        _span(t, 1, None, "gw", "GET /", 0, 100),
+        _span(t, 2, 1, caller, "handle", 5, 95),
+        _span(t, 3, 2, caller, "HTTP GET", 10, 60),
+        _span(t, 4, 3, *callee, 20, 40),
+    ])  # fmt: skip
+
+
+def test_analogy_lookup_names_a_new_caller_as_a_client_span_of_its_own_service(bench):
+    # train: b's client calls c /q, a's client calls d /r; held out: a's client calling c /q (a new caller)
+    train = [_client_call(i, "b", ("c", "/q")) for i in range(3)] + [_client_call(i, "a", ("d", "/r"))
+                                                                     for i in range(3, 6)]  # fmt: skip
+    stats = bench.TrainStats.build(train)
+    held = [_client_call(i, "a", ("c", "/q")) for i in range(10, 14)]
+    cases = bench.missing_call_cases(held, 4, random.Random(0), stats, unseen_calls=True)
+    assert len(cases) == 4 and all(c.lost.name == "HTTP GET" and c.lost.service == "a" for c in cases)
+    _, rule_outs, _ = bench.measure_missing_calls(cases, TraceRepairer(None, None))
+    summary = {name: bench.summarize_missing(bench.measure_lookup(cases, lk, rule_outs))["accuracy"]
+               for name, lk in (("lookup", bench.lookup_baseline(stats)), ("path", bench.PathLookupBaseline(stats)),
+                                ("analogy", bench.AnalogyLookupBaseline(stats)))}  # fmt: skip
+    assert summary == {"lookup": 0.0, "path": 0.0, "analogy": 1.0}  # the others answer b's client span
+    # on a path train saw, the analogy lookup is the path lookup
+    seen = bench.missing_call_cases(train[:3], 3, random.Random(0), stats)
+    _, outs, _ = bench.measure_missing_calls(seen, TraceRepairer(None, None))
+    assert [r["correct"] for r in bench.measure_lookup(seen, bench.AnalogyLookupBaseline(stats), outs)] == \
+        [r["correct"] for r in bench.measure_lookup(seen, bench.PathLookupBaseline(stats), outs)]

@@ -8,6 +8,7 @@ Boutique sets; the excerpt's traces were part of neither split's validation, so 
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -181,6 +182,20 @@ def test_rules_reparent_orphans_to_the_nearest_ancestor_and_say_so():
             assert out[s.span_id] == s
 
 
+def test_orphans_with_another_systems_ids_are_re_parented_on_the_wire():
+    # Alibaba call graphs name spans by rpc id ("0.1.2"), not hex; the wire edit must hash the new parent's id
+    # as the span encoder hashed the parent's own, or the re-parented span points nowhere.
+    spans = [_span("0.1", None, "a", "GET /", 0, 100), _span("0.1.1", "0.1", "b", "call", 10, 80),
+             _span("0.1.1.1.1", "0.1.1.1", "c", "query", 20, 40)]  # "0.1.1.1" is lost  # fmt: skip
+    [r] = TraceRepairer().repair([(wire.from_spans(spans), Released())])
+    out = otlp_proto.loads(wire.encode(r.spans))
+    tree = Trace(out)
+    assert len(out) == 3 and len(tree.roots) == 1 and not tree.orphans()
+    kid = next(s for s in out if s.name == "query")
+    assert kid.parent_id == next(s.span_id for s in out if s.name == "call")
+    assert kid.attributes[MARK_METHOD] == "rule" and kid.attributes[MARK_ORIGINAL_PARENT] == "0.1.1.1"
+
+
 def test_clock_skew_is_shifted_by_jaegers_rule_with_its_subtree():
     spans = _tree()
     # c's host clock runs 30 ms early: c starts before b
@@ -243,6 +258,81 @@ def test_the_model_writes_lost_spans_back(real, filler):
     assert right >= 13, f"{right}/16 lost spans written back exactly"
 
 
+def test_where_no_grandparent_has_seen_the_path_the_nearest_one_gets_the_span(real, filler):
+    # A catalog that knows no calls by operation: every lost span sits on a path the data "never saw", so the
+    # model's confidences are its own guesses and do not choose the grandparent; the rule's parent does.
+    blind = replace(filler.catalog, op_edges={})
+    rng = random.Random(7)
+    cases = [_remove_connecting(t, rng) for t in rng.sample(real, 16)]
+    inputs = [(wire.from_spans(spans), Released()) for spans, _ in cases]
+    made = TraceRepairer(filler, blind, RepairSettings(confidence=0.0)).repair(inputs)
+    ruled = TraceRepairer(None, blind).repair([(wire.from_spans(spans), Released()) for spans, _ in cases])
+    for (spans, lost), m, r in zip(cases, made, ruled):
+        [span] = [s for s in _by_id(m).values() if s.attributes.get(MARK_SYNTHETIC)]
+        kid = next(s for s in spans if s.parent_id == lost.span_id)
+        assert span.parent_id == _by_id(r)[kid.span_id].parent_id
+
+
+def _without_call(cat: Catalog, caller: Span, callee: Span) -> Catalog:
+    """``cat`` as if training had never seen ``caller``'s operation call ``callee``'s."""
+    edges = copy.deepcopy(cat.op_edges)
+    del edges[caller.service][caller.name][callee.service][callee.name]
+    return replace(cat, op_edges=edges)
+
+
+def test_a_call_training_never_saw_is_written_by_analogy_with_other_callers(real, filler):
+    # A lost client span whose call (its operation -> the orphan's) the catalog is made to forget, while another
+    # service's same-named operation was seen making that call: a new caller, as in a held-out TrainTicket call.
+    cat = filler.catalog
+    for t in real:
+        for lost in (s for s in t.spans if s.parent_id is not None and len(t.children(s)) == 1):
+            gp, [kid] = t.by_id.get(lost.parent_id), t.children(lost)
+            if gp is None or gp.service != lost.service or kid.service == lost.service:
+                continue
+            others = {c for c in cat.op_callers(kid.service, kid.name) if c[1] == lost.name and c[0] != lost.service}
+            if others:
+                break
+        else:
+            continue
+        break
+    else:
+        pytest.fail("no lost client span with another caller of its call in the excerpt")
+    forgot = _without_call(cat, lost, kid)
+    spans = [s for s in t.spans if s.span_id != lost.span_id]
+    [r] = TraceRepairer(filler, forgot).repair([(wire.from_spans(spans), Released())])
+    [made] = [s for s in _by_id(r).values() if s.attributes.get(MARK_SYNTHETIC)]
+    assert (made.service, made.name, made.parent_id) == (lost.service, lost.name, lost.parent_id)
+    assert "by analogy" in made.attributes[MARK_DETAIL]
+    # without the analogy the model is on its own there (this model was trained on the call; only the catalog
+    # forgot it), and what it makes does not claim an analogy
+    off = TraceRepairer(filler, forgot, RepairSettings(analogy=False, confidence=0.0))
+    [r] = off.repair([(wire.from_spans(spans), Released())])
+    [made] = [s for s in _by_id(r).values() if s.attributes.get(MARK_SYNTHETIC)]
+    assert "analogy" not in made.attributes[MARK_DETAIL]
+
+
+def test_analogues_are_callers_of_every_orphan_else_of_any():
+    def call(sid, parent, service, name, start, end):
+        return _span(sid, parent, service, name, start, end)
+
+    seen = [  # gw -> a.handle -> a "HTTP GET" -> b /items ; gw -> c.handle -> c "HTTP GET" -> b /users -> b.err
+        [call("1", None, "gw", "GET /", 0, 100), call("2", "1", "a", "handle", 1, 90),
+         call("3", "2", "a", "HTTP GET", 2, 50), call("4", "3", "b", "/items", 3, 40)],
+        [call("1", None, "gw", "GET /", 0, 100), call("2", "1", "c", "handle", 1, 90),
+         call("3", "2", "c", "HTTP GET", 2, 50), call("4", "3", "b", "/users", 3, 40),
+         call("5", "4", "b", "error", 4, 30)],
+    ]  # fmt: skip
+    rep = TraceRepairer(None, Catalog.from_traces([Trace(t) for t in seen]))
+    handle, users, err = call("2", "1", "a", "handle", 1, 90), call("9", "x", "b", "/users", 3, 40), \
+        call("8", "x", "b", "error", 4, 30)
+    # a new caller of b /users: a client span of a's own, named as c's
+    assert rep._allowed_pairs(handle, [users]) == ()
+    assert rep._analogues(handle, [users]) == (("a", "HTTP GET"),)
+    # a lost server span of b whose orphans were never seen together: callers of either
+    assert rep._analogues(handle, [call("7", "x", "b", "/items", 3, 40), err]) == (("a", "HTTP GET"), ("b", "/users"))
+    assert rep._analogues(None, [users]) == ()
+
+
 def test_a_lost_root_is_written_by_the_model(real, filler):
     t = real[0]
     spans = [s for s in t.spans if s.parent_id is not None]
@@ -293,6 +383,44 @@ def test_missing_service_and_name_are_written_by_the_model(real, filler):
         if got.attributes[MARK_METHOD] == "model":
             assert got.resource.attributes["service.name"] == got.service
     assert right >= 10, f"{right}/{total}"
+
+
+def _foreign(trace: Trace) -> list[Span]:
+    """The trace as another system would send it: the same shape and timing, services the model never saw
+    (operation names kept: many, like ``HTTP GET``, are common to every system)."""
+    return [replace(s, service=f"acme-{s.service}", resource=Resource({"service.name": f"acme-{s.service}"}))
+            for s in trace.spans]  # fmt: skip
+
+
+def test_the_model_writes_nothing_into_a_system_it_never_saw(real, filler):
+    # Even at confidence 0: what it would write comes from TrainTicket, so it is not asked.
+    rng = random.Random(3)
+    rep = TraceRepairer(filler, settings=RepairSettings(confidence=0.0))
+    lost_cases = [_remove_connecting(Trace(_foreign(t)), rng) for t in rng.sample(real, 4)]
+    named = []
+    for t in rng.sample(real, 4):
+        spans = _foreign(t)
+        target = rng.choice([s for s in spans if s.parent_id is not None])
+        masked = (replace(target, name="") if len(named) % 2 else
+                  replace(target, service="unknown_service", resource=Resource({"service.name": "unknown_service"})))
+        named.append(([masked if s.span_id == target.span_id else s for s in spans], target))
+    results = rep.repair([(wire.from_spans(spans), Released()) for spans, _ in lost_cases + named])
+    for (spans, lost), r in zip(lost_cases, results[:4]):
+        out = _by_id(r)
+        assert not any(s.attributes.get(MARK_SYNTHETIC) for s in out.values())
+        for k in (s for s in spans if s.parent_id == lost.span_id):
+            got = out[k.span_id]
+            assert got.attributes[MARK_METHOD] == "rule" and got.parent_id != lost.span_id
+            assert "not in the model's catalog" in got.attributes[MARK_DETAIL]
+    for (spans, target), r in zip(named, results[4:]):
+        got = _by_id(r)[target.span_id]
+        assert got.attributes[MARK_METHOD] == "none", got.attributes
+        detail = got.attributes[MARK_DETAIL]
+        assert "left as is" in detail and "not in the model's catalog" in detail
+        assert (got.service, got.name) == next((s.service, s.name) for s in spans if s.span_id == target.span_id)
+    # the same traces in the system it knows are repaired by the model
+    [r] = rep.repair([(wire.from_spans(_remove_connecting(rng.choice(real), rng)[0]), Released())])
+    assert any(s.attributes.get(MARK_SYNTHETIC) for s in _by_id(r).values())
 
 
 def test_catalog_knows_calls_by_operation():

@@ -194,6 +194,33 @@ def test_infill_examples_mix_fields_and_connecting_spans(real, tok):
         assert tok.decode(*tok.encode(prompt)) == prompt
 
 
+def test_shuffled_services_keep_the_trace_and_move_only_names(real):
+    t = max(real, key=lambda t: len({s.service for s in t.spans}))
+    moved = D.shuffle_services(t, random.Random(4))
+    to = {a.service: b.service for a, b in zip(t.spans, moved.spans)}
+    assert sorted(to) == sorted(to.values()) and to != {k: k for k in to}  # a permutation, here not the identity
+    for a, b in zip(t.spans, moved.spans):
+        assert b.resource.attributes["service.name"] == b.service == to[a.service]
+        assert (b.span_id, b.parent_id, b.name, b.start_ns, b.end_ns) == (a.span_id, a.parent_id, a.name, a.start_ns,
+                                                                           a.end_ns)  # fmt: skip
+
+
+def test_relabelled_lost_span_examples_take_the_service_from_the_shuffled_trace(real):
+    # one trace at a time with the same seed: the lost span is drawn before the relabelling
+    plain = [ex for i, t in enumerate(real) for ex in D.infill_examples([t], random.Random(i), field_per_trace=0)]
+    mixed = [ex for i, t in enumerate(real)
+             for ex in D.infill_examples([t], random.Random(i), field_per_trace=0, relabel_prob=1.0)]  # fmt: skip
+    assert len(plain) == len(mixed) == len(real)
+    differ = 0
+    for (p0, a0), (p1, a1) in zip(plain, mixed):
+        c0, c1 = enc.decode_call(a0), enc.decode_call(a1)
+        # the same lost span: only the services' names may differ, and the answer names one of the prompt's
+        assert (c0.operation, c0.start, c0.duration) == (c1.operation, c1.start, c1.duration)
+        assert f"svc={enc.render_str(c1.service)}" in p1
+        differ += p0 != p1
+    assert differ > len(real) // 2
+
+
 @FAST
 @given(traces(min_spans=2, max_spans=7, rich=False), st.integers(0, 2**32))
 def test_infill_on_generated_traces(trace, seed):

@@ -45,6 +45,7 @@ class SpanQuery:
     end: tuple[int, int]
     root: bool = False
     pairs: tuple[tuple[str, str], ...] = ()  # (service, operation) it may be, when known by operation; else any op
+    analogy: bool = False  # ``pairs`` are analogues (RepairSettings.analogy), not what the data saw on this path
 
 
 @dataclass(frozen=True)

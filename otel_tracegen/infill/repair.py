@@ -5,9 +5,11 @@ For each trace (``TraceRepairer.repair``, many traces per call so the model answ
 1. **Lost spans** (``orphan``, ``missing_root`` findings). The orphans of one missing id had one lost parent.
    Candidate grandparents are the spans whose window holds the orphans' earliest start (nearest first, at most
    ``max_candidates``), else the root. For each, the model writes the lost span into that candidate's layer
-   (:class:`~otel_tracegen.infill.filler.SpanQuery`); the answer with the highest confidence wins. The made
-   span takes a new id (derived from the trace id and the lost id, so a redelivered batch makes the same span),
-   the orphans are re-pointed to it, and it sits inside the grandparent's window and around its children.
+   (:class:`~otel_tracegen.infill.filler.SpanQuery`); the answer with the highest confidence wins. Where the
+   data has seen the path through no candidate, only the nearest is asked. The made span takes a new id
+   (derived from the trace id and the lost id, so a redelivered batch makes the same span), the orphans are
+   re-pointed to it, and it sits inside the grandparent's window and around its children. Nothing is asked
+   where the orphans' or the grandparent's services are not in the model's catalog (another system's).
    Below the confidence threshold nothing is made: the orphans are re-parented to the nearest ancestor by time
    (the first candidate), the plain rule, and say so. A lost root below the threshold is left lost (there is no
    ancestor to re-parent to) and its orphans say that too.
@@ -65,6 +67,9 @@ class RepairSettings:
 
     confidence: float = 0.5
     max_candidates: int = 3
+    # Where the data never saw the path through any grandparent: let the lost span be what other callers of the
+    # orphans were (as a span of the grandparent's service, or of the orphans' own): see _analogues.
+    analogy: bool = True
     detect: d.DetectSettings = field(default_factory=d.DetectSettings)
 
 
@@ -178,6 +183,7 @@ class TraceRepairer:
         self.filler = filler
         self.catalog = catalog if catalog is not None else (filler.catalog if filler is not None else None)
         self.settings = settings or RepairSettings()
+        self._operations: set[str] | None = None  # every operation name the catalog has, built when first asked
 
     # --- the whole pass ---
 
@@ -233,41 +239,54 @@ class TraceRepairer:
                     cands: list[Span | None] = [None]
                 else:
                     cands = self._candidates(w, kids)
-                queries = [self._span_query(w, c, kids) for c in cands] if self.filler is not None else []
                 nearest = cands[0] if cands else None
+                # The model writes a lost span only between services its catalog knows: what it would write
+                # between services of another system comes from the system it was trained on.
+                foreign = self._foreign(kids)
+                cands = [] if foreign else [c for c in cands if not self._foreign([c])]
+                if not cands and not foreign and nearest is not None:
+                    foreign = self._foreign([nearest])
+                queries = [self._span_query(w, c, kids) for c in cands] if self.filler is not None else []
                 if any(q.pairs for q in queries):
                     # Only grandparents through which the data has seen this path can win (see below): the model
                     # need not answer for the others.
                     keep = [i for i, q in enumerate(queries) if q.pairs]
                     cands, queries = [cands[i] for i in keep], [queries[i] for i in keep]
-                jobs.append((w, finding, cands, nearest, kids, queries))
-        flat = [q for *_, qs in jobs for q in qs]
+                else:
+                    # Through none of them: the model's confidences would all be its own guesses, too close to
+                    # rank grandparents by. The nearest (the rule's parent) is asked what the lost span was,
+                    # among the analogues where there are some.
+                    cands, queries = cands[:1], queries[:1]
+                    like = self._analogues(cands[0], kids) if queries and self.settings.analogy else ()
+                    if like:
+                        queries = [replace(queries[0], pairs=like, analogy=True)]
+                jobs.append((w, finding, cands, nearest, kids, queries, foreign))
+        flat = [q for *_, qs, _ in jobs for q in qs]
         answers = self.filler.fill_spans(flat) if flat else []
         k = 0
-        for w, finding, cands, nearest, kids, queries in jobs:
+        for w, finding, cands, nearest, kids, queries, foreign in jobs:
             mine = answers[k : k + len(queries)]
             k += len(queries)
             # A grandparent through which the data has seen this path beats one it has not; then the model decides.
             best = max(range(len(mine)), key=lambda i: (bool(queries[i].pairs), mine[i].confidence), default=None)
             lost = finding.missing_parent
+            conf = mine[best].confidence if best is not None else None
+            why = (f"the model was unsure ({conf:.2f})" if conf is not None
+                   else self._foreign_detail(foreign) if foreign and self.filler is not None else "no model")
             if best is not None and mine[best].confidence >= self.settings.confidence:
                 self._make(w, finding, cands[best], kids, queries[best], mine[best])
             elif finding.reason == d.ORPHAN and nearest is not None:
                 near = nearest
-                conf = mine[best].confidence if best is not None else None
                 for s in kids:
                     w.set_parent(s.span_id, near.span_id)
                     w.mark(s.span_id, d.ORPHAN, RULE, **{
                         MARK_DETAIL: f"parent {lost} lost; re-parented to the nearest ancestor by time "
-                        f"{near.span_id} ({near.service} {near.name})"
-                        + (f"; the model was unsure ({conf:.2f})" if conf is not None else ""),
+                        f"{near.span_id} ({near.service} {near.name})" + (f"; {why}" if why != "no model" else ""),
                         **({MARK_CONFIDENCE: round(conf, 4)} if conf is not None else {})})  # fmt: skip
             else:
-                conf = mine[best].confidence if best is not None else None
                 for s in kids:
                     w.mark(s.span_id, finding.reason, NONE, **{
-                        MARK_DETAIL: f"parent {lost} lost and not made"
-                        + (f": the model was unsure ({conf:.2f})" if conf is not None else ": no model"),
+                        MARK_DETAIL: f"parent {lost} lost and not made: {why}",
                         **({MARK_CONFIDENCE: round(conf, 4)} if conf is not None else {})})  # fmt: skip
 
     def _candidates(self, w: _Work, kids: list[Span]) -> list[Span | None]:
@@ -301,6 +320,26 @@ class TraceRepairer:
                 out = [root]
         return out
 
+    def _foreign(self, spans: Sequence[Span | None]) -> tuple[str, ...]:
+        """The services of ``spans`` that the model's catalog has never seen. The model knows nothing of them:
+        a name it wrote for them would be one from the system it was trained on."""
+        cat = self.catalog
+        if cat is None:
+            return ()
+        return tuple(sorted({s.service for s in spans if s is not None and s.service not in cat.operations}))
+
+    def _known_operations(self) -> set[str]:
+        if self._operations is None:
+            self._operations = {o for ops in (self.catalog.operations.values() if self.catalog else ()) for o in ops}
+        return self._operations
+
+    @staticmethod
+    def _foreign_detail(services: Sequence[str], noun: str = "service") -> str:
+        more = f" and {len(services) - 3} more" if len(services) > 3 else ""
+        shown = ", ".join(repr(s) for s in services[:3]) + more
+        plural = "s" if len(services) > 1 else ""
+        return f"{noun}{plural} {shown} not in the model's catalog (not in its training data)"
+
     def _allowed_services(self, parent: Span | None, kids: list[Span]) -> tuple[str, ...]:
         """Services the lost span may have: seen called by the parent's service (an entry service for a lost root)
         and seen calling each orphan's service; each condition is dropped if nothing meets it."""
@@ -332,6 +371,24 @@ class TraceRepairer:
             if not pool:
                 break
         return tuple(sorted(pool))
+
+    def _analogues(self, parent: Span | None, kids: list[Span]) -> tuple[tuple[str, str], ...]:
+        """What the lost span may be on a path the data never saw: the (service, operation) pairs that were seen
+        calling every orphan's operation (else any of them), taken as a span of the grandparent's service (a client span making the
+        call the way other callers make it: a new caller) or as one of the orphans' own service (their server
+        span, reached from a new caller). A held-out call in TrainTicket is of the first kind: a lost
+        ``preserve-other HTTP GET`` to ``user-service``, which training saw called only by ``preserve HTTP GET``."""
+        cat = self.catalog
+        if cat is None or parent is None or not kids:
+            return ()
+        seen = [set(cat.op_callers(k.service, k.name)) for k in kids]
+        # Callers of every orphan, else of any (the orphans' set was never seen together: one of them may be an
+        # error handler or a retry that the usual caller did not make).
+        callers = set.intersection(*seen) or set.union(*seen)
+        own = cat.operations.get(parent.service, {})
+        out = {(parent.service, o) for _, o in callers if o in own}
+        out |= {(s, o) for s, o in callers if all(k.service == s for k in kids)}
+        return tuple(sorted(out))
 
     def _span_query(self, w: _Work, parent: Span | None, kids: list[Span]) -> SpanQuery:
         if parent is None:
@@ -389,7 +446,9 @@ class TraceRepairer:
         end = min(max(end, max(k.end_ns for k in kids), start), (1 << 64) - 1)
         attrs = {MARK_SYNTHETIC: True, MARK_REPAIR: finding.reason, MARK_METHOD: MODEL,
                  MARK_CONFIDENCE: round(answer.confidence, 4), MARK_REPLACES: lost,
-                 MARK_DETAIL: f"lost span {lost} written by the model for {len(kids)} orphaned span(s)"}  # fmt: skip
+                 MARK_DETAIL: f"lost span {lost} written by the model for {len(kids)} orphaned span(s)"
+                 + ("; a call path the data never saw, named by analogy with the calls that other callers of "
+                    "the orphans made" if query.analogy else "")}  # fmt: skip
         span = Span(trace_id, sid, parent.span_id if parent is not None else None, call.service, call.operation,
                     start, end, call.kind, Status(call.status), attrs,
                     Resource({"service.name": call.service, MARK_SYNTHETIC: True}), SCOPE)  # fmt: skip
@@ -458,11 +517,25 @@ class TraceRepairer:
                         w.mark(sid, d.MISSING_ATTRIBUTE, NONE, **{MARK_DETAIL: f"{x.detail}; left as is (no model, "
                                                                   "or the trace is not whole)"})
                         continue
-                    i, j = where[sid]
-                    prompt, _ = field_infill_example(steps[i], j, key)
                     s = w.spans[sid]
                     parent = w.spans.get(s.parent_id) if s.parent_id else None
                     kids = [c for c in w.spans.values() if c.parent_id == sid]
+                    # Only in a place the catalog knows: an operation of a service it has seen; a service for an
+                    # operation it has seen, beside a neighbour of a service it has seen. Elsewhere the model's
+                    # answer would be a name from the system it was trained on.
+                    neighbours = [n for n in (parent, *kids) if n is not None]
+                    unknown = None
+                    if key == "op" and self._foreign([s]):
+                        unknown = self._foreign_detail(self._foreign([s]))
+                    elif key == "svc" and s.name not in self._known_operations():
+                        unknown = self._foreign_detail([s.name], "operation")
+                    elif key == "svc" and neighbours and all(self._foreign([n]) for n in neighbours):
+                        unknown = self._foreign_detail(self._foreign(neighbours))
+                    if unknown:
+                        w.mark(sid, d.MISSING_ATTRIBUTE, NONE, **{MARK_DETAIL: f"{x.detail}; left as is: {unknown}"})
+                        continue
+                    i, j = where[sid]
+                    prompt, _ = field_infill_example(steps[i], j, key)
                     pairs = self._allowed_pairs(parent, kids, root=parent is None)
                     if key == "svc":  # the span's name is known: services seen doing it in this place
                         seen = tuple(sorted({a for a, o in pairs if o == s.name}))

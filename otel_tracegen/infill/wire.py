@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..formats import otlp_json, otlp_proto
-from ..formats._otlp_common import length_delimited, paused_gc, read_varint, varint
+from ..formats._otlp_common import length_delimited, paused_gc, read_varint, span_id_hex, varint
 from ..report import ReadReport
 from ..trace import SERVICE_NAME, AttrValue, Span
 
@@ -201,12 +201,13 @@ def edit_span(
     set_attributes: Mapping[str, AttrValue] | None = None,
 ) -> bytes:
     """``raw`` (a ``Span`` message) with the given fields replaced and ``set_attributes`` set (an attribute of the
-    same key is replaced); every other field is kept as it came. ``parent_id`` is hex."""
+    same key is replaced); every other field is kept as it came. ``parent_id`` is a span id as the spans carry it:
+    hex, or another system's id (an Alibaba rpc id), hashed as the span encoder hashes it."""
     drop = set()
     new: list[bytes] = []
     if parent_id is not None:
         drop.add(4)
-        new.append(length_delimited(b"\x22", bytes.fromhex(parent_id)))
+        new.append(length_delimited(b"\x22", bytes.fromhex(span_id_hex(parent_id))))
     if name is not None:
         drop.add(5)
         new.append(length_delimited(b"\x2a", name.encode("utf-8", "replace")))

@@ -38,7 +38,7 @@ import sys
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import encoding as enc
@@ -258,9 +258,16 @@ def infill_examples(
     fields: Sequence[str] = INFILL_FIELDS,
     field_per_trace: int = 1,
     span_per_trace: int = 1,
+    relabel_prob: float = 0.0,
 ) -> Iterator[tuple[str, str]]:
     """Per encodable trace: ``field_per_trace`` masked-field examples (a random step, call and field) and
-    ``span_per_trace`` missing-span examples (a random span, preferring connecting ones: a parent and children)."""
+    ``span_per_trace`` missing-span examples (a random span, preferring connecting ones: a parent and children).
+
+    ``relabel_prob``: the share of missing-span examples drawn from the trace with its services shuffled among
+    themselves (:func:`shuffle_services`). There the lost span's service can only be read from where it sits
+    (its siblings', its parent's, its children's), not recalled from the names around it. A lookup-like
+    adapter recalls "who was seen calling this child"; for a call no training trace made, that is another
+    service, while the span's place says whose it is."""
     for t in traces:
         steps = _steps(t)
         if steps is None:
@@ -273,8 +280,23 @@ def infill_examples(
             connecting = [s for s in t.spans if s.parent_id is not None and t.children(s)]
             pool = connecting or [s for s in t.spans if s.parent_id is not None] or list(t.spans)
             for _ in range(span_per_trace):
-                ex = enc.encode_span_infill(t, rng.choice(pool))
+                lost = rng.choice(pool)
+                if relabel_prob and rng.random() < relabel_prob:
+                    ex = enc.encode_span_infill(shuffle_services(t, rng), lost.span_id)
+                else:
+                    ex = enc.encode_span_infill(t, lost)
                 yield ex.prompt, ex.target
+
+
+def shuffle_services(trace: Trace, rng: random.Random) -> Trace:
+    """``trace`` with its services permuted among themselves (each span's ``service.name`` too): the same
+    shape, timing and operations, the services' names no longer telling which they are."""
+    names = sorted({s.service for s in trace.spans})
+    moved = names[:]
+    rng.shuffle(moved)
+    to = dict(zip(names, moved))
+    return Trace([replace(s, service=to[s.service], resource=replace(
+        s.resource, attributes={**s.resource.attributes, "service.name": to[s.service]})) for s in trace.spans])
 
 
 # --- a split's examples, rendered in parallel -------------------------------------------------------------------
@@ -298,6 +320,7 @@ class StageRender:
     passes: int = 1
     stats: InstructionStats | None = None
     plain_prob: float = 0.0  # instruct: share of uninstructed traces whose plain steps join the mix
+    relabel_prob: float = 0.0  # infill: share of lost-span examples with the services shuffled (infill_examples)
 
     def examples(self, traces: Sequence[Trace], rng: random.Random) -> Iterator[Any]:
         if self.stage == "pretrain":
@@ -305,7 +328,7 @@ class StageRender:
         if self.stage == "instruct":
             return instruct_examples(traces, rng, stats=self.stats or InstructionStats(), plain_prob=self.plain_prob)
         if self.stage == "infill":
-            return infill_examples(traces, rng)
+            return infill_examples(traces, rng, relabel_prob=self.relabel_prob)
         if self.stage == "steps":  # the plain steps, for building a vocabulary
             return step_texts(traces)
         raise ValueError(f"unknown stage {self.stage!r}; expected pretrain, instruct, infill or steps")

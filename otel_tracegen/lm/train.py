@@ -86,6 +86,10 @@ class TrainConfig:
     instruct_plain_prob: float = field(default=0.5, metadata={
         "help": "instruct: share of traces without an instruction whose plain steps (full conditions, bookkeeping) "
                 "are trained on too, so the adapter also follows calls/depth"})
+    infill_relabel_prob: float = field(default=0.0, metadata={
+        "help": "infill: share of lost-span examples whose services are shuffled among the trace's own, so the "
+                "adapter reads a lost span's service from its place (siblings, parent) instead of recalling who was "
+                "seen calling its children"})
     pack_order: str = field(default="shuffled", metadata={
         "help": "pretrain, flat: pack examples in random order (shuffled) or in corpus order (corpus: how the shipped model "
                 "of 2026-11-23 was trained; its blocks leak neighbouring steps into each step's context)"})
@@ -113,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
         if not (0.0 <= self.instruct_plain_prob <= 1.0):
             raise ValueError(f"TrainConfig.instruct_plain_prob must be in [0, 1], got {self.instruct_plain_prob!r}")
+        if not (0.0 <= self.infill_relabel_prob <= 1.0):
+            raise ValueError(f"TrainConfig.infill_relabel_prob must be in [0, 1], got {self.infill_relabel_prob!r}")
         if not (0.0 <= self.drop_prob <= 1.0):
             raise ValueError(f"TrainConfig.drop_prob must be in [0, 1], got {self.drop_prob!r}")
         if not (0.0 <= self.flat_drop_prob <= 1.0):
@@ -192,7 +198,7 @@ def make_split(stage: str, traces, tokenizer, block: int, cfg: TrainConfig, seed
     else:
         job = data.StageRender(stage, seed=seed, drop_prob=cfg.drop_prob,
                                passes=cfg.text_passes if stage == "pretrain" else 1, stats=stats,
-                               plain_prob=cfg.instruct_plain_prob)
+                               plain_prob=cfg.instruct_plain_prob, relabel_prob=cfg.infill_relabel_prob)
     if hf:  # render in the workers, tokenize here in one batched call of the (Rust) tokenizer
         items = data.render(job, traces, workers=cfg.workers)
         if stage == "pretrain" and cfg.pack_order == "shuffled":
