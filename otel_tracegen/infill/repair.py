@@ -374,10 +374,11 @@ class TraceRepairer:
 
     def _analogues(self, parent: Span | None, kids: list[Span]) -> tuple[tuple[str, str], ...]:
         """What the lost span may be on a path the data never saw: the (service, operation) pairs that were seen
-        calling every orphan's operation (else any of them), taken as a span of the grandparent's service (a client span making the
-        call the way other callers make it: a new caller) or as one of the orphans' own service (their server
-        span, reached from a new caller). A held-out call in TrainTicket is of the first kind: a lost
-        ``preserve-other HTTP GET`` to ``user-service``, which training saw called only by ``preserve HTTP GET``."""
+        calling every orphan's operation (else any of them), taken as a span of the grandparent's service (a
+        client span making the call as other callers make it: a new caller) or as one of the orphans' own service
+        (their server span, reached from a new caller). A held-out call in TrainTicket is of the first kind: a
+        lost ``preserve-other HTTP GET`` to ``user-service``, which training saw called only by
+        ``preserve HTTP GET``."""
         cat = self.catalog
         if cat is None or parent is None or not kids:
             return ()
