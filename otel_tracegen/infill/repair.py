@@ -183,7 +183,6 @@ class TraceRepairer:
         self.filler = filler
         self.catalog = catalog if catalog is not None else (filler.catalog if filler is not None else None)
         self.settings = settings or RepairSettings()
-        self._operations: set[str] | None = None  # every operation name the catalog has, built when first asked
 
     # --- the whole pass ---
 
@@ -243,7 +242,7 @@ class TraceRepairer:
                 # The model writes a lost span only between services its catalog knows: what it would write
                 # between services of another system comes from the system it was trained on.
                 foreign = self._foreign(kids)
-                cands = [] if foreign else [c for c in cands if not self._foreign([c])]
+                cands = [] if foreign else [c for c in cands if c is None or self._knows(c.service)]
                 if not cands and not foreign and nearest is not None:
                     foreign = self._foreign([nearest])
                 queries = [self._span_query(w, c, kids) for c in cands] if self.filler is not None else []
@@ -323,15 +322,11 @@ class TraceRepairer:
     def _foreign(self, spans: Sequence[Span | None]) -> tuple[str, ...]:
         """The services of ``spans`` that the model's catalog has never seen. The model knows nothing of them:
         a name it wrote for them would be one from the system it was trained on."""
-        cat = self.catalog
-        if cat is None:
-            return ()
-        return tuple(sorted({s.service for s in spans if s is not None and s.service not in cat.operations}))
+        return tuple(sorted({s.service for s in spans if s is not None and not self._knows(s.service)}))
 
-    def _known_operations(self) -> set[str]:
-        if self._operations is None:
-            self._operations = {o for ops in (self.catalog.operations.values() if self.catalog else ()) for o in ops}
-        return self._operations
+    def _knows(self, service: str) -> bool:
+        """Whether the catalog has seen ``service`` (any service, without a catalog: nothing to hold it to)."""
+        return self.catalog is None or service in self.catalog.operations
 
     @staticmethod
     def _foreign_detail(services: Sequence[str], noun: str = "service") -> str:
@@ -526,11 +521,11 @@ class TraceRepairer:
                     # answer would be a name from the system it was trained on.
                     neighbours = [n for n in (parent, *kids) if n is not None]
                     unknown = None
-                    if key == "op" and self._foreign([s]):
-                        unknown = self._foreign_detail(self._foreign([s]))
-                    elif key == "svc" and s.name not in self._known_operations():
+                    if key == "op" and not self._knows(s.service):
+                        unknown = self._foreign_detail([s.service])
+                    elif key == "svc" and self.catalog and s.name not in self.catalog.operation_names():
                         unknown = self._foreign_detail([s.name], "operation")
-                    elif key == "svc" and neighbours and all(self._foreign([n]) for n in neighbours):
+                    elif key == "svc" and neighbours and not any(self._knows(n.service) for n in neighbours):
                         unknown = self._foreign_detail(self._foreign(neighbours))
                     if unknown:
                         w.mark(sid, d.MISSING_ATTRIBUTE, NONE, **{MARK_DETAIL: f"{x.detail}; left as is: {unknown}"})

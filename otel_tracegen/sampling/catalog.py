@@ -288,6 +288,12 @@ class Catalog:
             self._op_callers = inverse
         return self._op_callers.get((service, operation), set())
 
+    def operation_names(self) -> set[str]:
+        """Every operation name of every service (built once, on the first call)."""
+        if not hasattr(self, "_operation_names"):
+            self._operation_names = {o for ops in self.operations.values() for o in ops}
+        return self._operation_names
+
     def calls(self, src: str, dst: str) -> bool:
         return dst in self.edges.get(src, {})
 
