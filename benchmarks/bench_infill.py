@@ -670,8 +670,19 @@ def _drive(port: int, bodies: list[bytes], sink: CountingSink, senders: int) -> 
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
     call = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
     start = time.perf_counter()
+    def send(body: bytes) -> None:  # as an OTLP exporter does: a pushback with retry advice is sent again
+        for _ in range(1000):
+            try:
+                call(body, timeout=120)
+                return
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                time.sleep(0.05)
+        raise RuntimeError("the receiver kept refusing a request")
+
     with futures.ThreadPoolExecutor(senders) as pool:
-        list(pool.map(lambda b: call(b, timeout=120), bodies))
+        list(pool.map(send, bodies))
     deadline = time.time() + 300
     while sink.spans < target and time.time() < deadline:
         time.sleep(0.005)

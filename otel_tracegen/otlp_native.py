@@ -73,6 +73,14 @@ class ExportOutcome:
     failed_spans: int
     error: str | None = None
     retryable: bool = False  # the failure was transient (the retries ran out, or shutdown came): sending again may work
+    status: str | None = None  # the refusal: a gRPC status code name ("RESOURCE_EXHAUSTED") or an HTTP status ("413")
+    retry_advised: bool = False  # the server said when to try again (gRPC RetryInfo, HTTP Retry-After)
+
+    @property
+    def too_large(self) -> bool:
+        """The downstream refused the request for its size: RESOURCE_EXHAUSTED without retry advice (the OTLP
+        spec's sign that retrying cannot help; gRPC's message-size limit answers so) or HTTP 413."""
+        return self.status == "413" or (self.status == "RESOURCE_EXHAUSTED" and not self.retry_advised)
 
 
 def _parse_headers(text: str) -> dict[str, str]:
@@ -104,6 +112,10 @@ class GrpcConfig:
     compression: str | None  # "gzip" or None
     tls_files: tuple[str | None, str | None, str | None] = (None, None, None)  # CA, client key, client cert
     retryable: frozenset[str] = GRPC_RETRYABLE
+    # The OTLP spec retries RESOURCE_EXHAUSTED only when the server sends RetryInfo; the SDK retries it always
+    # (the default here, so that generate behaves as the SDK). The infill forwarder follows the spec: a request over
+    # the downstream's size limit gets this code without RetryInfo, and resending it unchanged cannot succeed.
+    retry_exhausted_without_advice: bool = True
 
 
 def _grpc_tls_files(cert_var: str, key_var: str, client_cert_var: str, provider_var: str,
@@ -244,11 +256,15 @@ class GrpcExporter:
                     delay = parsed if parsed is not None else delay
                 if code == grpc.StatusCode.UNAVAILABLE and attempt == 0:
                     self._reconnect(error.channel)
-                if (code not in self._retryable or attempt + 1 == MAX_ATTEMPTS or delay > deadline - time.time()
+                retryable = code in self._retryable and not (
+                    code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_info is None
+                    and not cfg.retry_exhausted_without_advice)
+                if (not retryable or attempt + 1 == MAX_ATTEMPTS or delay > deadline - time.time()
                         or self._stopping.is_set()):
                     _logger.error("Failed to export traces to %s, error code: %s, error details: %s",
                                   cfg.endpoint, code, error.details())  # fmt: skip
-                    return ExportOutcome(0, spans, f"{code.name}: {error.details()}", code in self._retryable)
+                    return ExportOutcome(0, spans, f"{code.name}: {error.details()}", retryable, code.name,
+                                         retry_info is not None)  # fmt: skip
                 _logger.warning("Transient error %s encountered while exporting traces to %s, retrying in %.2fs.",
                                 code, cfg.endpoint, delay)  # fmt: skip
                 if self._stopping.wait(delay):
@@ -403,6 +419,7 @@ class HttpExporter:
             status = response.status_code if response is not None else None
             if status is not None and 200 <= status < 300:
                 return _outcome(spans, _http_partial_success(response))
+            after = None
             if status is not None:
                 retryable = status in HTTP_RETRYABLE
                 if retryable and (after := _retry_after(response.headers.get("retry-after"))) is not None:
@@ -414,7 +431,8 @@ class HttpExporter:
             if (not retryable or attempt + 1 == MAX_ATTEMPTS or delay > deadline - time.time()
                     or self._stopping.is_set()):
                 _logger.error("Failed to export spans batch: %s", reason)
-                return ExportOutcome(0, spans, reason, retryable)
+                return ExportOutcome(0, spans, reason, retryable, str(status) if status is not None else None,
+                                     after is not None)  # fmt: skip
             _logger.warning("Transient error %s encountered while exporting span batch, retrying in %.2fs.",
                             reason, delay)  # fmt: skip
             if self._stopping.wait(delay):

@@ -1,10 +1,10 @@
-"""The infill receiver's durable queue: round trips, restarts, rotation, damaged files, a real kill -9, threads."""
+"""The infill receiver's durable queue (SQLite): round trips, restarts, locking, a real kill -9, threads."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -18,13 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from otel_tracegen.infill import queue as queue_mod
-from otel_tracegen.infill.queue import HEADER, DiskQueue, QueueClosed, QueueFull, QueueLocked
+from otel_tracegen.infill.queue import DiskQueue, QueueClosed, QueueFull, QueueLocked
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def segments(directory: Path, name: str = "queue") -> list[Path]:
-    return sorted(directory.glob(f"{name}-*.seg"))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def test_round_trip_and_acks(tmp_path):
@@ -32,13 +29,15 @@ def test_round_trip_and_acks(tmp_path):
         seqs = [q.append(p) for p in (b"a", b"bb", b"")]
         assert seqs == [0, 1, 2]
         assert q.append_many([b"c", bytearray(b"d"), memoryview(b"e")]) == [3, 4, 5]
-        assert q.pending() == [(0, b"a"), (1, b"bb"), (2, b""), (3, b"c"), (4, b"d"), (5, b"e")]
+        assert q.append_many([]) == []
+        assert list(q.pending()) == [(0, b"a"), (1, b"bb"), (2, b""), (3, b"c"), (4, b"d"), (5, b"e")]
         assert q.next() == (0, b"a")
         assert q.next(after=0) == (1, b"bb")
         assert q.next(after=5) is None
         q.ack(1)
         q.ack(1)  # idempotent
         q.ack_many([0, 3, 3])
+        q.ack_many([])
         assert q.next() == (2, b"")
         assert q.next(after=2) == (4, b"d")
         assert q.pending_seqs() == [2, 4, 5]
@@ -51,32 +50,50 @@ def test_round_trip_and_acks(tmp_path):
         assert q.pending_seqs() == [2, 4, 5]
         assert len(q) == 3
         s = q.stats()
-        assert (s.records, s.bytes, s.appended, s.acked, s.recovered, s.truncated_bytes) == (3, 2, 6, 3, 0, 0)
+        assert (s.records, s.bytes, s.appended, s.acked, s.recovered) == (3, 2, 6, 3, 0)
         with pytest.raises(TypeError):
             q.append("text")  # type: ignore[arg-type]
+        assert "pending=3" in repr(q) and q.name == "queue" and q.directory == str(tmp_path)
     assert q.closed
-    with pytest.raises(QueueClosed):
-        q.append(b"x")
+    for use in (lambda: q.append(b"x"), lambda: q.ack(2), q.pending, q.pending_seqs, lambda: q.get(2)):
+        with pytest.raises(QueueClosed):
+            use()
+    assert q.next() is None
+    assert q.stats().records == 3  # usable after close
     q.close()  # idempotent
 
 
-def test_append_fsyncs_once_per_call(tmp_path, monkeypatch):
-    calls = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+def _statements(q: DiskQueue) -> list[str]:
+    seen: list[str] = []
+    q._db.set_trace_callback(seen.append)
+    return seen
+
+
+def _commits(statements: list[str]) -> list[str]:
+    """The synchronous level in effect at each COMMIT."""
+    level, out = None, []
+    for s in statements:
+        if s.startswith("PRAGMA synchronous="):
+            level = s.split("=")[1]
+        elif s == "COMMIT":
+            out.append(level)
+    return out
+
+
+def test_one_durable_commit_per_append_and_lazy_acks(tmp_path):
     with DiskQueue(tmp_path) as q:
-        q.append(b"first")  # creates the segment: file + directory
-        calls.clear()
+        seen = _statements(q)
         q.append(b"x")
-        assert len(calls) == 1
-        calls.clear()
         q.append_many([b"p%d" % i for i in range(50)])
-        assert len(calls) == 1
-    calls.clear()
+        q.ack_many(range(10))
+        q.ack(20)
+        q.append(b"y")
+        assert _commits(seen) == ["FULL", "FULL", "NORMAL", "NORMAL", "FULL"]  # the first PRAGMA sets FULL
     with DiskQueue(tmp_path, fsync=False) as q:
+        seen = _statements(q)
         q.append_many([b"y", b"z"])
         q.ack(0)
-    assert calls == []
+        assert len(_commits(seen)) == 2 and not any("FULL" in s for s in seen)
 
 
 def test_restart_keeps_unacked_and_continues_seqs(tmp_path):
@@ -85,227 +102,39 @@ def test_restart_keeps_unacked_and_continues_seqs(tmp_path):
             q.append(b"r%d" % i)
         q.ack_many([1, 3, 4])
     with DiskQueue(tmp_path) as q:
-        assert q.pending() == [(0, b"r0"), (2, b"r2"), (5, b"r5")]
+        assert list(q.pending()) == [(0, b"r0"), (2, b"r2"), (5, b"r5")]
         assert q.stats().recovered == 3 and q.stats().bytes == 6
         assert q.append(b"r6") == 6
         q.ack(0)
         q.ack(0)
     with DiskQueue(tmp_path) as q:
         assert q.pending_seqs() == [2, 5, 6]
+        assert q.stats().bytes == 6
 
 
-def test_seqs_never_reused_when_every_segment_is_gone(tmp_path):
+def test_seqs_never_reused_once_everything_is_acked(tmp_path):
     with DiskQueue(tmp_path) as q:
         q.append_many([b"a", b"b", b"c"])
         q.ack_many([0, 1, 2])
-    for path in segments(tmp_path):
-        path.unlink()
     with DiskQueue(tmp_path) as q:
-        assert q.pending() == []
+        assert list(q.pending()) == [] and len(q) == 0
         assert q.append(b"d") == 3
-    # Without the .next file, the acks still hold the sequence numbers back.
-    with DiskQueue(tmp_path) as q:
         q.ack(3)
-        q.append(b"e")  # 4, in the same segment as 3 (still holds an ack for 3)
-    (tmp_path / "queue.next").unlink()
+        with pytest.raises(ValueError):
+            q.ack(4)
     with DiskQueue(tmp_path) as q:
-        assert q.pending_seqs() == [4]
-        assert q.append(b"f") == 5
-    # A damaged .next file is ignored with a warning; the segments still give the next number.
-    (tmp_path / "queue.next").write_bytes(b"garbage")
-    with DiskQueue(tmp_path) as q:
-        assert q.append(b"g") == 6
+        assert q.append(b"e") == 4
 
 
-def test_rotation_deletes_fully_acked_segments(tmp_path):
-    # 50-byte payloads are 70-byte records: two never fit in 100 bytes, so one segment each.
-    with DiskQueue(tmp_path, segment_bytes=100) as q:
-        seqs = [q.append(bytes([i]) * 50) for i in range(5)]
-        files = segments(tmp_path)
-        assert [f.name for f in files] == [f"queue-{s:016d}.seg" for s in seqs]
-        assert all(f.stat().st_size == HEADER.size + 50 for f in files)
-        q.ack_many([0, 2])
-        assert not files[0].exists() and not files[2].exists()
-        assert files[1].exists()
-        q.ack(4)  # the active segment stays, for the next append
-        assert files[4].exists()
-        assert q.stats().segments == 3
-        assert (tmp_path / "queue.acks").stat().st_size == 3 * 8
-        q.append(b"x" * 50)  # rotates: the fully acked former active segment goes
-        assert not files[4].exists()
-    # On open the ack file keeps only acks of records in live segments: here none.
-    with DiskQueue(tmp_path, segment_bytes=100) as q:
-        assert q.pending_seqs() == [1, 3, 5]
-    assert (tmp_path / "queue.acks").stat().st_size == 0
-
-    # Several records per segment; ack one of a segment's two: its ack survives compaction.
-    with DiskQueue(tmp_path, segment_bytes=100, name="two") as q:
-        assert q.append_many([b"a" * 10, b"b" * 10]) == [0, 1]  # 60 bytes
-        q.append(b"c" * 10)  # would be 90: still fits
-        q.append(b"d" * 10)  # 120 > 100: a new segment
-        assert len(segments(tmp_path, "two")) == 2
-        q.ack(1)
-    with DiskQueue(tmp_path, segment_bytes=100, name="two") as q:
-        assert q.pending_seqs() == [0, 2, 3]
-    assert (tmp_path / "two.acks").read_bytes() == (1).to_bytes(8, "little")
-
-
-def test_fully_acked_segment_left_by_a_crash_is_deleted_on_open(tmp_path):
-    with DiskQueue(tmp_path, segment_bytes=100) as q:
-        for i in range(3):
-            q.append(bytes([i]) * 50)
-        first = segments(tmp_path)[0]
-        saved = first.read_bytes()
-        q.ack(0)
-        assert not first.exists()
-        first.write_bytes(saved)  # as if the process died between writing the ack and deleting the file
-    with DiskQueue(tmp_path, segment_bytes=100) as q:
-        assert q.pending_seqs() == [1, 2]
-        assert not first.exists()
-    assert (tmp_path / "queue.acks").stat().st_size == 0
-
-
-def test_ack_file_compacts_while_running(tmp_path, monkeypatch):
-    monkeypatch.setattr(DiskQueue, "_ACK_COMPACT_MIN", 16)
-    with DiskQueue(tmp_path, segment_bytes=64, fsync=False) as q:
-        for i in range(200):
-            q.ack(q.append(b"%03d" % i))
-            assert (tmp_path / "queue.acks").stat().st_size <= 64 * 8
-        keep = q.append(b"keep")
-    with DiskQueue(tmp_path, segment_bytes=64) as q:
-        assert q.pending() == [(keep, b"keep")]
-        assert q.append(b"after") == keep + 1
-
-
-def _three_records(directory: Path) -> int:
-    with DiskQueue(directory) as q:
-        q.append_many([bytes([65 + i]) * 100 for i in range(3)])
-    return HEADER.size + 100
-
-
-def test_torn_tail_is_truncated(tmp_path, caplog):
-    record = _three_records(tmp_path)
-    (seg,) = segments(tmp_path)
-    with open(seg, "r+b") as f:
-        f.truncate(3 * record - 30)  # the third record's last 30 bytes never made it
-    with caplog.at_level(logging.WARNING, logger=queue_mod.__name__):
-        q = DiskQueue(tmp_path)
-    with q:
-        assert q.pending() == [(0, b"A" * 100), (1, b"B" * 100)]
-        assert q.stats().truncated_bytes == record - 30
-        assert q.stats().recovered == 2
-        assert seg.stat().st_size == 2 * record
-        assert "torn record at offset 240" in caplog.text and seg.name in caplog.text
-        new = q.append(b"new")
-        assert new > 1
-    with DiskQueue(tmp_path) as q:
-        assert q.pending() == [(0, b"A" * 100), (1, b"B" * 100), (new, b"new")]
-        assert q.stats().truncated_bytes == 0
-
-
-def test_torn_header_and_zero_tail(tmp_path):
-    record = _three_records(tmp_path)
-    (seg,) = segments(tmp_path)
-    with open(seg, "r+b") as f:
-        f.truncate(2 * record + 7)  # part of a header
-    with DiskQueue(tmp_path) as q:
-        assert q.pending_seqs() == [0, 1] and q.stats().truncated_bytes == 7
-    with open(seg, "ab") as f:
-        f.write(bytes(500))  # a power loss: the size reached the disk, the data did not
-    with DiskQueue(tmp_path) as q:
-        assert q.pending_seqs() == [0, 1]
-        q.append(b"x")
-        assert q.stats().truncated_bytes == 500
-    assert seg.stat().st_size == 2 * record  # cut back; the new record went to a segment of its own
-    assert len(segments(tmp_path)) == 2
-
-
-def test_flipped_byte_in_last_record_is_truncated(tmp_path):
-    record = _three_records(tmp_path)
-    (seg,) = segments(tmp_path)
-    data = bytearray(seg.read_bytes())
-    data[2 * record + HEADER.size + 50] ^= 0xFF
-    seg.write_bytes(bytes(data))
-    with DiskQueue(tmp_path) as q:
-        assert q.pending() == [(0, b"A" * 100), (1, b"B" * 100)]
-        assert q.stats().truncated_bytes == record
-        new = q.append(b"new")
-    with DiskQueue(tmp_path) as q:
-        assert q.pending_seqs() == [0, 1, new]
-
-
-def test_corruption_inside_the_last_segment_is_kept_aside(tmp_path, caplog):
-    record = _three_records(tmp_path)
-    (seg,) = segments(tmp_path)
-    data = bytearray(seg.read_bytes())
-    data[record + HEADER.size + 5] ^= 0x01  # the middle record: good data follows, so this is no torn write
-    seg.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger=queue_mod.__name__):
-        q = DiskQueue(tmp_path)
-    with q:
-        assert q.pending() == [(0, b"A" * 100)]
-        assert q.stats().truncated_bytes == 2 * record
-        assert f"{seg.name}: corrupt record at offset {record}" in caplog.text
-        assert seg.stat().st_size == 3 * record  # not destroyed
-        new = q.append(b"new")
-        assert new >= 3  # past every number the skipped bytes may hold
-        assert len(segments(tmp_path)) == 2
-    with DiskQueue(tmp_path) as q:
-        assert q.pending() == [(0, b"A" * 100), (new, b"new")]
-        q.ack(0)  # the damaged segment's last good record: the segment goes
-        assert segments(tmp_path) == [tmp_path / f"queue-{new:016d}.seg"]
-
-
-def test_corruption_in_an_earlier_segment_spares_the_others(tmp_path, caplog):
-    # 120-byte records, 300-byte segments: two records in each of three segments.
-    with DiskQueue(tmp_path, segment_bytes=300) as q:
-        for i in range(6):
-            q.append(bytes([65 + i]) * 100)
-        q.ack(4)
-    files = segments(tmp_path)
-    assert len(files) == 3
-    data = bytearray(files[0].read_bytes())
-    data[120 + 2] ^= 0xFF  # the magic of seq 1
-    files[0].write_bytes(bytes(data))
-    data = bytearray(files[1].read_bytes())
-    data[0:4] = b"XXXX"  # seq 2's magic: nothing good in this segment
-    files[1].write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger=queue_mod.__name__):
-        q = DiskQueue(tmp_path, segment_bytes=300)
-    with q:
-        assert [s for s, _ in q.pending()] == [0, 5]
-        assert q.get(0) == b"A" * 100 and q.get(5) == b"F" * 100
-        assert q.stats().truncated_bytes == 120 + 240
-        assert f"{files[0].name}: corrupt record at offset 120 (bad magic)" in caplog.text
-        assert files[0].exists()  # seq 0 is still pending there
-        assert not files[1].exists()  # nothing pending: gone like any fully acked segment
-        assert q.append(b"G") == 6
-
-
-def test_torn_ack_file_tail_is_ignored(tmp_path):
-    with DiskQueue(tmp_path) as q:
-        q.append_many([b"a", b"b", b"c"])
-        q.ack(1)
-    with open(tmp_path / "queue.acks", "ab") as f:
-        f.write(b"\x02\x00\x00")  # a partial ack of seq 2
-    with DiskQueue(tmp_path) as q:
-        assert q.pending_seqs() == [0, 2]
-        q.ack(2)
-    with DiskQueue(tmp_path) as q:
-        assert q.pending_seqs() == [0]
-
-
-def test_record_damaged_while_open_is_dropped(tmp_path, caplog):
-    with DiskQueue(tmp_path) as q:
-        q.append_many([b"a" * 10, b"b" * 10])
-        (seg,) = segments(tmp_path)
-        data = bytearray(seg.read_bytes())
-        data[HEADER.size + 3] ^= 1
-        seg.write_bytes(bytes(data))
-        with caplog.at_level(logging.ERROR, logger=queue_mod.__name__):
-            assert q.next() == (1, b"b" * 10)
-        assert "record 0" in caplog.text
-        assert q.stats().dropped == 1 and q.pending_seqs() == [1]
+def test_several_queues_share_a_directory_by_name(tmp_path):
+    with DiskQueue(tmp_path, name="inbound") as a, DiskQueue(tmp_path, fsync=False, name="outbound") as b:
+        a.append(b"in")
+        b.append_many([b"out1", b"out2"])
+    with DiskQueue(tmp_path, name="inbound") as a, DiskQueue(tmp_path, name="outbound") as b:
+        assert list(a.pending()) == [(0, b"in")] and list(b.pending()) == [(0, b"out1"), (1, b"out2")]
+    for bad in ("", "a/b", "x y"):
+        with pytest.raises(ValueError, match="queue name"):
+            DiskQueue(tmp_path, name=bad)
 
 
 def test_second_open_is_refused(tmp_path):
@@ -316,6 +145,36 @@ def test_second_open_is_refused(tmp_path):
             other.append(b"fine")
     with DiskQueue(tmp_path):
         pass
+
+
+OPEN_CHILD = textwrap.dedent(
+    """
+    import sys
+    from otel_tracegen.infill.queue import DiskQueue, QueueLocked
+
+    try:
+        q = DiskQueue(sys.argv[1])
+    except QueueLocked as e:
+        print("locked", e)
+    else:
+        print("opened", q.append(b"child"))
+        q.close()
+    """
+)
+
+
+def test_second_open_from_another_process_is_refused(tmp_path):
+    def child() -> str:
+        return subprocess.run([sys.executable, "-c", OPEN_CHILD, str(tmp_path)], capture_output=True, text=True,
+                              env=ENV, timeout=60, check=True).stdout  # fmt: skip
+
+    with DiskQueue(tmp_path) as q:
+        q.append(b"parent")
+        out = child()
+        assert out.startswith("locked") and "already open" in out
+    assert child().split() == ["opened", "1"]  # the lock goes with the queue
+    with DiskQueue(tmp_path) as q:
+        assert list(q.pending()) == [(0, b"parent"), (1, b"child")]
 
 
 def test_queue_full(tmp_path):
@@ -332,8 +191,51 @@ def test_queue_full(tmp_path):
         with pytest.raises(QueueFull):
             q.append(b"big" * 40)
     with DiskQueue(tmp_path, max_bytes=10) as q:  # the limit counts what is already pending
+        assert q.stats().bytes == 100
         with pytest.raises(QueueFull):
             q.append(b"")
+    with pytest.raises(ValueError):
+        DiskQueue(tmp_path, max_bytes=-1)
+
+
+def test_payload_over_the_limit(tmp_path, monkeypatch):
+    with DiskQueue(tmp_path) as q:
+        monkeypatch.setattr(q, "_max_payload", 10)
+        with pytest.raises(ValueError, match="at most 10 bytes"):
+            q.append_many([b"ok", b"x" * 11])
+        assert q.append(b"x" * 10) == 0
+
+
+class FailingCommit:
+    """A connection whose COMMIT fails (a full disk, a failed fsync), otherwise the real one."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_a_failed_commit_stores_nothing_and_spends_its_numbers(tmp_path):
+    with DiskQueue(tmp_path) as q:
+        q.append(b"a")
+        real = q._db
+        q._db = FailingCommit(real)
+        with pytest.raises(sqlite3.OperationalError):
+            q.append_many([b"b", b"c"])
+        with pytest.raises(sqlite3.OperationalError):
+            q.ack(0)
+        q._db = real
+        assert not real.in_transaction
+        assert q.pending_seqs() == [0] and len(q) == 1 and q.stats().bytes == 1
+        assert q.append(b"d") == 3
+    with DiskQueue(tmp_path) as q:
+        assert list(q.pending()) == [(0, b"a"), (3, b"d")]
 
 
 def test_next_timeout_wakeup_and_close(tmp_path):
@@ -356,8 +258,57 @@ def test_next_timeout_wakeup_and_close(tmp_path):
     assert q.next() is None
 
 
+def test_next_waits_past_records_acked_meanwhile(tmp_path):
+    with DiskQueue(tmp_path, fsync=False) as q:
+        q.append_many([b"a", b"b"])
+        q.ack(1)  # above after=0 there is nothing pending, though seq 1 was issued
+        t0 = time.monotonic()
+        assert q.next(after=0, timeout=0.05) is None
+        assert time.monotonic() - t0 >= 0.04
+        threading.Timer(0.05, q.append, (b"c",)).start()
+        assert q.next(after=0, timeout=10) == (2, b"c")
+
+
+def test_pending_reads_in_chunks_and_lets_the_loop_ack(tmp_path, monkeypatch):
+    monkeypatch.setattr(queue_mod, "_READ_BYTES", 25)
+    with DiskQueue(tmp_path) as q:
+        q.append_many([b"%02d" % i * 5 for i in range(10)])  # 10 bytes each: 3 per trip
+        seen = []
+        it = q.pending()
+        q.append(b"late")  # after the call: not included
+        for seq, payload in it:
+            seen.append(seq)
+            q.ack(seq)  # the queue is not locked between records
+            if seq == 4:
+                q.ack(7)  # acked before its trip to the database: skipped
+        assert seen == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+        assert list(q.pending()) == [(10, b"late")]
+        it = q.pending()
+        next(it)
+        q.close()
+        with pytest.raises(QueueClosed):
+            next(it)
+
+
+def test_space_is_given_back_once_acked(tmp_path, monkeypatch):
+    monkeypatch.setattr(queue_mod, "_VACUUM_PAGES", 16)
+    db = tmp_path / "queue.sqlite3"
+    with DiskQueue(tmp_path, fsync=False) as q:
+        seqs = q.append_many([os.urandom(50_000) for _ in range(20)])
+        q._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        full = db.stat().st_size
+        assert full > 1_000_000
+        q.ack_many(seqs[:-1])
+        q._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert db.stat().st_size == full  # a record is still pending: the free pages wait for new records
+        q.ack(seqs[-1])
+        q._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert db.stat().st_size < full / 5
+        assert q.append(b"next") == seqs[-1] + 1  # VACUUM keeps the highest number issued
+
+
 def test_producers_and_consumer_threads(tmp_path):
-    q = DiskQueue(tmp_path, segment_bytes=2048, fsync=False)
+    q = DiskQueue(tmp_path, fsync=False)
     produced: list[int] = []
     consumed: list[tuple[int, bytes]] = []
 
@@ -387,7 +338,25 @@ def test_producers_and_consumer_threads(tmp_path):
     assert sorted(produced) == list(range(600))
     assert [s for s, _ in consumed] == list(range(600))  # in order, each once
     assert sorted(p for _, p in consumed) == sorted(b"%d:%d" % (k, i) for k in range(4) for i in range(150))
-    assert len(segments(tmp_path)) == 1
+
+
+def test_segment_bytes_is_deprecated_and_old_segments_are_refused(tmp_path):
+    with pytest.warns(DeprecationWarning, match="segment_bytes"):
+        DiskQueue(tmp_path, segment_bytes=1 << 20).close()
+    (tmp_path / "queue-0000000000000000.seg").write_bytes(b"OTQ1")
+    with pytest.raises(RuntimeError, match="former queue format"):
+        DiskQueue(tmp_path)
+    with DiskQueue(tmp_path, name="other"):  # another name's files are not this queue's
+        pass
+
+
+def test_a_damaged_database_is_refused_not_dropped(tmp_path):
+    (tmp_path / "queue.sqlite3").write_bytes(b"not a database" * 400)
+    with pytest.raises(sqlite3.DatabaseError):
+        DiskQueue(tmp_path)
+    (tmp_path / "queue.sqlite3").unlink()
+    with DiskQueue(tmp_path) as q:  # the failed open released the lock
+        assert q.append(b"x") == 0
 
 
 CHILD = textwrap.dedent(
@@ -399,18 +368,19 @@ CHILD = textwrap.dedent(
         size = (k * 7919) % 30000
         return (b"%d;" % k + bytes(range(256)) * (size // 256 + 1))[: max(size, 8)]
 
-    q = DiskQueue(sys.argv[1], segment_bytes=128 << 10)
+    q = DiskQueue(sys.argv[1])
     k = int(sys.argv[2])
     last = -1
     while True:
-        seq = q.append(payload(k))
-        assert seq > last
-        last = seq
-        print("A", seq, k, flush=True)
-        if k % 3 == 0:
-            q.ack(seq)
-            print("K", seq, flush=True)
-        k += 1
+        seqs = q.append_many([payload(k + i) for i in range(1 + k % 3)])
+        assert seqs[0] > last
+        last = seqs[-1]
+        for i, seq in enumerate(seqs):
+            print("A", seq, k + i, flush=True)
+            if (k + i) % 3 == 0:
+                q.ack(seq)
+                print("K", seq, flush=True)
+        k += len(seqs)
     """
 )
 
@@ -425,17 +395,12 @@ def test_survives_kill_9(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     qdir = tmp_path / "q"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     appended: dict[int, int] = {}  # seq -> k
     acked: set[int] = set()
     k = 0
     for round_ in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(qdir), str(k)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        proc = subprocess.Popen([sys.executable, str(script), str(qdir), str(k)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ENV)  # fmt: skip
         try:
             lines = 0
             deadline = time.monotonic() + 15
@@ -465,12 +430,13 @@ def test_survives_kill_9(tmp_path):
                 acked.add(int(rest[0]))
         with DiskQueue(qdir) as q:
             pending = dict(q.pending())
+            assert q.stats().recovered == len(pending)
         for seq, kk in appended.items():
             if seq in acked:
                 assert seq not in pending  # acks reach the kernel at once, so a kill loses none
             else:
                 assert pending.get(seq) == _payload(kk), seq
-        for seq, payload in pending.items():  # at most the one record whose print the kill beat: intact too
+        for seq, payload in pending.items():  # at most the batch whose print the kill beat: intact too
             kk = int(payload.split(b";")[0])
             assert payload == _payload(kk)
             if seq not in appended:
@@ -494,7 +460,7 @@ def test_matches_a_model(ops):
     with tempfile.TemporaryDirectory() as d:
         model: dict[int, bytes] = {}
         issued: list[int] = []
-        q = DiskQueue(d, segment_bytes=96, fsync=False)
+        q = DiskQueue(d, fsync=False)
         try:
             for op, arg in ops:
                 if op == "append":
@@ -517,13 +483,11 @@ def test_matches_a_model(ops):
                         q.ack((issued[-1] if issued else -1) + 1 + arg)
                 elif op == "reopen":
                     q.close()
-                    q = DiskQueue(d, segment_bytes=96, fsync=False)
+                    q = DiskQueue(d, fsync=False)
                     assert q.stats().recovered == len(model)
-                assert q.pending() == sorted(model.items())
-                assert q.stats().bytes == sum(map(len, model.values()))
-                # Every segment but the last still holds a pending record: acked ones are deleted.
-                firsts = [int(p.name[6:22]) for p in segments(Path(d))]
-                for lo, hi in zip(firsts, firsts[1:]):
-                    assert any(lo <= s < hi for s in model), (firsts, sorted(model))
+                assert list(q.pending()) == sorted(model.items())
+                assert len(q) == len(model) and q.stats().bytes == sum(map(len, model.values()))
+                first = min(model, default=None)
+                assert q.next() == (None if first is None else (first, model[first]))
         finally:
             q.close()

@@ -12,12 +12,8 @@ from __future__ import annotations
 import gzip
 import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,69 +29,9 @@ from otel_tracegen.infill.service import InfillConfig, InfillService
 from otel_tracegen.otlp_native import GrpcExporter, resolve_grpc
 from otel_tracegen.otlp_wire import parse_partial_success, parse_retry_delay
 from otel_tracegen.report import UserError
-from otel_tracegen.trace import Resource, Span, SpanKind, Status
 
 from .cli_helpers import free_port, rotel_forwarding, run
-
-EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
-MS = 1_000_000
-
-
-def wait_for(cond, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-class Sink:
-    """An OTLP/gRPC endpoint recording raw request bytes (the downstream: Jaeger or Tempo in production)."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.bodies: list[bytes] = []
-        self.replies: list = []
-        handler = grpc.method_handlers_generic_handler(SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self._export)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler])
-        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
-        self.server.start()
-
-    def _export(self, request: bytes, context) -> bytes:
-        if self.replies:
-            return self.replies.pop(0)(context)
-        self.bodies.append(request)
-        return b""
-
-    def spans(self) -> list[wire.WireSpan]:
-        return [w for b in self.bodies for w in wire.decode(b)]
-
-    def stop(self) -> None:
-        self.server.stop(0)
-
-
-def trace_spans(trace: str = "ab" * 16, prefix: str = "00000000000000") -> list[Span]:
-    """root(a) -> b -> c, root -> d, each service on its own host."""
-
-    def span(i, parent, service, name, start, end):
-        return Span(trace, f"{prefix}{i:02x}", f"{prefix}{parent:02x}" if parent else None, service, name,
-                    start * MS, end * MS, SpanKind.SERVER, Status(), {"k": i},
-                    Resource({"service.name": service, "host.name": f"h-{service}"}))  # fmt: skip
-
-    return [span(1, 0, "a", "GET /", 0, 100), span(2, 1, "b", "call", 10, 60), span(3, 2, "c", "query", 20, 40),
-            span(4, 1, "d", "work", 70, 90)]  # fmt: skip
-
-
-class Running:
-    def __init__(self, service: InfillService, grpc_r: GrpcReceiver, http_r: HttpReceiver) -> None:
-        self.service, self.grpc, self.http = service, grpc_r, http_r
-        self.url = f"http://127.0.0.1:{http_r.port}"
-
-    def stop(self) -> None:
-        self.grpc.stop(0)
-        self.http.stop()
-        self.service.stop()
+from .infill_helpers import EXPORT, Running, Sink, grpc_call, serve, start_receiver, trace_spans, wait_for
 
 
 @pytest.fixture
@@ -109,22 +45,9 @@ def sink():
 def start(tmp_path):
     running: list[Running] = []
 
-    def _start(downstream_port: int, *, token: str | None = None, **overrides) -> Running:
-        settings = dict(receiver_grpc="127.0.0.1:0", receiver_http="127.0.0.1:0", buffer_wait_s=0.2,
-                        repair_no_model=True, queue_directory=str(tmp_path / "queue"),
-                        exporter_endpoint=f"127.0.0.1:{downstream_port}", exporter_insecure=True,
-                        exporter_retry_initial_s=0.05, exporter_retry_max_s=0.2, exporter_timeout_s=2, drain_s=5)
-        config = InfillConfig(**{**settings, **overrides})
-        service = InfillService(config, TraceRepairer(None, None, config.repair_settings()))
-        limit = int(config.receiver_max_message_mib * (1 << 20))
-        g = GrpcReceiver(service, "127.0.0.1:0", max_message_bytes=limit, token=token)
-        h = HttpReceiver(service, "127.0.0.1:0", max_message_bytes=limit, token=token)
-        service.start()
-        g.start()
-        h.start()
-        r = Running(service, g, h)
-        running.append(r)
-        return r
+    def _start(downstream_port: int, **kwargs) -> Running:
+        running.append(start_receiver(tmp_path, downstream_port, **kwargs))
+        return running[-1]
 
     yield _start
     for r in running:
@@ -132,12 +55,6 @@ def start(tmp_path):
             r.stop()
         except Exception:  # noqa: BLE001 - already stopped by the test
             pass
-
-
-def grpc_call(port: int, body: bytes, metadata=None):
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)
-        return call.with_call(body, metadata=metadata, timeout=10)
 
 
 # --- pass-through and partial success -------------------------------------------------------------------------
@@ -154,7 +71,7 @@ def test_complete_traces_pass_through_byte_for_byte(sink, start):
     wait_for(lambda: len(sink.spans()) == 4, what="4 spans at the sink")
     assert {w.raw for w in sink.spans()} == sent  # every span message as it came
     assert b"".join(sink.bodies) == body  # one trace, one request: even the framing is the same
-    assert r.service.metrics.value("forwarded_spans_total") == 4
+    assert r.service.metrics.value("exporter_sent_spans_total") == 4
 
 
 def test_a_bad_span_is_refused_alone_with_a_partial_success(sink, start):
@@ -166,7 +83,7 @@ def test_a_bad_span_is_refused_alone_with_a_partial_success(sink, start):
     rejected, message = parse_partial_success(response)
     assert rejected == 1 and "invalid trace id" in message and "spans[0]" in message
     wait_for(lambda: len(sink.spans()) == 3, what="the 3 good spans")
-    assert r.service.metrics.value("rejected_spans_total") == 1
+    assert r.service.metrics.value("malformed_spans_total") == 1
 
 
 def test_malformed_bodies_are_refused_with_what_was_wrong(sink, start):
@@ -234,7 +151,7 @@ def test_orphans_are_repaired_and_marked_on_the_way_through(sink, start):
     assert r.service.metrics.value("repaired_traces_total", reason="orphan") == 1
     text = requests.get(r.url + "/metrics").text
     assert 'otel_tracegen_infill_repaired_traces_total{reason="orphan"} 1.0' in text
-    assert "otel_tracegen_infill_received_spans_total 3.0" in text
+    assert 'otel_tracegen_infill_receiver_accepted_spans_total{receiver="otlp",transport="http"} 3.0' in text
 
 
 def test_spans_of_one_trace_are_gathered_across_requests(sink, start):
@@ -313,7 +230,7 @@ def test_a_permanent_refusal_is_kept_as_a_dead_letter(sink, start, tmp_path):
     sink.replies.append(lambda ctx: ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "sink says no"))
     r = start(sink.port)
     grpc_call(r.grpc.port, otlp_proto.dumps(trace_spans()))
-    wait_for(lambda: r.service.metrics.value("failed_spans_total") == 4, what="the refusal")
+    wait_for(lambda: r.service.metrics.value("exporter_send_failed_spans_total") == 4, what="the refusal")
     dead = list((tmp_path / "queue" / "dead-letter").glob("*.binpb"))
     assert len(dead) == 1 and len(wire.decode(dead[0].read_bytes())) == 4
     assert "sink says no" in json.loads(dead[0].with_suffix(".json").read_text())["reason"]
@@ -327,26 +244,9 @@ def test_graceful_stop_releases_and_drains(sink, start):
     assert len(sink.spans()) == 4
 
 
-def _serve(tmp_path: Path, downstream: int, grpc_port: int, http_port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "otel_tracegen", "infill", "serve", "--repair-no-model",
-           "--receiver-grpc", f"127.0.0.1:{grpc_port}", "--receiver-http", f"127.0.0.1:{http_port}",
-           "--queue-directory", str(tmp_path / "queue"), "--buffer-wait-s", "0.3",
-           "--exporter-endpoint", f"127.0.0.1:{downstream}", "--exporter-insecure",
-           "--exporter-retry-initial-s", "0.05", "--exporter-retry-max-s", "0.2", "--exporter-timeout-s", "2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "ab"))
-    wait_for(lambda: requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).ok if _open(http_port) else False,
-             what="the receiver to listen")  # fmt: skip
-    return proc
-
-
-def _open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_nothing_acknowledged_is_lost_across_an_outage_and_kill_9(tmp_path):
     downstream, g, h = free_port(), free_port(), free_port()
-    proc = _serve(tmp_path, downstream, g, h)
+    proc = serve(tmp_path, downstream, g, h)
     sent = set()
     try:
         for i in range(20):
@@ -358,7 +258,7 @@ def test_nothing_acknowledged_is_lost_across_an_outage_and_kill_9(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     sink = Sink(downstream)
-    proc = _serve(tmp_path, downstream, g, h)
+    proc = serve(tmp_path, downstream, g, h)
     try:
         wait_for(lambda: sent <= {(w.span.trace_id, w.span.span_id) for w in sink.spans()}, timeout=30,
                  what="every acknowledged span after the restart")  # fmt: skip

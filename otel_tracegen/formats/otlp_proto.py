@@ -527,23 +527,30 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
 
 def _decode_scope_spans(
     buf: bytes, pos: int, end: int, service: str, resource: Resource, report: ReadReport, cache: dict, where: str,
-    keep: list | None = None, resource_raw: tuple[bytes | None, str] = (None, ""),
+    keep: list | None = None, resource_raw: tuple[bytes | None, str] = (None, ""), checked: bool = False,
 ) -> list[Span]:
     """``ScopeSpans``: scope 1, spans 2, schema_url 3. ``where`` names it in problems.
 
     ``keep``: a list that gets, per span kept, ``(span, its bytes, resource_raw, (scope bytes or None, scope
-    schema_url))``, for a receiver that forwards spans byte for byte (:mod:`otel_tracegen.infill.wire`)."""
+    schema_url))``, for a receiver that forwards spans byte for byte (:mod:`otel_tracegen.infill.wire`).
+    ``checked``: the bytes were not parsed by upb as a whole (see :func:`decode_request_checked`): walk them with
+    bounds checks and let upb check each span (and the scope) on its own."""
     scope_raw: bytes | None = None
     spans: list[tuple[int, int]] = []
     schema_url = ""
-    for tag, start, stop in _fields(buf, pos, end):
+    for tag, start, stop in (_checked_fields if checked else _fields)(buf, pos, end):
         if tag == 0x12:
             spans.append((start, stop))
         elif tag == 0x0A:
             scope_raw = buf[start:stop] if scope_raw is None else scope_raw + buf[start:stop]
         elif tag == 0x1A:
             schema_url = buf[start:stop].decode()
+        elif tag == _CUT:
+            report.problem(f"{where}.spans[{len(spans)}]", MALFORMED_MESSAGE, f"the ScopeSpans message is cut short or "
+                           f"corrupt at byte {start} of the body; the span there and any after it are lost")
     try:
+        if checked and (error := _nested_error(scope_raw, _AT_SCOPE)):
+            raise BadRecord(MALFORMED_SPAN, error)
         scope = _decode_scope(scope_raw, schema_url, cache)
     except (BadRecord, *DATA_ERRORS) as e:
         report.problem(f"{where}.scope", "invalid scope", str(e), dropped=len(spans))
@@ -552,6 +559,8 @@ def _decode_scope_spans(
     bad_links: list[str] = []
     for k, (start, stop) in enumerate(spans):
         try:
+            if checked and (error := _nested_error(buf[start:stop], _AT_SPAN)):
+                raise BadRecord(MALFORMED_SPAN, error)
             span = _decode_span(buf, start, stop, service, resource, scope, report, cache, bad_links)
             out.append(span)
             if keep is not None:
@@ -572,7 +581,7 @@ def _decode_scope_spans(
 
 
 def _decode_resource_spans(buf: bytes, pos: int, end: int, report: ReadReport, cache: dict, where: str,
-                           keep: list | None = None) -> list[Span]:
+                           keep: list | None = None, checked: bool = False) -> list[Span]:
     """``ResourceSpans``: resource 1, scope_spans 2, schema_url 3. ``where`` names it in problems.
 
     OTLP 0.15 to 0.18 senders may put the spans in the deprecated ``instrumentation_library_spans`` (1000) instead,
@@ -582,7 +591,8 @@ def _decode_resource_spans(buf: bytes, pos: int, end: int, report: ReadReport, c
     scope_spans: list[tuple[int, int]] = []
     deprecated: list[tuple[int, int]] = []
     schema_url = ""
-    for tag, start, stop in _fields(buf, pos, end):
+    fields = _checked_fields if checked else _fields
+    for tag, start, stop in fields(buf, pos, end):
         if tag == 0x12:
             scope_spans.append((start, stop))
         elif tag == 0x0A:
@@ -591,39 +601,117 @@ def _decode_resource_spans(buf: bytes, pos: int, end: int, report: ReadReport, c
             schema_url = buf[start:stop].decode()
         elif tag == _INSTRUMENTATION_LIBRARY_SPANS:
             deprecated.append((start, stop))
+        elif tag == _CUT:
+            report.problem(f"{where}.scopeSpans[{len(scope_spans)}]", MALFORMED_MESSAGE, f"the ResourceSpans message is "
+                           f"cut short or corrupt at byte {start} of the body; the spans there and after it are lost")
     if deprecated and not scope_spans:
         scope_spans = deprecated
-        n = sum(sum(1 for t, _, _ in _fields(buf, s, e_) if t == 0x12) for s, e_ in scope_spans)
+        n = sum(sum(1 for t, _, _ in fields(buf, s, e_) if t == 0x12) for s, e_ in scope_spans)
         if n:
             report.repair(REPAIR_DEPRECATED_SCOPE, n)
     try:
+        if checked and (error := _nested_error(resource_raw, _AT_RESOURCE)):
+            raise BadRecord(MALFORMED_SPAN, error)
         resource = _decode_resource(resource_raw, schema_url, cache)
     except (BadRecord, *DATA_ERRORS) as e:
-        dropped = sum(sum(1 for t, _, _ in _fields(buf, s, e_) if t == 0x12) for s, e_ in scope_spans)
+        dropped = sum(sum(1 for t, _, _ in fields(buf, s, e_) if t == 0x12) for s, e_ in scope_spans)
         report.problem(f"{where}.resource", "invalid resource", str(e), dropped=dropped)
         return []
     service, repair = service_of(resource)
     out: list[Span] = []
     for j, (start, stop) in enumerate(scope_spans):
         out.extend(_decode_scope_spans(buf, start, stop, service, resource, report, cache, f"{where}.scopeSpans[{j}]",
-                                       keep, (resource_raw, schema_url)))
+                                       keep, (resource_raw, schema_url), checked))
     if repair and out:
         report.repair(repair, len(out))
     return out
 
 
 def _decode_request_bytes(buf: bytes, report: ReadReport, where: str, cache: dict | None = None,
-                          keep: list | None = None) -> list[Span]:
-    """Spans of a serialized request that upb has already parsed (so its structure is sound). ``keep``: see
+                          keep: list | None = None, checked: bool = False) -> list[Span]:
+    """Spans of a serialized request that upb has already parsed (so its structure is sound), or with
+    ``checked``, of one it has not (see :func:`decode_request_checked`). ``keep``: see
     :func:`_decode_scope_spans`."""
     cache = cache if cache is not None else {}
     out: list[Span] = []
     i = 0
-    for tag, start, stop in _fields(buf, 0, len(buf)):
+    for tag, start, stop in (_checked_fields if checked else _fields)(buf, 0, len(buf)):
         if tag == 0x0A:
-            out.extend(_decode_resource_spans(buf, start, stop, report, cache, f"{where}resourceSpans[{i}]", keep))
+            out.extend(_decode_resource_spans(buf, start, stop, report, cache, f"{where}resourceSpans[{i}]", keep,
+                                              checked))
             i += 1
+        elif tag == _CUT:
+            report.problem(f"{where}resourceSpans[{i}]", MALFORMED_MESSAGE, f"the request is cut short or corrupt at "
+                           f"byte {start}; the spans there and after it are lost")
     return out
+
+
+# --- requests upb refuses: one bad span must not cost the others ------------------------------------------------
+# upb refuses a whole request for one span with invalid UTF-8, a field running past its end or nesting deeper than
+# its recursion limit (100 messages, about 32 kvlist levels). A receiver must keep the other spans (and say which
+# one was bad), so such a body is walked again with every length checked, and each span (and each resource and
+# scope) is handed to upb on its own, wrapped at the depth it has in a request: what passes would also pass a
+# downstream's parser once forwarded.
+
+_CUT = -1
+MALFORMED_MESSAGE = "malformed message"
+"""The reason of a problem where the request's own framing breaks (not one span's content)."""
+"""The tag :func:`_checked_fields` yields where a message stops making sense (``start``: the byte offset)."""
+
+
+def _checked_fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """:func:`_fields` with every length and wire type checked: where a field runs past ``end`` or cannot be
+    read, yields ``(_CUT, offset, end)`` once and stops."""
+    try:
+        while pos < end:
+            at = pos
+            tag, pos = _read_varint(buf, pos)
+            wire_type = tag & 7
+            if wire_type == 2:
+                n, pos = _read_varint(buf, pos)
+                if pos + n > end:
+                    yield _CUT, at, end
+                    return
+                yield tag, pos, pos + n
+                pos += n
+                continue
+            if wire_type not in (0, 1, 5) or tag >> 3 == 0:
+                yield _CUT, at, end
+                return
+            pos = _read_varint(buf, pos)[1] if wire_type == 0 else pos + (8 if wire_type == 1 else 4)
+            if pos > end:
+                yield _CUT, at, end
+                return
+    except IndexError:  # a varint running off the end
+        yield _CUT, at, end
+
+
+# Where each message sits in a request, innermost tag first: a Resource is field 1 of ResourceSpans (field 1 of
+# the request), a scope field 1 of ScopeSpans (field 2 of ResourceSpans), a Span field 2 of ScopeSpans.
+_AT_RESOURCE = (b"\x0a", b"\x0a")
+_AT_SCOPE = (b"\x0a", b"\x12", b"\x0a")
+_AT_SPAN = (b"\x12", b"\x12", b"\x0a")
+
+
+def _nested_error(raw: bytes | None, path: tuple[bytes, ...]) -> str | None:
+    """Why upb refuses ``raw`` at its place in a request (``path``: one of the ``_AT_*``), or None."""
+    if raw is None:
+        return None
+    for tag in path:
+        raw = _field(tag, raw)
+    error = _parses(raw)
+    if error is None:
+        return None
+    error = error.rsplit("': ", 1)[-1]  # upb names the outermost type, the request: the cause is what follows
+    if "depth" in error.lower() or "recursion" in error.lower():
+        return f"nested deeper than protobuf parsers accept ({error})"
+    return f"not a valid protobuf message ({error})"
+
+
+def decode_request_checked(buf: bytes, report: ReadReport, where: str, keep: list | None = None) -> list[Span]:
+    """The spans of a body that upb refused as a whole: every span that parses on its own is kept, every other
+    one goes to ``report`` with the reason."""
+    return _decode_request_bytes(buf, report, where, None, keep, checked=True)
 
 
 def decode_request(

@@ -1,28 +1,42 @@
-"""Spans grouped by trace for a wait window, like the Collector's ``groupbytrace`` processor, with bounds.
+"""Spans grouped by trace for a wait window, like the Collector's ``groupbytrace`` processor, within a memory bound.
 
-A trace is held from its first span for ``wait_s`` seconds, then released whole to repair. Two bounds keep the
-receiver's memory flat under any load: ``max_traces`` held traces and ``max_bytes`` of held span bytes. When a new
-span would pass either, the oldest traces are released early (as ``groupbytrace`` evicts), so nothing is refused
-for being too many; the receiver only pushes back when its outbound queue is full.
+A trace is held from its first span for ``wait_s`` seconds, then released whole to repair. Everything the buffer
+keeps counts against one bound, ``max_bytes`` (of which ``ACCOUNTED_SHARE`` for the objects), measured in what it really costs in memory (:func:`held_bytes`:
+a decoded span's objects, not only its bytes on the wire): the held traces, the traces released early that wait
+for repair, and what is remembered of traces already sent on.
 
-Released traces are remembered (``remember`` traces, oldest forgotten first): a late span of a trace already sent
-on is not an orphan when its parent was sent, and orphans of a span the receiver already made join that span
-instead of getting a second one (:class:`~otel_tracegen.infill.repair.Released`).
+- When held traces pass ``max_traces``, or half of the budget, the oldest are released early (as
+  ``groupbytrace`` evicts) so that repair gets to them sooner; they stay counted until repair takes them.
+- A request is admitted only if its spans fit (:meth:`TraceBuffer.reserve`, before the request is logged): when
+  repair is slower than ingest, the receiver pushes back (``RESOURCE_EXHAUSTED`` / 503 with retry advice) instead
+  of growing. Memory stays flat under any load.
+
+Released traces are remembered (``remember`` traces at most, and forgotten first when memory is short): a late span
+of a trace already sent on is not an orphan when its parent was sent, and orphans of a span the receiver already
+made join that span instead of getting a second one (:class:`~otel_tracegen.infill.repair.Released`).
 
 Each held span records the write-ahead-log record it came in (``seq``), so the receiver can acknowledge a record
-once every trace that had spans in it is safely in the outbound queue.
+once every trace that had spans in it was delivered.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .repair import Released
-from .wire import SPAN_OVERHEAD, WireSpan
+from .wire import WireSpan, held_bytes
+
+ACCOUNTED_SHARE = 0.8
+"""The share of ``max_bytes`` the accounted objects may fill. The rest is the allocator's: freed memory that
+Python's and the C allocator's arenas keep after churn, measured at 20-25 % over the live objects when the buffer
+turns over under overload (tests/test_infill_faults.py, the overload test), so that RSS stays within the bound."""
+REMEMBERED_SPAN_BYTES = 100
+"""What remembering one sent span id costs (a 16-character string in a set), measured with tracemalloc."""
+REMEMBERED_TRACE_BYTES = 640
 
 
 @dataclass
@@ -43,6 +57,7 @@ class ReleasedTrace:
     seqs: set[int]
     released: Released
     early: bool  # released before its wait was over (a bound was reached, or shutdown)
+    size: int = 0  # its held bytes
 
 
 def _merged(traces: list[ReleasedTrace]) -> list[ReleasedTrace]:
@@ -56,6 +71,7 @@ def _merged(traces: list[ReleasedTrace]) -> list[ReleasedTrace]:
             first.spans.extend(t.spans)
             first.seqs |= t.seqs
             first.early = first.early or t.early
+            first.size += t.size
     return list(by_id.values())
 
 
@@ -65,43 +81,75 @@ class TraceBuffer:
         if wait_s < 0 or max_traces < 1 or max_bytes < 1:
             raise ValueError("need wait_s >= 0, max_traces >= 1 and max_bytes >= 1")
         self.wait_s, self.max_traces, self.max_bytes, self.remember = wait_s, max_traces, max_bytes, remember
+        self.budget = int(max_bytes * ACCOUNTED_SHARE)
         self._clock = clock
         self._held: OrderedDict[str, HeldTrace] = OrderedDict()  # by first span's arrival
-        self._released: OrderedDict[str, Released] = OrderedDict()
-        self._bytes = 0
+        self._ready: deque[ReleasedTrace] = deque()  # released early, waiting for repair
+        self._released: OrderedDict[str, tuple[Released, int]] = OrderedDict()  # -> (what was sent, its cost)
+        self._held_bytes = 0
+        self._ready_bytes = 0
+        self._remembered_bytes = 0
+        self._reserved = 0
         self._lock = threading.Lock()
-        self._overflow: list[ReleasedTrace] = []
         self.evicted = 0
+        self.extra: Callable[[], int] = lambda: 0  # other memory counted against the bound (the owner's bookkeeping)
 
-    def add(self, spans: Sequence[WireSpan], seq: int) -> None:
-        """Hold ``spans`` (of any traces), which came in log record ``seq``."""
+    # --- admission ---
+
+    def reserve(self, n: int) -> bool:
+        """Set ``n`` bytes aside for spans about to be added (:meth:`add` with ``reserved=n``), if they fit:
+        remembered traces are forgotten to make room; False when the held and waiting traces leave none."""
+        with self._lock:
+            while self._remembered_bytes and self._used() + n > self.budget:
+                self._forget_oldest()
+            if self._used() + n > self.budget:
+                return False
+            self._reserved += n
+            return True
+
+    def unreserve(self, n: int) -> None:
+        with self._lock:
+            self._reserved -= n
+
+    def _used(self) -> int:
+        return self._held_bytes + self._ready_bytes + self._remembered_bytes + self._reserved + self.extra()
+
+    # --- holding and releasing ---
+
+    def add(self, spans: Sequence[WireSpan], seq: int, reserved: int = 0) -> None:
+        """Hold ``spans`` (of any traces), which came in log record ``seq``; ``reserved``: what :meth:`reserve`
+        set aside for them."""
         now = self._clock()
         with self._lock:
-            added = 0
+            self._reserved -= reserved
             for w in spans:
                 tid = w.span.trace_id
                 held = self._held.get(tid)
                 if held is None:
                     held = self._held[tid] = HeldTrace(tid, now)
-                    held.seqs.add(seq)
-                elif seq not in held.seqs:
-                    held.seqs.add(seq)
+                held.seqs.add(seq)
                 held.spans.append(w)
-                n = len(w.raw) + SPAN_OVERHEAD
+                n = held_bytes(w)
                 held.size += n
-                added += n
-            self._bytes += added
-            while self._held and (len(self._held) > self.max_traces or self._bytes > self.max_bytes):
-                self._overflow.append(self._release(next(iter(self._held)), early=True))
+                self._held_bytes += n
+            while self._held and (len(self._held) > self.max_traces or 2 * self._held_bytes > self.budget):
+                t = self._release(next(iter(self._held)), early=True)
+                self._ready.append(t)
+                self._ready_bytes += t.size
                 self.evicted += 1
 
-    def due(self, *, everything: bool = False) -> list[ReleasedTrace]:
-        """Traces whose wait is over (all held traces when ``everything``, e.g. at shutdown), oldest first, and
-        those released early by the bounds since the last call."""
+    def due(self, *, everything: bool = False, limit: int | None = None) -> list[ReleasedTrace]:
+        """Up to ``limit`` traces for repair: those released early by the bounds first, then those whose wait is
+        over (all held traces when ``everything``, e.g. at shutdown), oldest first."""
         now = self._clock()
+        limit = limit if limit is not None else 1 << 62
         with self._lock:
-            out, self._overflow = self._overflow, []
-            while self._held:
+            out: list[ReleasedTrace] = []
+            while self._ready and len(out) < limit:
+                t = self._ready.popleft()
+                self._ready_bytes -= t.size
+                out.append(t)
+            while self._held and len(out) < limit:
                 tid, held = next(iter(self._held.items()))
                 if not everything and now - held.first_seen < self.wait_s:
                     break
@@ -110,17 +158,27 @@ class TraceBuffer:
 
     def _release(self, tid: str, early: bool) -> ReleasedTrace:
         held = self._held.pop(tid)
-        self._bytes -= held.size
-        released = self._released.pop(tid, None) or Released()
-        self._released[tid] = released  # most recently released last: forgotten last
+        self._held_bytes -= held.size
+        released, cost = self._released.pop(tid, (None, 0))
+        self._remembered_bytes -= cost
+        released = released or Released()
+        cost = (cost or REMEMBERED_TRACE_BYTES) + REMEMBERED_SPAN_BYTES * len(held.spans)
+        self._remembered_bytes += cost
+        self._released[tid] = (released, cost)  # most recently released last: forgotten last
         while len(self._released) > self.remember:
-            self._released.popitem(last=False)
-        return ReleasedTrace(tid, held.spans, held.seqs, released, early)
+            self._forget_oldest()
+        return ReleasedTrace(tid, held.spans, held.seqs, released, early, held.size)
+
+    def _forget_oldest(self) -> None:
+        _, (_, cost) = self._released.popitem(last=False)
+        self._remembered_bytes -= cost
+
+    # --- state ---
 
     def next_due_in(self) -> float | None:
         """Seconds until the oldest held trace is due (None: nothing held)."""
         with self._lock:
-            if self._overflow:
+            if self._ready:
                 return 0.0
             if not self._held:
                 return None
@@ -132,10 +190,17 @@ class TraceBuffer:
         return len(self._held)
 
     @property
+    def waiting(self) -> int:
+        """Traces released early, waiting for repair."""
+        return len(self._ready)
+
+    @property
     def bytes(self) -> int:
-        return self._bytes
+        """Memory the buffer accounts for now: held and waiting traces, remembered ones, reservations."""
+        with self._lock:
+            return self._used()
 
     @property
     def spans(self) -> int:
         with self._lock:
-            return sum(len(h.spans) for h in self._held.values())
+            return sum(len(h.spans) for h in self._held.values()) + sum(len(t.spans) for t in self._ready)

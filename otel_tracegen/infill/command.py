@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..report import ReadReport, UserError
-from .service import InfillConfig
+from .config import InfillConfig
 
 _HELP = {
     "receiver_grpc": "OTLP/gRPC listen address, or 'none' (default 127.0.0.1:4327)",
@@ -28,10 +28,17 @@ _HELP = {
     "receiver_max_message_mib": "largest request taken, MiB (default 16)",
     "receiver_tls_cert": "TLS certificate (PEM) for both receivers",
     "receiver_tls_key": "TLS private key (PEM)",
-    "receiver_bearer_token": "require 'authorization: Bearer TOKEN'",
+    "receiver_bearer_token": "require 'authorization: Bearer TOKEN' (in YAML: ${env:NAME} reads it from the "
+                             "environment)",
+    "receiver_workers": "threads that decode and log requests, per receiver (default 4)",
+    "receiver_read_timeout_s": "a TLS handshake or a request body must arrive within this, s (default 30)",
+    "metrics_public": "serve /metrics without the bearer token (default: behind it)",
+    "memory_limit_mib": "refuse requests with retry advice while the process's RSS is above this, MiB (default 0: "
+                        "off; buffer.max_mib bounds the spans held)",
     "buffer_wait_s": "how long a trace is gathered from its first span before repair (default 2)",
     "buffer_max_traces": "traces held at most; the oldest go early beyond it (default 100000)",
-    "buffer_max_mib": "span bytes held at most, MiB (default 256)",
+    "buffer_max_mib": "memory for held spans (as decoded, ~1 KB + 3x its bytes a span) and remembered traces, MiB; "
+                      "requests are refused with retry advice beyond it (default 256)",
     "buffer_remember_traces": "released traces remembered so that their late spans join them (default 20000; "
                               "about 7 KB each for 70-span traces)",
     "repair_model": "trace model directory (default: the shipped model/)",
@@ -43,6 +50,8 @@ _HELP = {
     "queue_directory": "write-ahead log, outbound queue and dead letters (default ./otel-tracegen-infill-queue)",
     "queue_max_mib": "undelivered bytes in the log above which requests are refused with retry advice (default 1024)",
     "queue_fsync": "fsync the log before answering a request (default on)",
+    "queue_dead_letter_max_mib": "bytes of dead letters kept at most; the oldest go first (default 256)",
+    "queue_dead_letter_max_requests": "dead letters kept at most; the oldest go first (default 1000)",
     "exporter_endpoint": "downstream OTLP endpoint (default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT)",
     "exporter_protocol": "grpc or http/protobuf (default grpc)",
     "exporter_insecure": "plaintext gRPC downstream",
@@ -103,7 +112,10 @@ def config_from_args(args) -> InfillConfig:
                 headers[key.strip()] = value.strip()
             v = headers
         changes[f.name] = v
-    return dataclasses.replace(config, **changes)
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def run(args, env, read) -> int:
@@ -118,8 +130,13 @@ def run(args, env, read) -> int:
 def serve(config: InfillConfig, env, log_level: str = "info", ready: threading.Event | None = None,
           stop: threading.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then shut down gracefully."""
+    try:
+        import aiohttp  # noqa: F401 - the HTTP receiver
+        import grpc  # noqa: F401 - the gRPC receiver and the exporter
+    except ModuleNotFoundError as e:
+        raise UserError(f"infill serve needs {e.name}: pip install 'otel-tracegen[infill]'") from None
     from .receiver import GrpcReceiver, HttpReceiver
-    from .service import InfillService, tune_gc
+    from .service import InfillService, tune_gc, tune_malloc
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=env.stderr)  # fmt: skip
@@ -130,6 +147,15 @@ def serve(config: InfillConfig, env, log_level: str = "info", ready: threading.E
         if not (config.receiver_tls_cert and config.receiver_tls_key):
             raise UserError("TLS needs both --receiver-tls-cert and --receiver-tls-key")
         tls_files = (config.receiver_tls_cert, config.receiver_tls_key)
+    if config.receiver_bearer_token and not config.tls:
+        logging.getLogger(__name__).warning(
+            "a bearer token is required but TLS is off: the token crosses the network in plain text; give "
+            "--receiver-tls-cert and --receiver-tls-key (or keep the receiver on loopback)")
+    elif not config.receiver_bearer_token and any(_exposed(e) for e in (config.receiver_grpc, config.receiver_http)):
+        logging.getLogger(__name__).warning(
+            "the receiver listens beyond loopback with no bearer token: anyone who reaches it can send spans%s",
+            " and read /localize" if config.localize_keep_s > 0 else "")
+    tune_malloc()  # before the model and the buffers are allocated
     service = InfillService(config)
     tune_gc()
     limit = int(config.receiver_max_message_mib * (1 << 20))
@@ -138,10 +164,14 @@ def serve(config: InfillConfig, env, log_level: str = "info", ready: threading.E
         if config.receiver_grpc:
             tls = tuple(Path(p).read_bytes() for p in tls_files) if tls_files else None
             receivers.append(GrpcReceiver(service, config.receiver_grpc, max_message_bytes=limit,
-                                          token=config.receiver_bearer_token, tls=tls))  # type: ignore[arg-type]
+                                          token=config.receiver_bearer_token, tls=tls,  # type: ignore[arg-type]
+                                          workers=config.receiver_workers))  # fmt: skip
         if config.receiver_http:
             receivers.append(HttpReceiver(service, config.receiver_http, max_message_bytes=limit,
-                                          token=config.receiver_bearer_token, tls=tls_files))  # fmt: skip
+                                          token=config.receiver_bearer_token, tls=tls_files,
+                                          workers=config.receiver_workers,
+                                          read_timeout_s=config.receiver_read_timeout_s,
+                                          metrics_public=config.metrics_public))  # fmt: skip
     except (OSError, ValueError) as e:
         service.stop(drain=False)
         raise UserError(f"cannot start the receiver: {e}") from None
@@ -166,10 +196,18 @@ def serve(config: InfillConfig, env, log_level: str = "info", ready: threading.E
         r.stop()
     service.stop()
     m = service.metrics
-    print(f"otel-tracegen infill: received {int(m.value('received_spans_total'))} spans, repaired "
-          f"{int(m.value('repaired_traces_total'))} trace(s), forwarded {int(m.value('forwarded_spans_total'))} "
+    print(f"otel-tracegen infill: received {int(m.value('receiver_accepted_spans_total'))} spans, repaired "
+          f"{int(m.value('repaired_traces_total'))} trace(s), forwarded {int(m.value('exporter_sent_spans_total'))} "
           f"spans, {len(service.outbound)} request(s) left queued", file=env.stderr)  # fmt: skip
     return 0
+
+
+def _exposed(endpoint: str | None) -> bool:
+    """Whether a listen address reaches beyond loopback."""
+    if not endpoint:
+        return False
+    host = endpoint.rpartition(":")[0].strip("[]")
+    return host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127.")
 
 
 # --- file -----------------------------------------------------------------------------------------------------

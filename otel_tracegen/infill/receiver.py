@@ -1,21 +1,29 @@
 """OTLP receivers: gRPC ``TraceService/Export`` and HTTP ``POST /v1/traces``, as the OTLP specification asks.
 
 - **Partial success.** Malformed spans are refused one by one and named in ``partial_success`` (``rejected_spans``
-  and ``error_message``); the good spans of the same request are taken.
-- **Malformed requests.** A body that is not an ``ExportTraceServiceRequest`` gets ``INVALID_ARGUMENT`` / HTTP 400
-  with a ``google.rpc.Status`` whose message says what was wrong. Too big: ``RESOURCE_EXHAUSTED`` (gRPC's own
-  limit) / HTTP 413. Unsupported content type: HTTP 415.
-- **Pressure.** When the queue is full: ``RESOURCE_EXHAUSTED`` with a ``RetryInfo`` (in ``grpc-status-details-bin``
-  and in the ``google.rpc.retryinfo-bin`` trailer the OTel SDKs read) / HTTP 503 with ``Retry-After``.
+  and ``error_message``); every other span of the same request is taken, also when the bad one breaks protobuf
+  (invalid UTF-8, a field running past its end, nesting deeper than parsers take).
+- **Malformed requests.** A body that is not an ``ExportTraceServiceRequest`` at all gets ``INVALID_ARGUMENT`` /
+  HTTP 400 with a ``google.rpc.Status`` whose message says what was wrong; so does a bad ``Content-Length`` or
+  ``Content-Encoding``. A body that stops arriving gets HTTP 408 after ``read_timeout_s``. Too big:
+  ``RESOURCE_EXHAUSTED`` without retry advice (gRPC's own limit) / HTTP 413. Unsupported content type: HTTP 415.
+- **Pressure.** When the buffer, the log or the memory limit is full: ``RESOURCE_EXHAUSTED`` with a ``RetryInfo``
+  (in ``grpc-status-details-bin`` and in the ``google.rpc.retryinfo-bin`` trailer the OTel SDKs read) / HTTP 503
+  with ``Retry-After``.
 - **Encodings.** Protobuf and JSON over HTTP (the answer in the request's encoding), gzip on both transports.
 - **Security.** Loopback by default; TLS from a certificate and key; an optional bearer token
-  (``authorization: Bearer ...``), refused with ``UNAUTHENTICATED`` / HTTP 401.
+  (``authorization: Bearer ...``, the scheme in any case), refused with ``UNAUTHENTICATED`` / HTTP 401 before the
+  body is read. ``/metrics`` is behind the token too unless ``metrics_public``; ``/healthz`` is not.
+- **No client stalls another.** HTTP runs on aiohttp's event loop: TLS handshakes, idle keep-alive connections and
+  slow bodies cost a socket each, not a thread; decoding and logging run on a bounded pool of ``workers``
+  threads, shared with nothing else. gRPC runs on grpcio, whose core does the same below its handler threads.
 
-The HTTP receiver also serves ``GET /metrics`` (Prometheus text) and ``GET /healthz``.
+The HTTP receiver also serves ``GET /metrics`` (Prometheus text), ``GET /healthz`` and ``GET /localize``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -23,12 +31,12 @@ import ssl
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
 
 from ..formats._otlp_common import length_delimited, varint
 from ..report import UserError
 from . import wire
-from .service import InfillService, Pressure
+from .service import InfillService, Pressure, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +77,12 @@ def rpc_status(code: int, message: str, retry_after_s: float | None = None) -> b
 
 
 def _authorized(expected: str | None, header: str | None) -> bool:
+    """Whether ``header`` (an ``authorization`` value) carries the bearer token; the scheme is case-insensitive
+    (RFC 7235), the token compared in constant time."""
     if not expected:
         return True
-    return header is not None and hmac.compare_digest(header.strip().encode(), f"Bearer {expected}".encode())
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), expected.encode())
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:
@@ -81,18 +92,91 @@ def _host_port(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+
+@dataclass
+class Answer:
+    """One HTTP answer, written in one piece (headers and body in a single send)."""
+
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict = field(default_factory=dict)
+    close: bool = False  # close the connection after it (a body was left unread, or the stream is unusable)
+
+
+def _status_answer(http: int, code: int, message: str, as_json: bool, retry_after_s: float | None = None,
+                   **kw) -> Answer:
+    """An error answer as the OTLP spec writes it: a ``google.rpc.Status`` in the request's encoding."""
+    if as_json:
+        return Answer(http, json.dumps({"code": code, "message": message}).encode(), wire.JSON, **kw)
+    return Answer(http, rpc_status(code, message, retry_after_s), wire.PROTOBUF, **kw)
+
+
+def take_request(service: InfillService, body: bytes, content_type: str, encoding: str, limit: int,
+                 transport: str) -> Answer:
+    """Decompress, decode, log and hold one OTLP/HTTP body (on a worker thread): the answer to send."""
+    as_json = wire.is_json(content_type)
+    try:
+        if encoding == "gzip":
+            body = _gunzip(body, limit)
+        elif encoding == "deflate":
+            d = zlib.decompressobj()
+            body = d.decompress(body, limit + 1)
+            if d.unconsumed_tail:
+                raise OverflowError
+        elif encoding != "identity":
+            raise wire.MalformedRequest(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+        if len(body) > limit:
+            raise OverflowError
+    except OverflowError:
+        service.metrics.inc("refused_requests_total", reason="too_large")
+        return _status_answer(413, CODE_RESOURCE_EXHAUSTED, f"decompressed request is over the limit of {limit} bytes",
+                              as_json)  # fmt: skip
+    except (wire.MalformedRequest, EOFError, zlib.error) as e:
+        service.metrics.inc("refused_requests_total", reason="malformed")
+        return _status_answer(400, CODE_INVALID_ARGUMENT, str(e) if isinstance(e, wire.MalformedRequest)
+                              else f"the body is not valid {encoding}: {e}", as_json)  # fmt: skip
+    try:
+        rejected, message = service.export(body, content_type, transport)
+    except wire.MalformedRequest as e:
+        return _status_answer(400, CODE_INVALID_ARGUMENT, str(e), as_json)
+    except TooLarge as e:
+        return _status_answer(413, CODE_RESOURCE_EXHAUSTED, str(e), as_json)
+    except Pressure as e:
+        return _status_answer(503, CODE_RESOURCE_EXHAUSTED, str(e), as_json, e.retry_after_s,
+                              headers={"Retry-After": str(max(1, round(e.retry_after_s)))})
+    except Exception as e:  # noqa: BLE001 - the log could not take it (disk full, shutting down): retry later
+        log.exception("could not take a request")
+        service.metrics.inc("refused_requests_total", reason="unavailable")
+        return _status_answer(503, CODE_UNAVAILABLE, f"the receiver cannot take data now ({type(e).__name__}: {e}); "
+                              "retry later", as_json, 5.0, headers={"Retry-After": "5"})  # fmt: skip
+    if as_json:
+        doc = {"partialSuccess": {"rejectedSpans": str(rejected), "errorMessage": message}} if rejected or message else {}
+        return Answer(200, json.dumps(doc).encode(), wire.JSON)
+    return Answer(200, export_response(rejected, message), wire.PROTOBUF)
+
+
 # --- gRPC ---------------------------------------------------------------------------------------------------
 
 
 class GrpcReceiver:
-    """``TraceService/Export`` on a grpcio server (raw bytes in and out: no message classes)."""
+    """``TraceService/Export`` on a grpcio server (raw bytes in and out: no message classes).
+
+    The bearer token is checked by an interceptor from the call's metadata, before the message is read: a refused
+    call is answered by a streaming handler that never reads its request, so grpc's flow control stops the client
+    after one window instead of taking up to the message limit into memory. Concurrent calls are not capped
+    (``maximum_concurrent_rpcs``): grpc refuses those beyond a cap with ``RESOURCE_EXHAUSTED`` and no retry
+    advice, which an OTLP exporter (the Collector's included) takes as "do not retry" and drops. A call waiting for
+    one of the ``workers`` threads has not read its message yet."""
 
     def __init__(self, service: InfillService, endpoint: str, *, max_message_bytes: int, token: str | None = None,
-                 tls: tuple[bytes, bytes] | None = None, workers: int = 8) -> None:
+                 tls: tuple[bytes, bytes] | None = None, workers: int = 4) -> None:
         import grpc
 
         self._grpc, self.service, self.token = grpc, service, token
+        interceptors = [_BearerInterceptor(grpc, token, service)] if token else []
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infill-grpc"),
+                                  interceptors=interceptors,
                                   options=[("grpc.max_receive_message_length", max_message_bytes)])  # fmt: skip
         handler = grpc.unary_unary_rpc_method_handler(self._export, request_deserializer=None, response_serializer=None)
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"Export": handler})])
@@ -106,16 +190,13 @@ class GrpcReceiver:
 
     def _export(self, request: bytes, context) -> bytes:
         grpc = self._grpc
-        if self.token:
-            auth = dict(context.invocation_metadata()).get("authorization")
-            if not _authorized(self.token, auth):
-                self.service.metrics.inc("refused_requests_total", reason="unauthenticated")
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         try:
-            rejected, message = self.service.export(request)
+            rejected, message = self.service.export(request, wire.PROTOBUF, "grpc")
         except wire.MalformedRequest as e:
             context.set_trailing_metadata((("grpc-status-details-bin", rpc_status(CODE_INVALID_ARGUMENT, str(e))),))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TooLarge as e:  # no retry advice: the OTLP spec's "do not retry" for RESOURCE_EXHAUSTED
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Pressure as e:
             context.set_trailing_metadata((
                 ("grpc-status-details-bin", rpc_status(CODE_RESOURCE_EXHAUSTED, str(e), e.retry_after_s)),
@@ -136,149 +217,225 @@ class GrpcReceiver:
         self.server.stop(grace_s).wait()
 
 
+class _BearerInterceptor:
+    """Refuses calls without the bearer token with ``UNAUTHENTICATED``, before their message is read."""
+
+    def __init__(self, grpc, token: str, service: InfillService) -> None:
+        self._token, self._service = token, service
+
+        def refuse(request_iterator, context):  # never iterates: the message is not read
+            service.metrics.inc("refused_requests_total", reason="unauthenticated")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._refusal = grpc.stream_unary_rpc_method_handler(refuse)
+
+    def intercept_service(self, continuation, handler_call_details):
+        auth = next((v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"), None)
+        if _authorized(self._token, auth if isinstance(auth, str) else None):
+            return continuation(handler_call_details)
+        return self._refusal
+
+
 # --- HTTP ---------------------------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "otel-tracegen-infill"
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # a client that stops sending mid-request does not hold a thread forever
+class _OneLine(logging.Filter):
+    """aiohttp answers a request it cannot parse (a bad Content-Length, a broken header) with a 400 itself, then
+    logs the parser's traceback as an error: a client's mistake, not ours. Make it one line at INFO."""
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
-        log.debug("http: " + format, *args)
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg, record.args = "refused a malformed HTTP request: %s", (" ".join(str(error).split()),)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
-    def _reply(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
 
-    def _status(self, http: int, code: int, message: str, json_body: bool, headers: dict | None = None,
-                retry_after_s: float | None = None) -> None:
-        if json_body:
-            body = json.dumps({"code": code, "message": message}).encode()
-            self._reply(http, body, wire.JSON, headers)
-        else:
-            self._reply(http, rpc_status(code, message, retry_after_s), wire.PROTOBUF, headers)
+_PROTOCOL_LOG = logging.getLogger(__name__ + ".http")
+_PROTOCOL_LOG.addFilter(_OneLine())
 
-    def do_GET(self) -> None:  # noqa: N802 - the base class's name
-        receiver: HttpReceiver = self.server.receiver  # type: ignore[attr-defined]
-        path = self.path.split("?")[0]
-        if path == "/metrics":
-            self._reply(200, receiver.service.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
-        elif path in ("/healthz", "/"):
-            self._reply(200, b"ok\n", "text/plain")
-        elif path == "/localize":  # trace ids and timings: behind the bearer token when there is one
-            if not _authorized(receiver.token, self.headers.get("Authorization")):
-                self._reply(401, b"missing or wrong bearer token\n", "text/plain", {"WWW-Authenticate": "Bearer"})
-            else:
-                self._localize(receiver.service)
-        else:
-            self._reply(404, b"not found\n", "text/plain")
 
-    def _localize(self, service) -> None:
-        """``GET /localize?window=2m&baseline=10m[&end=now|latest|TIME][&top=5]``: the localize ranking of the
-        traces this receiver forwarded lately (JSON, as ``otel-tracegen localize --json``)."""
-        from urllib.parse import parse_qs, urlsplit
+class HttpReceiver:
+    """``POST /v1/traces`` (and ``GET /metrics``, ``/healthz``, ``/localize``) on aiohttp, in an event loop of
+    its own thread. ``workers`` threads decode and log the bodies; at most twice as many bodies are read at once
+    (a request beyond that waits for its turn before its body is read), so memory stays bounded by
+    ``2 * workers * max_message_bytes`` plus what the buffer holds."""
 
-        if service.recent is None:
-            self._reply(404, b"localization is off: start with --localize-keep-s SECONDS\n", "text/plain")
+    def __init__(self, service: InfillService, endpoint: str, *, max_message_bytes: int, token: str | None = None,
+                 tls: tuple[str, str] | None = None, workers: int = 4, read_timeout_s: float = 30.0,
+                 metrics_public: bool = False) -> None:
+        self.service, self.token, self.max_message_bytes = service, token, max_message_bytes
+        self.metrics_public, self.read_timeout_s = metrics_public, read_timeout_s
+        self._host, port = _host_port(endpoint)
+        self._ssl = None
+        if tls is not None:
+            self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._ssl.load_cert_chain(tls[0], tls[1])
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infill-http")
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server = None
+        self._listener = None
+        # Listen now, so that a port in use fails at construction as the gRPC receiver does.
+        self._listener = self._loop.run_until_complete(self._listen(port))
+        self.port = self._listener.sockets[0].getsockname()[1]
+
+    async def _listen(self, port: int):
+        from aiohttp import web
+
+        self._admit = asyncio.Semaphore(2 * self._workers)
+        # auto_decompress off: bodies are decompressed on a worker, within the message limit (no gzip bomb);
+        # lingering off: a refused body is not read on, the connection is closed instead.
+        self._server = web.Server(self._handle, auto_decompress=False, lingering_time=0, keepalive_timeout=75,
+                                  access_log=None, logger=_PROTOCOL_LOG)  # fmt: skip
+        return await self._loop.create_server(self._server, self._host, port, ssl=self._ssl,
+                                              ssl_handshake_timeout=self.read_timeout_s if self._ssl else None,
+                                              reuse_address=True)  # fmt: skip
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop.run_forever, name="infill-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._loop.is_closed():
             return
-        from ..localize.recent import localize_recent
+
+        async def close():
+            self._listener.close()
+            await self._listener.wait_closed()
+            await self._server.shutdown(2.0)
+
+        if self._thread is not None:
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        else:
+            self._loop.run_until_complete(close())
+        self._loop.close()
+        self._pool.shutdown(wait=True)
+
+    # --- requests ---
+
+    async def _handle(self, request):
+        from aiohttp import web
 
         try:
-            answer = localize_recent(service.recent, parse_qs(urlsplit(self.path).query))
-        except UserError as e:
-            self._reply(400, json.dumps({"error": str(e)}).encode(), wire.JSON)
-            return
-        self._reply(200, json.dumps(answer).encode(), wire.JSON)
+            answer = await self._answer(request)
+        except Exception:  # noqa: BLE001 - a bug in one answer must not take the connection's others down
+            log.exception("answering %s %s failed", request.method, request.path)
+            answer = Answer(500, b"internal error\n", close=True)
+        response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+        response.content_type, _, charset = answer.content_type.partition("; charset=")
+        if charset:
+            response.charset = charset
+        if answer.close or not request.content.is_eof() and request.method == "POST" and answer.status != 200:
+            response.force_close()
+        return response
 
-    def do_POST(self) -> None:  # noqa: N802 - the base class's name
-        receiver: HttpReceiver = self.server.receiver  # type: ignore[attr-defined]
-        service = receiver.service
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    async def _answer(self, request) -> Answer:
+        path = request.path
+        if request.method == "GET":
+            return await self._get(request, path)
+        if request.method != "POST":
+            return Answer(405, b"method not allowed\n", headers={"Allow": "GET, POST"}, close=True)
+        ctype = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         as_json = ctype == wire.JSON
-        length = self.headers.get("Content-Length")
-        if self.path.split("?")[0] != HTTP_PATH:
-            self._drain(length)
-            self._reply(404, f"not found; OTLP traces go to POST {HTTP_PATH}\n".encode(), "text/plain")
-            return
-        if not _authorized(receiver.token, self.headers.get("Authorization")):
-            self._drain(length)
-            service.metrics.inc("refused_requests_total", reason="unauthenticated")
-            self._status(401, CODE_UNAUTHENTICATED, "missing or wrong bearer token", as_json,
-                         {"WWW-Authenticate": "Bearer"})
-            return
+        if path != HTTP_PATH:
+            return Answer(404, f"not found; OTLP traces go to POST {HTTP_PATH}\n".encode(), close=True)
+        if not _authorized(self.token, request.headers.get("Authorization")):
+            self.service.metrics.inc("refused_requests_total", reason="unauthenticated")
+            return _status_answer(401, CODE_UNAUTHENTICATED, "missing or wrong bearer token", as_json,
+                                  headers={"WWW-Authenticate": "Bearer"}, close=True)
         if ctype not in (wire.PROTOBUF, wire.JSON):
-            self._drain(length)
-            service.metrics.inc("refused_requests_total", reason="content_type")
-            self._reply(415, f"unsupported Content-Type {ctype!r}; use {wire.PROTOBUF} or {wire.JSON}\n".encode(),
-                        "text/plain")  # fmt: skip
-            return
-        if length is None or not length.isdigit():
-            service.metrics.inc("refused_requests_total", reason="malformed")
-            self._status(411, CODE_INVALID_ARGUMENT, "a Content-Length is required", as_json, {"Connection": "close"})
-            self.close_connection = True
-            return
-        n = int(length)
-        if n > receiver.max_message_bytes:
-            self._drain(length)
-            service.metrics.inc("refused_requests_total", reason="too_large")
-            self._status(413, CODE_RESOURCE_EXHAUSTED, f"request of {n} bytes is over the limit of "
-                         f"{receiver.max_message_bytes} bytes", as_json)  # fmt: skip
-            return
-        body = self.rfile.read(n)
-        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
-        too_large = (f"decompressed request is over the limit of {receiver.max_message_bytes} bytes")
-        try:
-            if encoding == "gzip":
-                body = _gunzip(body, receiver.max_message_bytes)
-            elif encoding == "deflate":
-                body = zlib.decompressobj().decompress(body, receiver.max_message_bytes + 1)
-            elif encoding != "identity":
-                raise wire.MalformedRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or none")
-            if len(body) > receiver.max_message_bytes:
-                raise OverflowError
-        except OverflowError:
-            service.metrics.inc("refused_requests_total", reason="too_large")
-            self._status(413, CODE_RESOURCE_EXHAUSTED, too_large, as_json)
-            return
-        except (wire.MalformedRequest, EOFError, zlib.error) as e:
-            service.metrics.inc("refused_requests_total", reason="malformed")
-            self._status(400, CODE_INVALID_ARGUMENT, str(e) if isinstance(e, wire.MalformedRequest)
-                         else f"the body is not valid {encoding}: {e}", as_json)  # fmt: skip
-            return
-        try:
-            rejected, message = service.export(body, ctype)
-        except wire.MalformedRequest as e:
-            self._status(400, CODE_INVALID_ARGUMENT, str(e), as_json)
-            return
-        except Pressure as e:
-            self._status(503, CODE_RESOURCE_EXHAUSTED, str(e), as_json,
-                         {"Retry-After": str(max(1, round(e.retry_after_s)))}, e.retry_after_s)
-            return
-        except Exception as e:  # noqa: BLE001 - the log could not take it (disk full, shutting down): retry later
-            log.exception("could not take a request")
-            service.metrics.inc("refused_requests_total", reason="unavailable")
-            self._status(503, CODE_UNAVAILABLE, f"the receiver cannot take data now ({type(e).__name__}: {e}); "
-                         "retry later", as_json, {"Retry-After": "5", "Connection": "close"}, 5.0)  # fmt: skip
-            self.close_connection = True
-            return
-        if as_json:
-            doc = {"partialSuccess": {"rejectedSpans": str(rejected), "errorMessage": message}} if rejected or message else {}
-            self._reply(200, json.dumps(doc).encode(), wire.JSON)
-        else:
-            self._reply(200, export_response(rejected, message), wire.PROTOBUF)
+            self.service.metrics.inc("refused_requests_total", reason="content_type")
+            return Answer(415, f"unsupported Content-Type {ctype!r}; use {wire.PROTOBUF} or {wire.JSON}\n".encode(),
+                          close=True)  # fmt: skip
+        limit = self.max_message_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            self.service.metrics.inc("refused_requests_total", reason="too_large")
+            return _status_answer(413, CODE_RESOURCE_EXHAUSTED, f"request of {length} bytes is over the limit of "
+                                  f"{limit} bytes", as_json, close=True)  # fmt: skip
+        encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
+        async with self._admit:
+            try:
+                async with _timeout(self.read_timeout_s):
+                    body = await self._read(request, limit)
+            except asyncio.TimeoutError:
+                self.service.metrics.inc("refused_requests_total", reason="timeout")
+                return _status_answer(408, CODE_INVALID_ARGUMENT, f"the body did not arrive within "
+                                      f"{self.read_timeout_s:g}s", as_json, close=True)  # fmt: skip
+            except OverflowError:
+                self.service.metrics.inc("refused_requests_total", reason="too_large")
+                return _status_answer(413, CODE_RESOURCE_EXHAUSTED, f"request is over the limit of {limit} bytes",
+                                      as_json, close=True)  # fmt: skip
+            except ValueError as e:  # the body's framing broke (a cut chunked body, a short one at EOF)
+                self.service.metrics.inc("refused_requests_total", reason="malformed")
+                return _status_answer(400, CODE_INVALID_ARGUMENT, f"the body could not be read: {e}", as_json,
+                                      close=True)  # fmt: skip
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, take_request, self.service, body, ctype, encoding, limit,
+                                              "http")  # fmt: skip
 
-    def _drain(self, length: str | None) -> None:
-        """Read (and drop) a refused request's body, so the connection can be reused."""
-        if length and length.isdigit() and int(length) <= 64 << 20:
-            self.rfile.read(int(length))
-        else:
-            self.close_connection = True
+    async def _read(self, request, limit: int) -> bytes:
+        """The body, at most ``limit`` bytes (OverflowError beyond); ValueError when it ends early."""
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        chunks, size = [], 0
+        try:
+            while chunk := await request.content.read(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise OverflowError
+                chunks.append(chunk)
+        except HttpProcessingError as e:
+            raise ValueError(e.message or str(e)) from None
+        if request.content_length is not None and size < request.content_length:
+            raise ValueError(f"got {size} of the {request.content_length} bytes Content-Length announced")
+        return b"".join(chunks)
+
+    async def _get(self, request, path: str) -> Answer:
+        if path in ("/healthz", "/"):
+            return Answer(200, b"ok\n")
+        if path == "/metrics":
+            if not self.metrics_public and not _authorized(self.token, request.headers.get("Authorization")):
+                return Answer(401, b"missing or wrong bearer token (or start with --metrics-public)\n",
+                              headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            return Answer(200, self.service.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/localize":  # trace ids and timings: behind the bearer token when there is one
+            if not _authorized(self.token, request.headers.get("Authorization")):
+                return Answer(401, b"missing or wrong bearer token\n", headers={"WWW-Authenticate": "Bearer"})
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, _localize, self.service, request.query_string)
+        return Answer(404, b"not found\n")
+
+
+def _timeout(seconds: float):
+    """``asyncio.timeout`` (3.11: no task per request, as ``wait_for`` makes), else aiohttp's equivalent."""
+    if hasattr(asyncio, "timeout"):
+        return asyncio.timeout(seconds)
+    from async_timeout import timeout  # aiohttp's own dependency before Python 3.11
+
+    return timeout(seconds)
+
+
+def _localize(service: InfillService, query: str) -> Answer:
+    """``GET /localize?window=2m&baseline=10m[&end=now|latest|TIME][&top=5]``: the localize ranking of the traces
+    this receiver forwarded lately (JSON, as ``otel-tracegen localize --json``)."""
+    from urllib.parse import parse_qs
+
+    if service.recent is None:
+        return Answer(404, b"localization is off: start with --localize-keep-s SECONDS\n")
+    from ..localize.recent import localize_recent
+
+    try:
+        answer = localize_recent(service.recent, parse_qs(query))
+    except UserError as e:
+        return Answer(400, json.dumps({"error": str(e)}).encode(), wire.JSON)
+    return Answer(200, json.dumps(answer).encode(), wire.JSON)
 
 
 def _gunzip(body: bytes, limit: int) -> bytes:
@@ -295,29 +452,3 @@ def _gunzip(body: bytes, limit: int) -> bytes:
         body = d.unused_data
         if not body:
             return out
-
-
-class HttpReceiver:
-    """``POST /v1/traces`` (and ``/metrics``) on a threading HTTP server."""
-
-    def __init__(self, service: InfillService, endpoint: str, *, max_message_bytes: int, token: str | None = None,
-                 tls: tuple[str, str] | None = None) -> None:
-        self.service, self.token, self.max_message_bytes = service, token, max_message_bytes
-        host, port = _host_port(endpoint)
-        self.server = ThreadingHTTPServer((host, port), _Handler)
-        self.server.daemon_threads = True
-        self.server.receiver = self  # type: ignore[attr-defined]
-        if tls is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(tls[0], tls[1])
-            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.server.serve_forever, name="infill-http", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

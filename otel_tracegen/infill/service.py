@@ -23,24 +23,29 @@ to ``drain_s`` seconds; what is left stays in the log for the next start.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
-from ..report import ReadReport, UserError
+from ..report import ReadReport
 from ..trace import Trace
 from . import wire
 from .buffer import ReleasedTrace, TraceBuffer
-from .detect import DetectSettings
-from .forward import Forwarder, ForwardSettings, make_exporter
+from .config import InfillConfig
+from .forward import EXPORTER, Forwarder, make_exporter
 from .metrics import Metrics
 from .queue import DiskQueue
-from .repair import Repaired, RepairSettings, TraceRepairer
+from .repair import Repaired, TraceRepairer
+from .wire import held_bytes
+
+__all__ = ["InfillConfig", "InfillService", "Pressure", "TooLarge", "load_repairer", "resident_bytes"]
 
 log = logging.getLogger(__name__)
+
+
+RECEIVER = "otlp"  # the receiver label of the Collector-style metrics
 
 
 class Pressure(Exception):
@@ -51,98 +56,17 @@ class Pressure(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass
-class InfillConfig:
-    """Every setting of ``otel-tracegen infill serve``. In YAML the fields are grouped by their prefix
-    (``receiver:``, ``buffer:``, ``repair:``, ``queue:``, ``exporter:``), e.g. ``buffer: {wait_s: 2}``; on the
-    command line they are flags (``--buffer-wait-s 2``)."""
+class TooLarge(Exception):
+    """A request that can never fit (``RESOURCE_EXHAUSTED`` without retry advice / HTTP 413)."""
 
-    receiver_grpc: str | None = "127.0.0.1:4327"  # host:port, or none
-    receiver_http: str | None = "127.0.0.1:4328"  # host:port, or none; also serves /metrics
-    receiver_max_message_mib: float = 16.0
-    receiver_tls_cert: str | None = None
-    receiver_tls_key: str | None = None
-    receiver_bearer_token: str | None = None
-    buffer_wait_s: float = 2.0
-    buffer_max_traces: int = 100_000
-    buffer_max_mib: float = 256.0
-    buffer_remember_traces: int = 20_000  # released traces whose span ids are kept, so late spans join them
-    repair_model: str | None = None  # a model directory; None: the shipped model
-    repair_no_model: bool = False  # rules only (re-parent to the nearest ancestor, clock skew)
-    repair_confidence: float = 0.5
-    repair_skew_tolerance_ms: float = 1.0
-    repair_batch_traces: int = 256
-    repair_threads: int | None = None
-    queue_directory: str = "otel-tracegen-infill-queue"
-    queue_max_mib: float = 1024.0
-    queue_fsync: bool = True
-    exporter_endpoint: str | None = None
-    exporter_protocol: str = "grpc"
-    exporter_insecure: bool | None = None
-    exporter_headers: dict = field(default_factory=dict)
-    exporter_compression: str | None = None
-    exporter_timeout_s: float = 10.0
-    exporter_retry_initial_s: float = 0.5
-    exporter_retry_max_s: float = 30.0
-    exporter_max_request_mib: float = 4.0
-    localize_keep_s: float = 0.0  # keep released traces this long for GET /localize; 0: off
-    localize_max_spans: int = 500_000
-    drain_s: float = 30.0
 
-    SECTIONS = ("receiver", "buffer", "repair", "queue", "exporter", "localize")
-
-    def __post_init__(self) -> None:
-        for name in ("receiver_grpc", "receiver_http"):  # "none" (a flag or YAML) turns a receiver off
-            v = getattr(self, name)
-            if v is not None and str(v).strip().lower() in ("", "none", "off", "false"):
-                setattr(self, name, None)
-        if self.buffer_wait_s < 0 or self.repair_batch_traces < 1 or self.queue_max_mib <= 0:
-            raise ValueError("need buffer.wait_s >= 0, repair.batch_traces >= 1 and queue.max_mib > 0")
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, Any], where: str = "config") -> InfillConfig:
-        """From a YAML document's mapping (sections of fields); an unknown key is an error naming it."""
-        names = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in (data or {}).items():
-            if key in cls.SECTIONS:
-                if not isinstance(value, dict):
-                    raise UserError(f"{where}: {key}: expected a mapping of settings, got {type(value).__name__}")
-                for sub, v in value.items():
-                    name = f"{key}_{sub}"
-                    if name not in names:
-                        known = ", ".join(n[len(key) + 1 :] for n in names if n.startswith(key + "_"))
-                        raise UserError(f"{where}: unknown setting {key}.{sub} (known: {known})")
-                    kwargs[name] = v
-            elif key in names:
-                kwargs[key] = value
-            else:
-                raise UserError(f"{where}: unknown setting {key!r} (sections: {', '.join(cls.SECTIONS)}, drain_s)")
-        return cls(**kwargs)
-
-    @classmethod
-    def load(cls, path: str | Path) -> InfillConfig:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"no config file at {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML ({e})") from None
-        if data is not None and not isinstance(data, dict):
-            raise UserError(f"{p}: expected a mapping at the top")
-        return cls.from_mapping(data or {}, str(p))
-
-    def repair_settings(self) -> RepairSettings:
-        return RepairSettings(confidence=self.repair_confidence,
-                              detect=DetectSettings(skew_tolerance_ns=int(self.repair_skew_tolerance_ms * 1e6)))
-
-    def forward_settings(self) -> ForwardSettings:
-        return ForwardSettings(self.exporter_endpoint, self.exporter_protocol, self.exporter_insecure,
-                               self.exporter_headers or None, self.exporter_compression, self.exporter_timeout_s,
-                               self.exporter_retry_initial_s, self.exporter_retry_max_s)  # fmt: skip
+def resident_bytes() -> int:
+    """The process's resident memory (RSS) now, from ``/proc/self/statm``; 0 where there is none."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class GroupCommit:
@@ -195,6 +119,29 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 1000)
 
 
+def tune_malloc() -> bool:
+    """Keep the C allocator from holding on to freed memory (glibc only; True when applied).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which request bodies and
+    encoded requests of a few MiB come from the heap and its per-thread arenas, which keep them after they are
+    freed: RSS then climbs past what the receiver holds. A fixed threshold (128 KiB: large blocks are mapped and
+    unmapped) and two arenas keep RSS near the live memory, which the buffer's bound is about."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return bool(mallopt(m_mmap_threshold, 128 << 10) and mallopt(m_trim_threshold, 128 << 10)
+                and mallopt(m_arena_max, 2))
+
+
 def load_repairer(config: InfillConfig) -> TraceRepairer:
     """The repairer the config asks for: the model's infill adapter, or rules only."""
     settings = config.repair_settings()
@@ -216,12 +163,10 @@ def load_repairer(config: InfillConfig) -> TraceRepairer:
     return TraceRepairer(ModelFiller(lm), None, settings)
 
 
-@dataclass(eq=False)
-class _Delivery:
-    """One released trace on its way out: the log records it came in and its outbound requests not yet done."""
-
-    seqs: set[int]
-    requests: int = 0
+BOOKED_RECORD_BYTES = 120
+"""What the delivery bookkeeping costs per log record (a dict entry) and per log record an outbound request names
+(an int in a tuple, and its share of the tuple), counted against the buffer's bound: while the downstream is down
+it grows with the backlog, which must not grow memory without bound."""
 
 
 class InfillService:
@@ -244,46 +189,80 @@ class InfillService:
             config.forward_settings()), config.forward_settings(), self.metrics, qdir / "dead-letter",
             on_done=self._delivered)  # fmt: skip
         self._max_queue_bytes = int(config.queue_max_mib * (1 << 20))
+        self._memory_limit = int(config.memory_limit_mib * (1 << 20))
         self.recent = None
         if config.localize_keep_s > 0:
             from ..localize.recent import RecentTraces
 
             self.recent = RecentTraces(config.localize_keep_s, config.localize_max_spans)
-        self._open: dict[int, int] = {}  # log record -> traces with spans in it not yet delivered
-        self._requests: dict[int, list[_Delivery]] = {}  # outbound record -> the traces with spans in it
+        # Delivery bookkeeping: a log record is acknowledged once nothing holds its spans any more: neither a trace
+        # in the buffer nor an outbound request not yet delivered. Per log record, how many such holders are left;
+        # per outbound request, the log records it holds spans of.
+        self._open: dict[int, int] = {}
+        self._requests: dict[int, tuple[int, ...]] = {}
+        self._booked = 0  # bytes of that bookkeeping, counted against the buffer's bound
+        self.buffer.extra = lambda: self._booked
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._replay: list[int] = []  # log records left by an earlier run, not yet back in the buffer
         self.recovered = 0
         m = self.metrics
-        m.gauge("buffered_traces", lambda: self.buffer.traces)
+        m.gauge("exporter_queue_size", lambda: self.wal.stats().bytes, exporter=EXPORTER)
+        m.gauge("exporter_queue_capacity", lambda: self._max_queue_bytes, exporter=EXPORTER)
+        m.gauge("buffered_traces", lambda: self.buffer.traces + self.buffer.waiting)
         m.gauge("buffered_spans", lambda: self.buffer.spans)
-        m.gauge("queued_requests", lambda: len(self.outbound))
-        m.gauge("queued_bytes", lambda: self.outbound.stats().bytes)
+        m.gauge("buffer_memory_bytes", lambda: self.buffer.bytes)
+        m.gauge("buffer_memory_capacity_bytes", lambda: self.buffer.max_bytes)
+        m.gauge("outbound_requests", lambda: len(self.outbound))
         m.gauge("log_records", lambda: len(self.wal))
+        m.gauge("dead_letter_bytes", lambda: self.forwarder.dead_letter_bytes)
+        m.gauge("process_memory_rss_bytes", resident_bytes)
 
     # --- life cycle ---
 
     def start(self) -> None:
-        """Replay what an earlier run left, then start repairing and forwarding."""
+        """Start repairing and forwarding; what an earlier run left in the log is fed back into the buffer as
+        memory allows (a log may hold far more than the buffer's bound)."""
         # Everything the outbound queue still holds is also in the log (a log record is acknowledged only once
         # its traces were delivered), and is sent again from there.
         self.outbound.ack_many(self.outbound.pending_seqs())
-        for seq, body in self.wal.pending():
-            try:
-                spans = wire.decode(body)
-            except wire.MalformedRequest as e:  # cannot happen for what we wrote; never block the log on it
-                log.error("write-ahead log record %d does not parse (%s); skipped", seq, e)
-                self.wal.ack(seq)
-                continue
-            self._hold(spans, seq)
-            self.recovered += 1
+        self._replay = sorted(self.wal.pending_seqs(), reverse=True)
+        self.recovered = len(self._replay)
         if self.recovered:
-            log.info("replayed %d accepted request(s) from the write-ahead log", self.recovered)
+            log.info("replaying %d accepted request(s) from the write-ahead log", self.recovered)
+        self._feed_replay()
         self.forwarder.start()
         self._thread = threading.Thread(target=self._run, name="infill-repair", daemon=True)
         self._thread.start()
+
+    def _feed_replay(self) -> bool:
+        """Put log records of an earlier run back into the buffer while they fit; True when some are left."""
+        while self._replay:
+            seq = self._replay[-1]
+            record = self.wal.get(seq)
+            if record is None:  # acked meanwhile, or unreadable (the queue logged why)
+                self._replay.pop()
+                continue
+            body, content_type = wire.read_log_record(record)
+            try:
+                spans = wire.decode(body, content_type)
+            except wire.MalformedRequest as e:  # the receiver decoded it once the same way: a damaged record
+                log.error("write-ahead log record %d does not parse (%s); skipped", seq, e)
+                self._replay.pop()
+                self.wal.ack(seq)
+                continue
+            cost = sum(map(held_bytes, spans))
+            if self.buffer.reserve(cost):
+                reserved = cost
+            elif self.buffer.bytes > 0:
+                return True  # wait for repair to free memory
+            else:
+                reserved = 0  # an empty buffer takes any one record, or the log could never drain
+            self._replay.pop()
+            self._hold(spans, seq, reserved)
+        return False
 
     def stop(self, drain: bool = True) -> None:
         """Release every held trace, queue it, drain the outbound queue (``drain_s``), and close."""
@@ -292,7 +271,8 @@ class InfillService:
         if self._thread is not None:
             self._thread.join()
         try:
-            self._release(self.buffer.due(everything=True))
+            while batch := self.buffer.due(everything=True, limit=self.config.repair_batch_traces):
+                self._release(batch)
             if drain and not self.forwarder.drain(self.config.drain_s):
                 log.warning("%d request(s) not forwarded within %.0fs; they stay in the log in %s for the next "
                             "start", len(self.outbound), self.config.drain_s, self.config.queue_directory)  # fmt: skip
@@ -303,39 +283,77 @@ class InfillService:
 
     # --- receiving ---
 
-    def export(self, body: bytes, content_type: str = wire.PROTOBUF) -> tuple[int, str]:
+    def export(self, body: bytes, content_type: str = wire.PROTOBUF, transport: str = "grpc") -> tuple[int, str]:
         """Take one OTLP request body: ``(rejected spans, message)`` for the partial-success answer. Raises
-        :class:`wire.MalformedRequest` (nothing taken) or :class:`Pressure` (nothing taken; retry later)."""
-        report = ReadReport(max_problems=20)
+        :class:`wire.MalformedRequest` (nothing taken) or :class:`Pressure` (nothing taken; retry later).
+
+        The order keeps the promise "acknowledged means replayable": the spans are decoded and their memory set
+        aside first, then the body is logged as it came (replay decodes it again the same way), then held."""
+        labels = {"receiver": RECEIVER, "transport": transport}
+        if self._memory_limit and (rss := resident_bytes()) > self._memory_limit:
+            self.metrics.inc("refused_requests_total", reason="memory_limit")
+            raise Pressure(f"the receiver uses {rss >> 20} MiB, over its memory limit of {self._memory_limit >> 20} "
+                           "MiB; retry later", 2.0)  # fmt: skip
+        queued = self.wal.stats().bytes  # the log holds everything not yet delivered
+        if queued > self._max_queue_bytes:
+            self.metrics.inc("refused_requests_total", reason="queue_full")
+            raise Pressure(f"the infill queue holds {queued} bytes, over its limit of {self._max_queue_bytes} "
+                           f"(downstream: {self.forwarder.last_error or 'slow'}); retry later", 5.0)  # fmt: skip
+        # Memory is set aside before decoding (an estimate from the body's size), so that concurrent requests
+        # cannot together decode past the bound; it is trued up to the spans' real cost once they are decoded.
+        reserved = min(len(body) * (2 if wire.is_json(content_type) else 4), self.buffer.budget)
+        if not self.buffer.reserve(reserved):
+            self._full()
         try:
-            spans = wire.decode(body, content_type, report)
-        except wire.MalformedRequest:
-            self.metrics.inc("refused_requests_total", reason="malformed")
-            raise
-        if spans:
-            queued = self.wal.stats().bytes  # the log holds everything not yet delivered
-            if queued > self._max_queue_bytes:
-                self.metrics.inc("refused_requests_total", reason="queue_full")
-                raise Pressure(f"the infill queue holds {queued} bytes, over its limit of {self._max_queue_bytes} "
-                               f"(downstream: {self.forwarder.last_error or 'slow'}); retry later", 5.0)  # fmt: skip
-            # The log holds the body as it came when every span was taken (the common case: no re-encoding).
-            whole = not report.total_dropped and content_type.split(";")[0].strip().lower() != wire.JSON
-            seq = self._log.append(bytes(body) if whole else wire.encode(spans))
-            self._hold(spans, seq)
-            self.metrics.inc("received_spans_total", len(spans))
-        rejected = report.total_dropped
+            report = ReadReport(max_problems=20)
+            try:
+                spans = wire.decode(body, content_type, report)
+            except wire.MalformedRequest:
+                self.metrics.inc("refused_requests_total", reason="malformed")
+                raise
+            rejected = report.total_dropped
+            if rejected:
+                self.metrics.inc("receiver_refused_spans_total", rejected, **labels)
+                self.metrics.inc("malformed_spans_total", rejected)
+            if spans:
+                cost = sum(map(held_bytes, spans))
+                if cost > self.buffer.budget:
+                    self.metrics.inc("refused_requests_total", reason="too_large")
+                    self.metrics.inc("receiver_refused_spans_total", len(spans), **labels)
+                    raise TooLarge(f"the request's {len(spans)} spans take {cost >> 20} MiB held, more than the "
+                                   f"whole buffer ({self.buffer.max_bytes >> 20} MiB, buffer.max_mib): send them "
+                                   "in smaller requests")  # fmt: skip
+                if cost > reserved:
+                    if not self.buffer.reserve(cost - reserved):
+                        self.metrics.inc("receiver_refused_spans_total", len(spans), **labels)
+                        self._full()
+                else:
+                    self.buffer.unreserve(reserved - cost)
+                reserved = cost
+                seq = self._log.append(wire.log_record(body, content_type))
+                self._hold(spans, seq, cost)
+                reserved = 0
+                self.metrics.inc("receiver_accepted_spans_total", len(spans), **labels)
+        finally:
+            if reserved:
+                self.buffer.unreserve(reserved)
         message = ""
         if rejected:
-            self.metrics.inc("rejected_spans_total", rejected)
             shown = "; ".join(str(p) for p in report.problems[:5])
             more = f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else ""
             message = f"{rejected} span(s) rejected: {shown}{more}"
         return rejected, message
 
-    def _hold(self, spans: list[wire.WireSpan], seq: int) -> None:
+    def _full(self) -> None:
+        self.metrics.inc("refused_requests_total", reason="buffer_full")
+        raise Pressure(f"the receiver holds {self.buffer.bytes >> 20} MiB of spans, at its bound of "
+                       f"{self.buffer.max_bytes >> 20} MiB (buffer.max_mib): repair is behind; retry later", 1.0)
+
+    def _hold(self, spans: list[wire.WireSpan], seq: int, reserved: int = 0) -> None:
         with self._lock:
             self._open[seq] = len({w.span.trace_id for w in spans})
-        self.buffer.add(spans, seq)
+            self._booked += BOOKED_RECORD_BYTES
+        self.buffer.add(spans, seq, reserved)
         self._wake.set()
 
     # --- delivery: a log record goes once all its traces are delivered ---
@@ -344,22 +362,20 @@ class InfillService:
         """The forwarder is done with outbound record ``seq`` (delivered, or kept as a dead letter)."""
         with self._lock:
             self.forwarder.span_counts.pop(seq, None)  # when the forwarder read the request before it was counted
-            finished = []
-            for d in self._requests.pop(seq, ()):
-                d.requests -= 1
-                if d.requests == 0:
-                    finished.append(d)
-        self._done(finished)
+            held = self._requests.pop(seq, ())
+            self._booked -= BOOKED_RECORD_BYTES * len(held)
+        self._let_go(held)
 
-    def _done(self, deliveries: list[_Delivery]) -> None:
+    def _let_go(self, seqs) -> None:
+        """One holder of each log record in ``seqs`` is done; acknowledge the records nothing holds any more."""
         acked = []
         with self._lock:
-            for d in deliveries:
-                for seq in d.seqs:
-                    self._open[seq] -= 1
-                    if self._open[seq] == 0:
-                        del self._open[seq]
-                        acked.append(seq)
+            for seq in seqs:
+                self._open[seq] -= 1
+                if self._open[seq] == 0:
+                    del self._open[seq]
+                    self._booked -= BOOKED_RECORD_BYTES
+                    acked.append(seq)
         if acked:
             self.wal.ack_many(acked)
 
@@ -373,7 +389,12 @@ class InfillService:
             if self._stop.is_set():
                 return
             try:
-                self._release(self.buffer.due())
+                while batch := self.buffer.due(limit=self.config.repair_batch_traces):
+                    self._release(batch)  # a batch at a time: what waits for repair stays counted in the buffer
+                    if self._stop.is_set():
+                        return
+                if self._replay and self._feed_replay():
+                    self._wake.set()
             except Exception:  # noqa: BLE001 - a bug here must not stop the receiver; the log keeps the data
                 log.exception("repair failed; the traces stay in the write-ahead log and are replayed on restart")
                 time.sleep(1.0)
@@ -403,34 +424,23 @@ class InfillService:
             batch = traces[b : b + n]
             results = self._repair(batch)
             limit = int(self.config.exporter_max_request_mib * (1 << 20))
-            deliveries = [_Delivery(t.seqs) for t in batch]
             parts = wire.split([w for r in results for w in r.spans], limit)
             bodies = [wire.encode(part) for part in parts]
-            # Which traces each request holds: parts are consecutive slices of the traces' spans in order.
-            ends, total = [], 0
-            for r in results:
-                total += len(r.spans)
-                ends.append(total)
-            holders, start, first = [], 0, 0
+            # The log records each request holds spans of: parts are consecutive slices of the traces' spans.
+            owners = [seq_set for t, r in zip(batch, results) for seq_set in [t.seqs] * len(r.spans)]
+            holds, start = [], 0
             for part in parts:
-                stop = start + len(part)
-                while ends[first] <= start:
-                    first += 1
-                last = first
-                while last + 1 < len(ends) and ends[last] < stop:
-                    last += 1
-                holders.append(deliveries[first : last + 1])
-                start = stop
+                holds.append(tuple(set().union(*owners[start : start + len(part)])))
+                start += len(part)
             with self._lock:  # registered before the forwarder can report the records done
                 seqs = self.outbound.append_many(bodies) if bodies else []
-                for seq, part, ds in zip(seqs, parts, holders):
+                for seq, part, held in zip(seqs, parts, holds):
                     self.forwarder.span_counts[seq] = len(part)
-                    for d in ds:
-                        d.requests += 1
-                    self._requests[seq] = ds
-            for d in deliveries:
-                if not d.requests:  # nothing to send (cannot happen: a released trace has spans)
-                    self._done([d])
+                    self._requests[seq] = held
+                    self._booked += BOOKED_RECORD_BYTES * len(held)
+                    for s in held:
+                        self._open[s] += 1
+            self._let_go([s for t in batch for s in t.seqs])  # the traces have left the buffer
             if self.recent is not None:  # what was forwarded, repaired, for GET /localize
                 self.recent.add(Trace([w.span for w in r.spans]) for r in results)
             reasons: Counter = Counter()

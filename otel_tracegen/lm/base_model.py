@@ -146,7 +146,8 @@ def load_base_tokenizer(source: BaseModelSource) -> Any:
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        tok = AutoTokenizer.from_pretrained(str(source.directory), local_files_only=True, **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(source.directory), local_files_only=True, trust_remote_code=False,
+                                            **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{source.description}: cannot load the tokenizer ({e})") from None
     if tok.pad_token is None:

@@ -16,10 +16,10 @@ A model directory is the Hugging Face ``save_pretrained`` layout plus our own fi
       adapters/instruct/adapter_model.safetensors  adapter_config.json   # LoRA (peft), one folder per stage
       adapters/infill/...
 
-``load_model()`` never runs pickle or remote code: ``use_safetensors=True`` and no ``trust_remote_code``. By default
-it runs our own models on :class:`~otel_tracegen.lm.runtime.TraceLMRuntime` (torch and safetensors only: importing
-transformers and peft alone takes longer than the 3 s a load may take on a CPU); ``backend="transformers"`` gives
-the ``LlamaForCausalLM`` / ``PeftModel`` that training uses.
+``load_model()`` never runs pickle or remote code: ``use_safetensors=True`` and ``trust_remote_code=False``. By
+default it runs our own models on :class:`~otel_tracegen.lm.runtime.TraceLMRuntime` (torch and safetensors only:
+importing transformers and peft alone takes longer than the 3 s a load may take on a CPU); ``backend="transformers"``
+gives the ``LlamaForCausalLM`` / ``PeftModel`` that training uses.
 """
 
 from __future__ import annotations
@@ -33,7 +33,30 @@ from typing import Any
 from .. import __version__
 from ..report import UserError
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
+# The shipped model lives in the repository's top-level model/ and is mapped into the package as
+# otel_tracegen/default_model (pyproject.toml: [tool.setuptools] package-dir), so that a wheel carries it.
+SHIPPED_MODEL_PACKAGE_DIR = "default_model"
+
+
+def find_shipped_model_dir() -> Path:
+    """Where the shipped default model is: inside the installed package (a wheel or a plain ``pip install .``),
+    else the checkout's ``model/`` (a source checkout, or an editable install, which maps packages to the source
+    tree). The first of the two that holds a model wins; the package's place is returned when neither does, so
+    that the error names where an installed model was expected."""
+    from importlib.resources import files
+
+    packaged = files("otel_tracegen") / SHIPPED_MODEL_PACKAGE_DIR
+    packaged_dir = Path(str(packaged))  # a real directory for any file-system install (not a zip import)
+    if (packaged_dir / "config.json").is_file():
+        return packaged_dir
+    checkout = Path(__file__).resolve().parents[2]
+    # Only a source checkout: an installed package's parents[2] is site-packages, whose "model" is not ours.
+    if (checkout / "pyproject.toml").is_file() and (checkout / "model" / "config.json").is_file():
+        return checkout / "model"
+    return packaged_dir
+
+
+DEFAULT_MODEL_DIR = find_shipped_model_dir()
 TRAINING_JSON = "training.json"
 ADAPTERS_DIR = "adapters"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -308,7 +331,8 @@ def load_model(path: str | Path | None = None, device: str | None = None, *, bac
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     p = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if not p.is_dir():
-        hint = " (the shipped default model has not been trained yet; see `otel-tracegen train`)" if path is None else ""
+        hint = (" (the shipped default model is missing: reinstall otel-tracegen from a wheel or an sdist, which "
+                "carry it, or see `otel-tracegen train`)") if path is None else ""
         raise UserError(f"no model directory at {p}{hint}")
     training = read_training_json(p)
     device = device or default_device()
@@ -343,7 +367,10 @@ def load_model(path: str | Path | None = None, device: str | None = None, *, bac
         from peft import PeftModel
 
         root = p / ADAPTERS_DIR
-        model = PeftModel.from_pretrained(model, str(root / adapters[0]), adapter_name=adapters[0])
+        # peft reads adapter configs as JSON and runs no model code; the flag is passed for the rule that every
+        # from_pretrained says it (tests/test_install.py), and peft ignores it.
+        model = PeftModel.from_pretrained(model, str(root / adapters[0]), adapter_name=adapters[0],
+                                          trust_remote_code=False)
         for name in adapters[1:]:
             model.load_adapter(str(root / name), adapter_name=name)
         model = model.to(device)
