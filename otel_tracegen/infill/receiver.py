@@ -362,8 +362,7 @@ class HttpReceiver:
         encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
         async with self._admit:
             try:
-                async with _timeout(self.read_timeout_s):
-                    body = await self._read(request, limit)
+                body = await _within(self._read(request, limit), self.read_timeout_s)
             except asyncio.TimeoutError:
                 self.service.metrics.inc("refused_requests_total", reason="timeout")
                 return _status_answer(408, CODE_INVALID_ARGUMENT, f"the body did not arrive within "
@@ -413,13 +412,13 @@ class HttpReceiver:
         return Answer(404, b"not found\n")
 
 
-def _timeout(seconds: float):
-    """``asyncio.timeout`` (3.11: no task per request, as ``wait_for`` makes), else aiohttp's equivalent."""
+async def _within(awaitable, seconds: float):
+    """``awaitable`` within ``seconds`` (TimeoutError): ``asyncio.timeout`` where there is one (3.11; no task per
+    request, as ``wait_for`` makes), else ``wait_for``."""
     if hasattr(asyncio, "timeout"):
-        return asyncio.timeout(seconds)
-    from async_timeout import timeout  # aiohttp's own dependency before Python 3.11
-
-    return timeout(seconds)
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 def _localize(service: InfillService, query: str) -> Answer:
