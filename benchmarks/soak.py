@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import random
 import re
 import shutil
@@ -313,7 +314,8 @@ class Workload:
             self._count += 1
             return f"{self.nonce:08x}{self._count:024x}"
 
-    def steady(self, rng: random.Random, json_body: bool, traces: int | None = None) -> Request:
+    def steady(self, rng: random.Random, json_body: bool, traces: int | None = None, payload: int = 0) -> Request:
+        """A request of 1-10 traces (or ``traces``), its spans carrying ``payload`` bytes of attribute each."""
         base = time.time_ns()
         roll = rng.random()
         if roll < 0.01:
@@ -321,8 +323,9 @@ class Workload:
                                 "garbage")  # fmt: skip
         token = not 0.01 <= roll < 0.02
         mixed = rng.random() < 0.2
-        spans = [s for _ in range(traces or rng.randint(1, 10)) for s in make_trace(self.trace_id(), rng.randint(2, 8),
-                                                                                   rng, base)]  # fmt: skip
+        attributes = {"k": 1, "payload": "p" * payload} if payload else None
+        spans = [s for _ in range(traces or rng.randint(1, 10))
+                 for s in make_trace(self.trace_id(), rng.randint(2, 8), rng, base, attributes)]  # fmt: skip
         trace = spans[0].trace_id
         if json_body:
             bad: list[Span] = []
@@ -440,15 +443,24 @@ def deliver(req: Request, transport: str, port: int, token: str, tally: Tally, s
 
 
 class Client(threading.Thread):
-    """One steady (paced, ``rate`` requests/s) or burst (as fast as answered) client."""
+    """One client: steady (``rate`` requests/s made as it goes) or burst (``pile``: requests made beforehand,
+    sent as fast as they are answered until the pile is empty)."""
 
-    def __init__(self, n: int, transport: str, json_body: bool, rate: float | None, traces: int | None,
-                 workload: Workload, receiver: Receiver, token: str, tally: Tally, stop: threading.Event,
-                 seed: int) -> None:
+    def __init__(self, n: int, transport: str, json_body: bool, receiver: Receiver, token: str, tally: Tally,
+                 stop: threading.Event, *, workload: Workload | None = None, rate: float = 0.0, seed: int = 0,
+                 pile: queue.SimpleQueue | None = None) -> None:
         super().__init__(name=f"client-{n}", daemon=True)
-        self.transport, self.json_body, self.rate, self.traces = transport, json_body, rate, traces
+        self.transport, self.json_body, self.rate, self.pile = transport, json_body, rate, pile
         self.workload, self.receiver, self.token, self.tally, self.stop = workload, receiver, token, tally, stop
         self.rng = random.Random(seed)
+
+    def next_request(self) -> Request | None:
+        if self.pile is None:
+            return self.workload.steady(self.rng, self.json_body)
+        try:
+            return self.pile.get_nowait()
+        except queue.Empty:
+            return None
 
     def run(self) -> None:
         session = requests.Session() if self.transport == "http" else None
@@ -456,8 +468,7 @@ class Client(threading.Thread):
         port = self.receiver.http_port
         due = time.monotonic()
         try:
-            while not self.stop.is_set():
-                req = self.workload.steady(self.rng, self.json_body, self.traces)
+            while not self.stop.is_set() and (req := self.next_request()) is not None:
                 deliver(req, self.transport, port, self.token, self.tally, self.stop, session, channel)
                 if self.rate:
                     due = max(due + 1 / self.rate, time.monotonic() - 1.0)
@@ -465,6 +476,39 @@ class Client(threading.Thread):
         finally:
             if channel is not None:
                 channel.close()
+
+
+def prepare_pile(workload: Workload, n: int, traces: int, payload: int, seed: int) -> queue.SimpleQueue:
+    """``n`` protobuf requests of ``traces`` traces each (spans with ``payload`` bytes of attribute), made before a
+    burst so that making them does not pace it (20 % mixed with bad spans, as the steady ones)."""
+    rng = random.Random(seed)
+    pile: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(n):
+        req = workload.steady(rng, False, traces, payload)
+        while req.kind not in ("good", "mixed"):  # no garbage or unauthenticated ones in a burst
+            req = workload.steady(rng, False, traces, payload)
+        pile.put(req)
+    return pile
+
+
+class Burst(threading.Thread):
+    """Burst clients emptying a pile made beforehand; records how long it took and the pushback it met."""
+
+    def __init__(self, record: dict, clients: list[Client], tally: Tally) -> None:
+        super().__init__(name="burst", daemon=True)
+        self.record, self.clients, self.tally = record, clients, tally
+
+    def pushback(self) -> int:
+        with self.tally.lock:
+            return sum(n for (_, a), n in self.tally.answers.items() if a == "pushback")
+
+    def run(self) -> None:
+        before, t0 = self.pushback(), time.monotonic()
+        for c in self.clients:
+            c.start()
+        for c in self.clients:
+            c.join()
+        self.record.update(seconds=round(time.monotonic() - t0, 1), pushback=self.pushback() - before)
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -484,7 +528,8 @@ def plan(seconds: float, cycle_s: float, oversize_every_s: float, rng: random.Ra
     while c < seconds:
         outage = rng.uniform(10, 30)
         start = c + 0.3 * cycle_s
-        events += [(c + 0.13 * cycle_s, "burst", {"seconds": 5.0}),
+        events += [(c + 0.03 * cycle_s, "prepare burst", {}),
+                   (c + 0.13 * cycle_s, "burst", {}),
                    (start, "outage", {"seconds": outage}),
                    (start + outage / 2, "kill", {"during": "outage"}),
                    (start + outage, "sink back", {}),
@@ -575,6 +620,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=4, help="steady clients (gRPC, HTTP protobuf, HTTP JSON in turn)")
     ap.add_argument("--rate", type=float, default=20.0, help="requests/s of each steady client")
     ap.add_argument("--burst-clients", type=int, default=4)
+    ap.add_argument("--burst-requests", type=int, default=200, help="requests made beforehand for each burst")
+    ap.add_argument("--burst-traces", type=int, default=40, help="traces per burst request")
+    ap.add_argument("--burst-payload", type=int, default=2000, help="attribute bytes of each burst span")
     ap.add_argument("--cycle-s", type=float, default=60.0, help="one burst, one outage and two kills per cycle")
     ap.add_argument("--oversize-every-s", type=float, default=12.0, help="a 2 MiB span this often (0: never)")
     ap.add_argument("--buffer-max-mib", type=float, default=64.0)
@@ -615,26 +663,34 @@ def main() -> int:
     sampler = RssSampler(receiver, args.rss_interval_s, token, t0)
     sampler.start()
     transports = [("grpc", False), ("http", False), ("http", True)]
-    clients = [Client(n, *transports[n % 3], args.rate, None, workload, receiver, token, tally, stop, args.seed + n)
-               for n in range(args.clients)]  # fmt: skip
+    clients = [Client(n, *transports[n % 3], receiver, token, tally, stop, workload=workload, rate=args.rate,
+                      seed=args.seed + n) for n in range(args.clients)]  # fmt: skip
     for c in clients:
         c.start()
     seconds = args.minutes * 60
-    kills, outages, bursts, oversized = [], [], [], 0
+    kills: list[dict] = []
+    outages: list[float] = []
+    bursts: list[Burst] = []
+    piles: list[futures.Future] = []
+    preparer = futures.ThreadPoolExecutor(1, thread_name_prefix="pile")
+    oversized = 0
     outage_started = sink_back = 0.0
     try:
         for at, what, details in plan(seconds, args.cycle_s, args.oversize_every_s, rng):
             time.sleep(max(0.0, at - (time.monotonic() - t0)))
-            if what == "burst":
-                burst_stop = threading.Event()
-                extra = [Client(100 + k, *transports[k % 2], None, 20, workload, receiver, token, tally, burst_stop,
-                                args.seed * 1000 + len(bursts) * 10 + k) for k in range(args.burst_clients)]  # fmt: skip
-                before = sum(n for (_, a), n in tally.answers.items() if a == "pushback")
-                for c in extra:
-                    c.start()
-                threading.Timer(details["seconds"], burst_stop.set).start()
-                bursts.append({"t": round(at, 1), "clients": len(extra), "threads": extra, "pushback_before": before})
-                note("burst", clients=len(extra), seconds=details["seconds"])
+            if what == "prepare burst":
+                piles.append(preparer.submit(prepare_pile, workload, args.burst_requests, args.burst_traces,
+                                             args.burst_payload, args.seed * 1000 + len(piles)))  # fmt: skip
+            elif what == "burst":
+                pile = piles[len(bursts)].result()
+                extra = [Client(100 + k, *transports[k % 2], receiver, token, tally, stop, pile=pile)
+                         for k in range(args.burst_clients)]  # fmt: skip
+                record = {"t": round(time.monotonic() - t0, 1), "clients": len(extra), "requests": args.burst_requests,
+                          "traces_per_request": args.burst_traces, "payload_bytes_per_span": args.burst_payload}  # fmt: skip
+                burst = Burst(record, extra, tally)
+                burst.start()
+                bursts.append(burst)
+                note("burst", clients=len(extra), requests=args.burst_requests)
             elif what == "outage":
                 sink.stop()
                 outage_started = time.monotonic()
@@ -666,7 +722,7 @@ def main() -> int:
         time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
         note("load stops")
         stop.set()
-        for c in clients + [c for b in bursts for c in b["threads"]]:
+        for c in clients + bursts:
             c.join(60)
         if not sink.up:
             sink.start()
@@ -688,6 +744,7 @@ def main() -> int:
         time.sleep(0.5)
     finally:
         stop.set()
+        preparer.shutdown(wait=False, cancel_futures=True)
         sampler.stop.set()
         if receiver.proc is not None and receiver.proc.poll() is None:
             receiver.kill9()
@@ -700,8 +757,6 @@ def main() -> int:
         duplicates = sink.spans - len(sink.arrived)
     pushback = {f"{t} {'503' if t == 'http' else 'RESOURCE_EXHAUSTED'}": n for (t, a), n in tally.answers.items()
                 if a == "pushback"}  # fmt: skip
-    for b in bursts:
-        b.pop("threads")
     logs = log_summary(receiver.log_path)
     ok_rss = sampler.peak <= bound
     failures = []
@@ -725,7 +780,7 @@ def main() -> int:
         "requests": {"sent": dict(tally.requests), "acknowledged": dict(tally.acked_requests),
                      "abandoned_under_pushback_at_the_end": tally.abandoned,
                      "answers": {f"{t} {a}": n for (t, a), n in sorted(tally.answers.items())}},
-        "pushback": pushback, "kills": kills, "outages_s": outages, "bursts": bursts, "oversized_requests": oversized,
+        "pushback": pushback, "kills": kills, "outages_s": outages, "bursts": [b.record for b in bursts], "oversized_requests": oversized,
         "dead_letters": dict(reasons),
         "rss": {"idle_mib": idle / 2**20, "buffer_max_mib": args.buffer_max_mib, "bound_mib": bound / 2**20,
                 "peak_mib": sampler.peak / 2**20, "peak_at_s": round(sampler.peak_at, 1),
@@ -744,7 +799,8 @@ def main() -> int:
     print(f"requests sent: {dict(tally.requests)}; answers: {result['requests']['answers']}")
     print(f"faults: {len(kills)} kill -9 ({sum(k['during'] == 'outage' for k in kills)} during an outage, "
           f"{sum(k['during'] == 'delivery' for k in kills)} during delivery), {len(outages)} outages {outages} s, "
-          f"{len(bursts)} bursts, {oversized} oversized requests; dead letters {dict(reasons)}")  # fmt: skip
+          f"{len(bursts)} bursts (pushback met: {[b.record.get('pushback') for b in bursts]}), {oversized} oversized "
+          f"requests; dead letters {dict(reasons)}")  # fmt: skip
     print(f"pushback answers: {pushback or 'none'}")
     print(f"RSS: idle {idle / 2**20:.1f} MiB, peak {sampler.peak / 2**20:.1f} MiB at {sampler.peak_at:.0f} s, bound "
           f"{bound / 2**20:.1f} MiB (idle + 1.2 x {args.buffer_max_mib:g} MiB): "
