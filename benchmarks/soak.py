@@ -1,13 +1,14 @@
 """Soak: ``otel-tracegen infill serve`` under faults for minutes, checking that nothing it acknowledged is lost.
 
-    python3 benchmarks/soak.py [--minutes 10] [--clients 4] [--rate 20] [--buffer-max-mib 64] [--cycle-s 60]
-        [--burst-clients 4] [--oversize-every-s 12] [--drain-timeout-s 180] [--seed 0] [--dir /tmp] [--keep]
+    python3 benchmarks/soak.py [--minutes 10] [--clients 4] [--rate 20] [--buffer-max-mib 64] [--buffer-wait-s 1]
+        [--cycle-s 60] [--burst-clients 6] [--burst-requests 200] [--burst-traces 40] [--burst-payload 4000]
+        [--oversize-every-s 12] [--rss-interval-s 1] [--drain-timeout-s 180] [--seed 0] [--dir /tmp] [--keep]
         [--json benchmarks/results/soak.json]
 
 The longer runs of the faults ``tests/test_infill_faults.py`` injects for seconds (its ideas, not its code). The
-receiver runs as a process of its own (``python -m otel_tracegen infill serve --repair-no-model``, OTLP/gRPC and
-OTLP/HTTP, a bearer token, ``--buffer-max-mib``), forwarding over gRPC to a sink in this process whose
-``grpc.max_receive_message_length`` is 1 MiB. For ``--minutes``, at once:
+receiver runs as a process of its own (``python -m otel_tracegen infill serve --repair-no-model``: OTLP/gRPC and
+OTLP/HTTP on loopback, a bearer token, ``--buffer-max-mib``, exporter retries from 0.2 s to 2 s), forwarding over
+gRPC to a sink in this process whose ``grpc.max_receive_message_length`` is 1 MiB. For ``--minutes``, at once:
 
 - **Steady load.** ``--clients`` threads (gRPC, HTTP protobuf, HTTP JSON in turn), ``--rate`` requests/s each,
   1-10 traces of 2-8 spans a request (10 % of traces miss a span, so repair has work). 20 % of requests mix in
@@ -16,26 +17,28 @@ OTLP/HTTP, a bearer token, ``--buffer-max-mib``), forwarding over gRPC to a sink
   INVALID_ARGUMENT), 1 % lack the token (expect 401 / UNAUTHENTICATED). Clients behave like an OTel SDK: on
   503 / RESOURCE_EXHAUSTED they wait the retry advice (at most 2 s) and send the same body again; while the
   receiver is down, every 0.3 s.
-- **Every ``--cycle-s``** (60): an overload burst (``--burst-clients`` threads sending 20-trace requests as fast
-  as they are answered, 5 s); a downstream outage (the sink stops for 10-30 s, then restarts on the same port);
-  ``kill -9`` of the receiver halfway through the outage, and again 1.5-3 s after the sink is back (during the
-  delivery of the backlog), each followed by a restart on the same ports and queue directory.
-- **Every ``--oversize-every-s``** (12): a request holding a 2 MiB span (and a small root), which the sink can
+- **Every ``--cycle-s``** (60 s): an overload burst (``--burst-clients`` threads sending ``--burst-requests``
+  requests made beforehand, of ``--burst-traces`` traces whose spans carry ``--burst-payload`` bytes of
+  attributes, as fast as they are answered); a downstream outage (the sink stops for 10-30 s, then restarts on
+  the same port); ``kill -9`` of the receiver halfway through the outage, and again once the sink takes the
+  backlog again (1.5-3 s after it is back, during delivery), each followed by a restart on the same ports and
+  queue directory.
+- **Every ``--oversize-every-s``** (12 s): a request holding a 2 MiB span (and a small root), which the sink can
   never take: the receiver must split the request around it and keep that span as a dead letter.
 
 Every span the receiver acknowledged (HTTP 200 / gRPC OK, minus the spans its partial success rejected) is
 tracked: which spans a body holds is computed here with ``otel_tracegen.infill.wire.decode(body, content_type,
-report)``, the receiver's own decoder, and the rejected count must match the receiver's answer. At the end the
-load stops, the sink stays up, and the run waits (``--drain-timeout-s``) until every acknowledged span arrived at
-the sink (duplicates allowed: at-least-once) or is in a dead letter (``<queue dir>/dead-letter/*.binpb``,
-accounted for), then stops the receiver with SIGTERM. The receiver's RSS is read from ``/proc/PID/status`` every
-``--rss-interval-s`` (1 s); its claim is RSS <= idle RSS (a fresh start, before any load) + 1.2 x
-``--buffer-max-mib``.
+report)``, the receiver's own decoder, and the receiver's rejected count must match it. At the end the load
+stops, the sink stays up, and the run waits (``--drain-timeout-s``) until every acknowledged span arrived at the
+sink (duplicates allowed: at-least-once) or is in a dead letter (``<queue dir>/dead-letter/*.binpb``, accounted
+for), then stops the receiver with SIGTERM. The receiver's RSS is read from ``/proc/PID/status`` every
+``--rss-interval-s``, with its buffer gauges from ``/metrics``; its claim is RSS <= idle RSS (a fresh start,
+before any load) + 1.2 x ``--buffer-max-mib``.
 
 Reports spans sent / acknowledged / arrived / dead-lettered / missing, kills, outages, bursts, pushback answers
-(503 / RESOURCE_EXHAUSTED), peak RSS against the bound, and the receiver's logged errors; writes them (and the
-event timeline) to ``--json``. Exits 1 if an acknowledged span was lost or the RSS bound was broken. Heavy on a
-2-core machine: run nothing else meanwhile.
+(503 / RESOURCE_EXHAUSTED), peak RSS against the bound, and the receiver's logged errors; writes them, the event
+timeline and the RSS series to ``--json``. Exits 1 if an acknowledged span was lost, the RSS bound was broken, or
+an answer was not the one expected. Heavy on a 2-core machine: run nothing else meanwhile.
 """
 
 from __future__ import annotations
@@ -619,10 +622,10 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=4, help="steady clients (gRPC, HTTP protobuf, HTTP JSON in turn)")
     ap.add_argument("--rate", type=float, default=20.0, help="requests/s of each steady client")
-    ap.add_argument("--burst-clients", type=int, default=4)
+    ap.add_argument("--burst-clients", type=int, default=6)
     ap.add_argument("--burst-requests", type=int, default=200, help="requests made beforehand for each burst")
     ap.add_argument("--burst-traces", type=int, default=40, help="traces per burst request")
-    ap.add_argument("--burst-payload", type=int, default=2000, help="attribute bytes of each burst span")
+    ap.add_argument("--burst-payload", type=int, default=4000, help="attribute bytes of each burst span")
     ap.add_argument("--cycle-s", type=float, default=60.0, help="one burst, one outage and two kills per cycle")
     ap.add_argument("--oversize-every-s", type=float, default=12.0, help="a 2 MiB span this often (0: never)")
     ap.add_argument("--buffer-max-mib", type=float, default=64.0)
@@ -776,7 +779,7 @@ def main() -> int:
         "spans": {"sent": tally.spans_sent, "rejected_by_partial_success": tally.spans_rejected,
                   "acknowledged": len(tally.acked), "arrived": len(arrived), "dead_lettered": len(dead & tally.acked),
                   "missing": len(missing), "duplicates_at_sink": duplicates,
-                  "extra_at_sink": len(sink.arrived - tally.acked)},
+                  "extra_at_sink": len(sink.arrived - tally.acked)},  # answers lost to a kill, spans repair made
         "requests": {"sent": dict(tally.requests), "acknowledged": dict(tally.acked_requests),
                      "abandoned_under_pushback_at_the_end": tally.abandoned,
                      "answers": {f"{t} {a}": n for (t, a), n in sorted(tally.answers.items())}},
@@ -794,8 +797,8 @@ def main() -> int:
     s = result["spans"]
     print(f"spans: sent {s['sent']}, rejected by partial success {s['rejected_by_partial_success']}, acknowledged "
           f"{s['acknowledged']}, arrived {s['arrived']}, dead-lettered (too large) {s['dead_lettered']}, missing "
-          f"{s['missing']}; duplicates at the sink {s['duplicates_at_sink']}, spans the receiver made "
-          f"{s['extra_at_sink']}")  # fmt: skip
+          f"{s['missing']}; duplicates at the sink {s['duplicates_at_sink']}; arrived without an acknowledgement "
+          f"(its answer lost to a kill, or made by repair) {s['extra_at_sink']}")  # fmt: skip
     print(f"requests sent: {dict(tally.requests)}; answers: {result['requests']['answers']}")
     print(f"faults: {len(kills)} kill -9 ({sum(k['during'] == 'outage' for k in kills)} during an outage, "
           f"{sum(k['during'] == 'delivery' for k in kills)} during delivery), {len(outages)} outages {outages} s, "
