@@ -2,13 +2,14 @@
 
     python3 benchmarks/soak.py [--minutes 10] [--clients 4] [--rate 20] [--buffer-max-mib 64] [--buffer-wait-s 1]
         [--cycle-s 60] [--burst-clients 6] [--burst-requests 200] [--burst-traces 40] [--burst-payload 4000]
-        [--oversize-every-s 12] [--rss-interval-s 1] [--drain-timeout-s 180] [--seed 0] [--dir /tmp] [--keep]
+        [--oversize-every-s 12] [--exporter-max-request-mib 0.9] [--rss-interval-s 1] [--drain-timeout-s 180] [--seed 0] [--dir /tmp] [--keep]
         [--json benchmarks/results/soak.json]
 
 The longer runs of the faults ``tests/test_infill_faults.py`` injects for seconds (its ideas, not its code). The
 receiver runs as a process of its own (``python -m otel_tracegen infill serve --repair-no-model``: OTLP/gRPC and
-OTLP/HTTP on loopback, a bearer token, ``--buffer-max-mib``, exporter retries from 0.2 s to 2 s), forwarding over
-gRPC to a sink in this process whose ``grpc.max_receive_message_length`` is 1 MiB. For ``--minutes``, at once:
+OTLP/HTTP on loopback, a bearer token, ``--buffer-max-mib``, exporter retries from 0.2 s to 2 s,
+``--exporter-max-request-mib`` 0.9), forwarding over gRPC to a sink in this process whose
+``grpc.max_receive_message_length`` is 1 MiB. For ``--minutes``, at once:
 
 - **Steady load.** ``--clients`` threads (gRPC, HTTP protobuf, HTTP JSON in turn), ``--rate`` requests/s each,
   1-10 traces of 2-8 spans a request (10 % of traces miss a span, so repair has work). 20 % of requests mix in
@@ -166,6 +167,7 @@ class Receiver:
                     "--buffer-max-mib", str(args.buffer_max_mib), "--buffer-wait-s", str(args.buffer_wait_s),
                     "--exporter-endpoint", f"127.0.0.1:{sink_port}", "--exporter-insecure",
                     "--exporter-retry-initial-s", "0.2", "--exporter-retry-max-s", "2", "--exporter-timeout-s", "5",
+                    "--exporter-max-request-mib", str(args.exporter_max_request_mib),
                     "--queue-dead-letter-max-mib", "100000", "--queue-dead-letter-max-requests", "1000000",
                     "--drain-s", "30"]  # fmt: skip
         self.proc: subprocess.Popen | None = None
@@ -630,6 +632,9 @@ def main() -> int:
     ap.add_argument("--oversize-every-s", type=float, default=12.0, help="a 2 MiB span this often (0: never)")
     ap.add_argument("--buffer-max-mib", type=float, default=64.0)
     ap.add_argument("--buffer-wait-s", type=float, default=1.0)
+    ap.add_argument("--exporter-max-request-mib", type=float, default=0.9,
+                    help="the receiver's request size downstream (its default, 4, is over the sink's 1 MiB: every "
+                         "large request is then refused and split)")  # fmt: skip
     ap.add_argument("--rss-interval-s", type=float, default=1.0)
     ap.add_argument("--drain-timeout-s", type=float, default=180.0)
     ap.add_argument("--seed", type=int, default=0)

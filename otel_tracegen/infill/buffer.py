@@ -91,6 +91,7 @@ class TraceBuffer:
         self._ready_bytes = 0
         self._remembered_bytes = 0
         self._reserved = 0
+        self._repairing = 0  # traces handed to repair, not yet queued on disk
         self._lock = threading.Lock()
         self.evicted = 0
         self.extra: Callable[[], int] = lambda: 0  # other memory counted against the bound (the owner's bookkeeping)
@@ -113,7 +114,8 @@ class TraceBuffer:
             self._reserved -= n
 
     def _used(self) -> int:
-        return self._held_bytes + self._ready_bytes + self._remembered_bytes + self._reserved + self.extra()
+        return (self._held_bytes + self._ready_bytes + self._remembered_bytes + self._reserved + self._repairing
+                + self.extra())
 
     # --- holding and releasing ---
 
@@ -139,23 +141,37 @@ class TraceBuffer:
                 self._ready_bytes += t.size
                 self.evicted += 1
 
-    def due(self, *, everything: bool = False, limit: int | None = None) -> list[ReleasedTrace]:
-        """Up to ``limit`` traces for repair: those released early by the bounds first, then those whose wait is
-        over (all held traces when ``everything``, e.g. at shutdown), oldest first."""
+    def due(self, *, everything: bool = False, limit: int | None = None,
+            max_bytes: int | None = None) -> list[ReleasedTrace]:
+        """Up to ``limit`` traces (and about ``max_bytes`` of them, at least one) for repair: those released early
+        by the bounds first, then those whose wait is over (all held traces when ``everything``, e.g. at
+        shutdown), oldest first. They stay counted until :meth:`repaired` says they are queued on disk: their
+        copies in repair and encoding are made while they are still in memory."""
         now = self._clock()
         limit = limit if limit is not None else 1 << 62
+        max_bytes = max_bytes if max_bytes is not None else 1 << 62
         with self._lock:
             out: list[ReleasedTrace] = []
-            while self._ready and len(out) < limit:
+            size = 0
+            while self._ready and len(out) < limit and (not out or size < max_bytes):
                 t = self._ready.popleft()
                 self._ready_bytes -= t.size
+                size += t.size
                 out.append(t)
-            while self._held and len(out) < limit:
+            while self._held and len(out) < limit and (not out or size < max_bytes):
                 tid, held = next(iter(self._held.items()))
                 if not everything and now - held.first_seen < self.wait_s:
                     break
-                out.append(self._release(tid, early=everything and now - held.first_seen < self.wait_s))
+                t = self._release(tid, early=everything and now - held.first_seen < self.wait_s)
+                size += t.size
+                out.append(t)
+            self._repairing += size
             return _merged(out)
+
+    def repaired(self, traces: Sequence[ReleasedTrace]) -> None:
+        """``traces`` (from :meth:`due`) left memory: repaired and queued on disk, or dropped."""
+        with self._lock:
+            self._repairing -= sum(t.size for t in traces)
 
     def _release(self, tid: str, early: bool) -> ReleasedTrace:
         held = self._held.pop(tid)

@@ -271,7 +271,7 @@ class InfillService:
         if self._thread is not None:
             self._thread.join()
         try:
-            while batch := self.buffer.due(everything=True, limit=self.config.repair_batch_traces):
+            while batch := self._due(everything=True):
                 self._release(batch)
             if drain and not self.forwarder.drain(self.config.drain_s):
                 log.warning("%d request(s) not forwarded within %.0fs; they stay in the log in %s for the next "
@@ -389,7 +389,7 @@ class InfillService:
             if self._stop.is_set():
                 return
             try:
-                while batch := self.buffer.due(limit=self.config.repair_batch_traces):
+                while batch := self._due():
                     self._release(batch)  # a batch at a time: what waits for repair stays counted in the buffer
                     if self._stop.is_set():
                         return
@@ -398,6 +398,12 @@ class InfillService:
             except Exception:  # noqa: BLE001 - a bug here must not stop the receiver; the log keeps the data
                 log.exception("repair failed; the traces stay in the write-ahead log and are replayed on restart")
                 time.sleep(1.0)
+
+    def _due(self, everything: bool = False) -> list[ReleasedTrace]:
+        """The next batch for repair: ``repair.batch_traces`` at most, and a sixteenth of the buffer's budget, so that
+        the copies repair and encoding make of a batch stay small beside the bound."""
+        return self.buffer.due(everything=everything, limit=self.config.repair_batch_traces,
+                               max_bytes=self.buffer.budget // 16)
 
     def _repair(self, batch: list[ReleasedTrace]) -> list:
         """Repair a batch; if that fails, trace by trace, and a trace whose repair fails goes on as it came (a bug
@@ -419,6 +425,12 @@ class InfillService:
         return out
 
     def _release(self, traces: list[ReleasedTrace]) -> None:
+        try:
+            self._queue(traces)
+        finally:
+            self.buffer.repaired(traces)
+
+    def _queue(self, traces: list[ReleasedTrace]) -> None:
         n = max(1, self.config.repair_batch_traces)
         for b in range(0, len(traces), n):
             batch = traces[b : b + n]
