@@ -44,7 +44,7 @@ Rows, for each server:
 Throughput runs alternate the servers' order (``--repeats``; medians reported). Everything shares 2 cores:
 run nothing else meanwhile; the load average before and after is kept. Prints a table with the ratio new/old of
 each row and writes it, every run, and the machine (``lscpu``, Python, aiohttp, grpcio, requests) to ``--json``.
-A full run takes about 3 minutes, ``--quick`` (0.8 s runs, one repeat, 100 idle connections, a burst of 16, no
+A full run takes about 2.5 minutes, ``--quick`` (0.8 s runs, one repeat, 100 idle connections, a burst of 16, no
 ``--more-workers`` series) about 20 s.
 """
 

@@ -172,6 +172,7 @@ class Receiver:
                     "--drain-s", "30"]  # fmt: skip
         self.proc: subprocess.Popen | None = None
         self.incarnation = 0
+        self._letters: dict[str, tuple[set[bytes], str]] = {}  # dead letters read so far
 
     def start(self) -> float:
         """Start it and wait until it answers ``/healthz``: the seconds that took."""
@@ -213,17 +214,19 @@ class Receiver:
         return None  # between a kill and a restart, or a zombie
 
     def dead_letters(self) -> tuple[set[bytes], Counter]:
-        """The span ids of the dead letters, and their reasons."""
-        ids, reasons = set(), Counter()
+        """The span ids of the dead letters, and their reasons (each file read once)."""
         directory = self.queue / "dead-letter"
         for p in sorted(directory.glob("*.binpb")) if directory.is_dir() else []:
-            ids |= keys(wire.decode(p.read_bytes()))
+            if p.name in self._letters:
+                continue
             try:
                 reason = json.loads(p.with_suffix(".json").read_text())["reason"]
-                reasons["too large" if "too large" in reason else reason[:80]] += 1
+                reason = "too large" if "too large" in reason else reason[:80]
             except (OSError, ValueError, KeyError):
-                reasons["(no reason file)"] += 1
-        return ids, reasons
+                continue  # its reason is written just after it: read both next time
+            self._letters[p.name] = (keys(wire.decode(p.read_bytes())), reason)
+        ids = set().union(*(i for i, _ in self._letters.values()))
+        return ids, Counter(r for _, r in self._letters.values())
 
 
 # -- requests -----------------------------------------------------------------------------------------------------
