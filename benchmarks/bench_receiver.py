@@ -52,13 +52,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import importlib.util
 import ipaddress
 import json
 import multiprocessing
 import os
-import platform
 import select
 import shutil
 import socket
@@ -73,6 +71,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from otel_tracegen.machine import describe, recorded_settings  # noqa: E402 - after the path
 RECEIVER_FILE = "otel_tracegen/infill/receiver.py"
 EXPORT_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -478,22 +478,7 @@ def closed_by_peer(s: socket.socket) -> bool:
 
 
 def machine() -> dict:
-    def run(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in run(["lscpu"]).splitlines() if ln.startswith("Model name")),
-               platform.processor() or platform.machine())  # fmt: skip
-    versions = {}
-    for dist in ("aiohttp", "grpcio", "requests"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            **versions}
+    return describe(("aiohttp", "grpcio", "requests"))
 
 
 def main() -> None:
@@ -654,8 +639,7 @@ def main() -> None:
     result = {"command": "python3 " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
               "baseline": base_from, "new": f"{RECEIVER_FILE} (working tree)", "machine": info, "load_before": load,
               "load_after": load_after, "seconds_total": elapsed,
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                           if k not in ("serve", "tls")},
+              "settings": recorded_settings({k: v for k, v in vars(args).items() if k not in ("serve", "tls")}, ROOT),
               "rows": table, "summary": summary, "silent_tls_client": silent, "idle_connections": idle,
               "connection_burst": burst,
               "sink_requests": sink.requests, "runs": runs}  # fmt: skip

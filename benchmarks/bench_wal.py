@@ -51,7 +51,6 @@ import json
 import math
 import os
 import pickle
-import platform
 import queue
 import random
 import shutil
@@ -66,6 +65,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from otel_tracegen.machine import describe, recorded_settings  # noqa: E402 - after the path
+
 SHARED = ROOT.parent / "shared" / "datasets" / "nezha-onlineboutique" / "traces"
 QUEUE_FILE = "otel_tracegen/infill/queue.py"
 PACKAGE = "otel_tracegen.infill.queue"
@@ -298,18 +300,14 @@ def run_recovery(spec: str, impl, directory: Path, n: int, seed: int, bodies_fil
 
 
 def machine(directory: Path) -> dict:
-    def run(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in run(["lscpu"]).splitlines() if ln.startswith("Model name")),
-               platform.processor() or platform.machine())  # fmt: skip
-    df = run(["df", "-T", str(directory)]).splitlines()
+    try:
+        df = subprocess.run(["df", "-T", str(directory)], capture_output=True, text=True, timeout=10,
+                            check=False).stdout.splitlines()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        df = []
     fs = df[1].split() if len(df) > 1 else ["?", "?"]
-    return {"cpu": cpu, "cores": os.cpu_count(), "filesystem": f"{fs[1]} on {fs[0]}", "directory": str(directory),
-            "kernel": platform.release(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+    return {**describe(), "filesystem": f"{fs[1]} on {fs[0]}", "directory": str(directory),
+            "sqlite": sqlite3.sqlite_version}
 
 
 def median_runs(runs: list[dict], key: str) -> float:
@@ -436,7 +434,7 @@ def main() -> None:
           f"{info['python']}, SQLite {info['sqlite']}; load average {load:.2f} before, {load_after:.2f} after")
     result = {"command": "python3 " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
               "baseline": base_from, "machine": info, "load_before": load, "load_after": load_after,
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "fill"},
+              "settings": recorded_settings({k: v for k, v in vars(args).items() if k != "fill"}, ROOT),
               "bodies": {"n": len(bodies), "sources": [str(p) for p in sources], "min": sizes[0],
                          "median": statistics.median(sizes), "mean": statistics.mean(sizes), "max": sizes[-1]},
               "summary": summary, "ratio_appends_per_s": ratios, "ratio_outbound": out_ratio, "decision": verdict,

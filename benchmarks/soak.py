@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import queue
 import random
 import re
@@ -72,6 +71,7 @@ import requests
 
 from otel_tracegen.formats import otlp_json
 from otel_tracegen.infill import wire
+from otel_tracegen.machine import describe, recorded_settings
 from otel_tracegen.otlp_wire import parse_partial_success
 from otel_tracegen.report import ReadReport
 from otel_tracegen.trace import Resource, Span, SpanKind, Status
@@ -594,16 +594,7 @@ class RssSampler(threading.Thread):
 
 
 def machine() -> dict:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        lscpu = ""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
-               platform.processor() or platform.machine())  # fmt: skip
-    from importlib.metadata import version
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "aiohttp": version("aiohttp"), "grpcio": version("grpcio")}
+    return describe(("aiohttp", "grpcio"))
 
 
 def log_summary(path: Path) -> dict:
@@ -782,7 +773,7 @@ def main() -> int:
     result = {
         "command": "python3 " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
         "machine": machine(), "load_before": load, "load_after": os.getloadavg()[0],
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": recorded_settings({k: v for k, v in vars(args).items()}, ROOT),
         "seconds": round(time.monotonic() - t0, 1),
         "spans": {"sent": tally.spans_sent, "rejected_by_partial_success": tally.spans_rejected,
                   "acknowledged": len(tally.acked), "arrived": len(arrived), "dead_lettered": len(dead & tally.acked),

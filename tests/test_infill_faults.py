@@ -9,6 +9,7 @@ within its bound. The longer runs of the same faults are ``benchmarks/soak.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import random
 import signal
@@ -433,6 +434,74 @@ def test_overload_pushes_back_and_memory_stays_within_the_bound(tmp_path):
         proc.wait(30)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_overload_with_megabyte_spans_stays_within_the_bound(tmp_path):
+    """Requests of one 2 MiB span each, from two gRPC and two HTTP clients as fast as they are answered, into a
+    16 MiB buffer in front of a downstream that takes at most 1 MiB: every copy of a large request on its way
+    (read, decoded, logged, repaired, encoded, split, sent) counts against the bound. Before, RSS grew by 36 MiB."""
+    sink = Sink(max_message_bytes=1 << 20)
+    g, h = free_port(), free_port()
+    bound_mib = 16
+    proc = serve(tmp_path, sink.port, g, h, "--buffer-max-mib", str(bound_mib))
+    try:
+        time.sleep(0.5)
+        idle = rss_of(proc.pid)
+        answers: dict = {}
+        stop = time.monotonic() + 10
+
+        def client(c: int):
+            session = requests.Session()
+            k = 0
+            while time.monotonic() < stop:
+                spans = trace_spans(f"{c + 1:08x}{k:024x}")
+                spans[1] = dataclasses.replace(spans[1], attributes={"blob": "x" * (2 << 20)})
+                body = otlp_proto.dumps(spans)
+                if c % 2:
+                    code = session.post(f"http://127.0.0.1:{h}/v1/traces", data=body, headers=PROTOBUF,
+                                        timeout=30).status_code  # fmt: skip
+                else:
+                    try:
+                        grpc_call(g, body)
+                        code = "OK"
+                    except grpc.RpcError as e:
+                        code = e.code().name
+                answers[code] = answers.get(code, 0) + 1
+                k += 1
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+        for t in threads:
+            t.start()
+        peak = peak_rss_while(proc.pid, threads)
+        assert answers.get("OK", 0) > 0 and answers.get(200, 0) > 0, answers
+        assert set(answers) <= {"OK", "RESOURCE_EXHAUSTED", 200, 503}, answers
+        grown = peak - idle
+        print(f"RSS idle {idle >> 20} MiB, peak {peak >> 20} MiB, answers {answers}")
+        assert grown <= 1.2 * (bound_mib << 20), f"RSS grew by {grown >> 20} MiB over a {bound_mib} MiB bound"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        sink.stop()
+
+
+def test_a_request_the_buffer_could_never_hold_is_refused_unread(sink, running):
+    """With a 2 MiB buffer a request of 0.5 MiB, with its copies on the way in, could never fit: both transports
+    refuse it for good (no retry advice) instead of reading it, and a small request still goes through."""
+    service, g, h = running(sink.port, buffer_max_mib=2)
+    assert service.largest_request < 400_000
+    spans = trace_spans("ab" * 16)
+    spans[1] = dataclasses.replace(spans[1], attributes={"blob": "x" * 500_000})
+    body = otlp_proto.dumps(spans)
+    r = requests.post(f"http://127.0.0.1:{h}/v1/traces", data=body, headers=PROTOBUF, timeout=10)
+    assert r.status_code == 413 and "Retry-After" not in r.headers
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_call(g, body)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not dict(e.value.trailing_metadata() or ()).get("google.rpc.retryinfo-bin")
+    small = trace_spans("cd" * 16)
+    grpc_call(g, otlp_proto.dumps(small))
+    wait_for(lambda: ids(small) <= arrived(sink), what="the small request downstream")
+
+
 class StalledRepairer(TraceRepairer):
     """Rules-only repair that waits until ``go`` is set: repair slower than ingest, on demand."""
 
@@ -459,6 +528,8 @@ def test_a_full_buffer_pushes_back_with_retry_advice_and_loses_nothing(sink, tmp
     try:
         accepted, refused_http, refused_grpc = set(), 0, 0
         for k in range(400):
+            if refused_http >= 3 and refused_grpc >= 3:  # each refusal first waits a moment for room
+                break
             spans = [s for t in range(5) for s in trace_spans(f"{k + 1:024x}{t:08x}")]
             body = otlp_proto.dumps(spans)
             if k % 2:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,6 +89,25 @@ def test_received_spans_go_out_as_the_bytes_they_came_in(trace):
     # every span message, and the resource and scope around it, is forwarded byte for byte
     assert wire.encode(got) == body
     assert wire.count_spans(body) == len(trace.spans)
+    # read at the wire level (as the forwarder splits a request), the same spans come out, byte for byte
+    raw = wire.raw_spans(body)
+    assert [(bytes(r.raw), r.resource, r.scope) for r in raw] == [(w.raw, w.resource, w.scope) for w in got]
+    assert [r.trace_id.hex() for r in raw] == [w.span.trace_id for w in got]
+    assert wire.encode(raw) == body
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(traces(rich=True, min_spans=2), traces(rich=True))
+def test_a_request_split_in_two_holds_every_span_once_and_whole_traces(one, other):
+    from otel_tracegen.infill.forward import split_in_two
+
+    body = otlp_proto.dumps(one.spans + other.spans)
+    first, second = split_in_two(body)
+    halves = [wire.decode(first), wire.decode(second)]
+    assert sorted(w.raw for h in halves for w in h) == sorted(w.raw for w in wire.decode(body))
+    if one.spans[0].trace_id != other.spans[0].trace_id:  # more than one trace: no trace is cut in two
+        assert not {w.span.trace_id for w in halves[0]} & {w.span.trace_id for w in halves[1]}
+    assert split_in_two(otlp_proto.dumps(other.spans[:1])) is None
 
 
 def test_a_malformed_span_is_refused_alone_and_named():
@@ -468,3 +489,63 @@ def test_a_protocol_attribute_every_training_span_had_is_filled_from_the_catalog
     [r] = TraceRepairer(None, cat).repair([(wire.from_spans(spans), Released())])
     root = _by_id(r)["0000000000000001"]
     assert root.attributes["http.request.method"] == "GET" and root.attributes[MARK_METHOD] == "catalog"
+
+
+# --- the buffer's admission ---------------------------------------------------------------------------------
+
+
+def _buffer_with(reserved: int, budget: int = 1000):
+    from otel_tracegen.infill.buffer import ACCOUNTED_SHARE, TraceBuffer
+
+    buf = TraceBuffer(max_bytes=int(budget / ACCOUNTED_SHARE) + 1)
+    assert buf.budget == budget and buf.reserve(reserved)
+    return buf
+
+
+def _in_thread(fn):
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    return t, out
+
+
+def test_a_waiting_reservation_is_not_passed_by_newcomers():
+    buf = _buffer_with(900)  # a request on its way through
+    t, out = _in_thread(lambda: buf.reserve(600, wait_s=5))  # waits in line for it
+    time.sleep(0.1)
+    assert not buf.reserve(50)  # would fit, but someone waits first
+    buf.unreserve(900)
+    t.join()
+    assert out == [True] and buf.bytes == 600
+    assert buf.reserve(50)  # the line is empty again
+
+
+def test_more_for_a_request_in_hand_goes_before_the_line():
+    buf = _buffer_with(900)
+    t, out = _in_thread(lambda: buf.reserve(600, wait_s=5))
+    time.sleep(0.1)
+    assert buf.reserve(50, more=True)  # a top-up of a request already admitted
+    buf.unreserve(950)
+    t.join()
+    assert out == [True]
+
+
+def test_no_wait_when_held_spans_are_in_the_way_and_force_counts_over_the_budget():
+    from otel_tracegen.infill.buffer import TraceBuffer
+
+    buf = TraceBuffer(max_bytes=40_000, wait_s=60)
+    spans = wire.from_spans(trace_spans_of("aa"))
+    buf.add(spans, 0)
+    held = buf.bytes
+    started = time.monotonic()
+    assert not buf.reserve(buf.budget - held + 1, wait_s=5)  # held spans wait for their turn, not for a moment
+    assert buf.reserve(buf.budget, force=True, wait_s=5)  # repair and forwarding go on regardless
+    assert time.monotonic() - started < 1
+    assert buf.bytes == held + buf.budget
+
+
+def test_a_forced_reservation_waits_a_moment_for_copies_on_their_way():
+    buf = _buffer_with(900)
+    threading.Timer(0.2, buf.unreserve, (900,)).start()
+    assert buf.reserve(500, force=True, wait_s=5)
+    assert buf.bytes == 500  # it waited for room instead of going over the budget

@@ -1,15 +1,18 @@
 """Spans grouped by trace for a wait window, like the Collector's ``groupbytrace`` processor, within a memory bound.
 
-A trace is held from its first span for ``wait_s`` seconds, then released whole to repair. Everything the buffer
-keeps counts against one bound, ``max_bytes`` (of which ``ACCOUNTED_SHARE`` for the objects), measured in what it really costs in memory (:func:`held_bytes`:
-a decoded span's objects, not only its bytes on the wire): the held traces, the traces released early that wait
-for repair, and what is remembered of traces already sent on.
+A trace is held from its first span for ``wait_s`` seconds, then released whole to repair. The buffer is also the
+receiver's memory ledger: everything in hand counts against one bound, ``max_bytes`` (of which ``ACCOUNTED_SHARE``,
+the budget, for what is counted), measured in what it really costs (:func:`held_bytes`: a decoded span's objects,
+not only its bytes on the wire): the held traces, the traces released early that wait for repair, what is
+remembered of traces already sent on, and, as reservations, every copy of a request on its way (read, decoded,
+logged; repaired, encoded, forwarded).
 
 - When held traces pass ``max_traces``, or half of the budget, the oldest are released early (as
   ``groupbytrace`` evicts) so that repair gets to them sooner; they stay counted until repair takes them.
-- A request is admitted only if its spans fit (:meth:`TraceBuffer.reserve`, before the request is logged): when
-  repair is slower than ingest, the receiver pushes back (``RESOURCE_EXHAUSTED`` / 503 with retry advice) instead
-  of growing. Memory stays flat under any load.
+- A request is admitted only if it fits (:meth:`TraceBuffer.reserve`, before its body is read and again once it is
+  decoded, before it is logged): when repair is slower than ingest, the receiver pushes back
+  (``RESOURCE_EXHAUSTED`` / 503 with retry advice) instead of growing. Reservations that wait for room are served
+  in order; the work that frees memory (repair, forwarding) goes first.
 
 Released traces are remembered (``remember`` traces at most, and forgotten first when memory is short): a late span
 of a trace already sent on is not an orphan when its parent was sent, and orphans of a span the receiver already
@@ -31,10 +34,13 @@ from .repair import Released
 from .wire import WireSpan, held_bytes
 
 ACCOUNTED_SHARE = 0.75
-"""The share of ``max_bytes`` the accounted objects may fill. The rest is for what is not counted: freed memory
-that Python's and the C allocator's arenas keep after churn (20-25 % over the live objects when the buffer turns
-over under overload: tests/test_infill_faults.py, the overload test) and the transient copies of a large request
-on its way through (benchmarks/soak.py: 0.8 left RSS 2 % over the bound with 2 MiB spans)."""
+"""The share of ``max_bytes`` what is counted may fill. The rest is for what cannot be counted one by one: freed
+memory that Python's and the C allocator's arenas keep after churn (20-25 % over the live objects when the buffer
+turns over under overload: tests/test_infill_faults.py, the overload test), grpc's and aiohttp's own buffers,
+SQLite's page caches, and forced reservations over the budget."""
+ROOM_WAIT_S = 0.5
+"""How long a reservation waits for room before it is refused (or, forced, counted over the budget): the memory in
+the way is often a copy about to go (a trace being repaired, a request being logged)."""
 REMEMBERED_SPAN_BYTES = 100
 """What remembering one sent span id costs (a 16-character string in a set), measured with tracemalloc."""
 REMEMBERED_TRACE_BYTES = 640
@@ -93,25 +99,108 @@ class TraceBuffer:
         self._reserved = 0
         self._repairing = 0  # traces handed to repair, not yet queued on disk
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)  # notified when memory is given back
+        self._waiters: deque[object] = deque()  # reservations waiting for room, in order of arrival
+        self._urgent = 0  # reservations waiting that go before them (``more``, ``force``)
         self.evicted = 0
         self.extra: Callable[[], int] = lambda: 0  # other memory counted against the bound (the owner's bookkeeping)
 
     # --- admission ---
 
-    def reserve(self, n: int) -> bool:
-        """Set ``n`` bytes aside for spans about to be added (:meth:`add` with ``reserved=n``), if they fit:
-        remembered traces are forgotten to make room; False when the held and waiting traces leave none."""
+    def reserve(self, n: int, force: bool = False, wait_s: float = 0.0, more: bool = False) -> bool:
+        """Set ``n`` bytes aside for spans about to be added (:meth:`add` with ``reserved=n``), or for a copy on its
+        way through (a request being read or decoded, one being encoded or sent), if they fit: remembered traces
+        are forgotten to make room; False when the held and waiting traces leave none.
+
+        - ``wait_s``: wait up to that long for room, where copies on their way through (reservations, traces being
+          repaired) are what takes it. Waiters are served in order, and a newcomer does not pass them: a large
+          request is not starved by a stream of small ones.
+        - ``more``: for a request that holds a reservation already (read, now decoded): it goes before the
+          waiters, which may be waiting for what it holds.
+        - ``force``: for the work that frees memory (repair, forwarding): it goes first, and once ``wait_s`` is
+          over (or at once, when waiting cannot help) it is counted even over the budget; the receivers then push
+          back until it is done."""
+        urgent = more or force
         with self._lock:
-            while self._remembered_bytes and self._used() + n > self.budget:
-                self._forget_oldest()
-            if self._used() + n > self.budget:
-                return False
+            self._make_room(n)
+            if self._used() + n <= self.budget and (urgent or not (self._waiters or self._urgent)):
+                self._reserved += n
+                return True
+            if wait_s > 0 and self._room_soon(n):
+                deadline = time.monotonic() + wait_s
+                ticket = None if urgent else self._line_up()
+                self._urgent += urgent
+                try:
+                    while (left := deadline - time.monotonic()) > 0:
+                        self._freed.wait(left)
+                        taken = self._take(ticket, n)
+                        if taken is not None:
+                            if taken:
+                                return True
+                            break
+                finally:
+                    self._urgent -= urgent
+                    if ticket is not None and ticket in self._waiters:
+                        self._leave(ticket)
+                    elif urgent:
+                        self._freed.notify_all()
+            if force:
+                self._reserved += n
+                return True
+            return False
+
+    def line_up(self) -> object:
+        """A place in line for a reservation that cannot wait on a thread (an event loop's): poll it with
+        :meth:`take_in_line`, and :meth:`leave_line` when giving up."""
+        with self._lock:
+            return self._line_up()
+
+    def take_in_line(self, ticket: object, n: int) -> bool | None:
+        """Reserve ``n`` bytes for ``ticket`` if it is first in line and they fit (True, out of line); False when
+        no room is coming (out of line); None: not yet."""
+        with self._lock:
+            taken = self._take(ticket, n)
+            if taken is not None and ticket in self._waiters:
+                self._leave(ticket)
+            return taken
+
+    def leave_line(self, ticket: object) -> None:
+        with self._lock:
+            if ticket in self._waiters:
+                self._leave(ticket)
+
+    def _line_up(self) -> object:
+        ticket = object()
+        self._waiters.append(ticket)
+        return ticket
+
+    def _leave(self, ticket: object) -> None:
+        self._waiters.remove(ticket)
+        self._freed.notify_all()  # the next in line may fit now
+
+    def _take(self, ticket: object | None, n: int) -> bool | None:
+        """For a waiter (``ticket``, or None for an urgent one): True once reserved, None to wait on, False when
+        no room is coming."""
+        self._make_room(n)
+        first = ticket is None or (not self._urgent and self._waiters and self._waiters[0] is ticket)
+        if first and self._used() + n <= self.budget:
             self._reserved += n
             return True
+        return None if self._room_soon(n) else False
+
+    def _make_room(self, n: int) -> None:
+        while self._remembered_bytes and self._used() + n > self.budget:
+            self._forget_oldest()
+
+    def _room_soon(self, n: int) -> bool:
+        """Whether ``n`` bytes would fit once the copies on their way through (reservations, and the traces being
+        repaired) are gone; not when what is in the way is held spans, which wait for their turn."""
+        return self._used() + n - self.budget <= self._reserved + self._repairing
 
     def unreserve(self, n: int) -> None:
         with self._lock:
             self._reserved -= n
+            self._freed.notify_all()
 
     def _used(self) -> int:
         return (self._held_bytes + self._ready_bytes + self._remembered_bytes + self._reserved + self._repairing
@@ -172,6 +261,7 @@ class TraceBuffer:
         """``traces`` (from :meth:`due`) left memory: repaired and queued on disk, or dropped."""
         with self._lock:
             self._repairing -= sum(t.size for t in traces)
+            self._freed.notify_all()
 
     def _release(self, tid: str, early: bool) -> ReleasedTrace:
         held = self._held.pop(tid)

@@ -31,14 +31,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from . import wire
+from .buffer import ROOM_WAIT_S
 from .metrics import Metrics
 from .queue import DiskQueue
 
 log = logging.getLogger(__name__)
 
 EXPORTER = "otlp"  # the exporter label of the Collector-style metrics
+
+
+IN_HAND_COPIES = 2
+"""A request in hand costs twice its size while it is sent: the body read from the queue, and the copy the
+exporter hands to gRPC (or the HTTP client)."""
+SPLIT_COPIES = 1
+"""Splitting a request costs its size again: the two halves (it is split at the wire level, not decoded)."""
+
+
+class MemoryLedger(Protocol):
+    """Where memory in use is counted (:class:`~otel_tracegen.infill.buffer.TraceBuffer`)."""
+
+    def reserve(self, n: int, force: bool = False, wait_s: float = 0.0) -> bool: ...
+
+    def unreserve(self, n: int) -> None: ...
 
 
 @dataclass
@@ -71,8 +88,10 @@ class Forwarder:
     """Sends the queue's requests in order on one thread (``start``/``stop``)."""
 
     def __init__(self, queue: DiskQueue, exporter, settings: ForwardSettings, metrics: Metrics,
-                 dead_letter: str | os.PathLike, on_done: Callable[[int], None] | None = None) -> None:
+                 dead_letter: str | os.PathLike, on_done: Callable[[int], None] | None = None,
+                 ledger: MemoryLedger | None = None) -> None:
         self.queue, self.exporter, self.settings, self.metrics = queue, exporter, settings, metrics
+        self.ledger = ledger  # where the request in hand is counted (the receiver's buffer: it pushes back)
         self.on_done = on_done  # called with a record's sequence number once it is delivered or a dead letter
         self.span_counts: dict[int, int] = {}  # record -> spans, when the writer knows (saves walking the body)
         self.dead_letter = Path(dead_letter)
@@ -136,6 +155,16 @@ class Forwarder:
         return self._deliver(seq, body, spans)
 
     def _deliver(self, seq: int, body: bytes, spans: int) -> bool:
+        counted = IN_HAND_COPIES * len(body)
+        if self.ledger is not None:
+            self.ledger.reserve(counted, force=True, wait_s=ROOM_WAIT_S)
+        try:
+            return self._attempt(seq, body, spans)
+        finally:
+            if self.ledger is not None:
+                self.ledger.unreserve(counted)
+
+    def _attempt(self, seq: int, body: bytes, spans: int) -> bool:
         delay = self.settings.retry_initial_s
         while not self._stop.is_set():
             outcome = self.exporter.export(body, spans)
@@ -145,7 +174,7 @@ class Forwarder:
                 return True
             self.last_error = outcome.error
             if getattr(outcome, "too_large", False) and outcome.sent_spans == 0:
-                parts = split_in_two(body)
+                parts = self._split(body)
                 if parts is not None:
                     log.warning("downstream refused a request of %d bytes (%s); sending it in two parts of %d and "
                                 "%d bytes", len(body), outcome.error, len(parts[0]), len(parts[1]))  # fmt: skip
@@ -162,6 +191,16 @@ class Forwarder:
                 continue
             return self._refused(seq, body, outcome, outcome.error or "refused")
         return False
+
+    def _split(self, body: bytes) -> tuple[bytes, bytes] | None:
+        counted = SPLIT_COPIES * len(body)  # the body decoded, and encoded again in two
+        if self.ledger is not None:
+            self.ledger.reserve(counted, force=True, wait_s=ROOM_WAIT_S)
+        try:
+            return split_in_two(body)
+        finally:
+            if self.ledger is not None:
+                self.ledger.unreserve(counted)
 
     def _refused(self, seq: int, body: bytes, outcome, reason: str) -> bool:
         """A refusal for good: keep the request as a dead letter, then count it."""
@@ -206,16 +245,17 @@ class Forwarder:
 
 def split_in_two(body: bytes) -> tuple[bytes, bytes] | None:
     """``body`` (a request) as two requests of about half its size each: whole traces where it holds more than
-    one, else halves of its one trace's spans; None for a single span."""
-    spans = wire.decode(body)
+    one, else halves of its one trace's spans; None for a single span. Read at the wire level (the spans are not
+    decoded: a split costs the two halves, not the spans' attributes)."""
+    spans = wire.raw_spans(body)
     if len(spans) < 2:
         return None
-    by_trace: dict[str, list[wire.WireSpan]] = {}
+    by_trace: dict[bytes, list[wire.RawSpan]] = {}
     for w in spans:
-        by_trace.setdefault(w.span.trace_id, []).append(w)
+        by_trace.setdefault(w.trace_id, []).append(w)
     groups = list(by_trace.values()) if len(by_trace) > 1 else [[w] for w in spans]
     total = sum(len(w.raw) for w in spans)
-    first: list[wire.WireSpan] = []
+    first: list[wire.RawSpan] = []
     size, k = 0, 0
     while k < len(groups) - 1 and (not first or size + sum(len(w.raw) for w in groups[k]) <= total / 2):
         first += groups[k]

@@ -82,6 +82,41 @@ _VACUUM_PAGES = 1024
 """Free pages (16 MiB of 16 KiB pages) beyond which the file is shrunk once nothing is pending."""
 
 
+_BLOB_BYTES = 64 << 10
+"""Payloads from this size on are written and read with SQLite's incremental blob I/O (Python 3.11+): bound as a
+parameter, a payload is copied by SQLite, then again into the record it builds; a blob is written into its pages
+from the caller's buffer and read straight into the bytes returned, so a record of a few MiB on its way in or out
+costs its size once, not three times."""
+_BLOB_IO = hasattr(sqlite3.Connection, "blobopen")
+_SMALL_PAYLOAD = f"CASE WHEN size < {_BLOB_BYTES} THEN payload END" if _BLOB_IO else "payload"
+
+
+def write_copies(nbytes: int) -> int:
+    """The bytes SQLite copies on its way to disk when a record of ``nbytes`` is appended (it binds a parameter's
+    copy, then builds the record from it); none for one written as a blob."""
+    return 0 if _BLOB_IO and nbytes >= _BLOB_BYTES else 2 * nbytes
+
+
+def _insert(db: sqlite3.Connection, seqs: Sequence[int], payloads: Sequence[bytes]) -> None:
+    small = [(s, len(p), p) for s, p in zip(seqs, payloads) if not _BLOB_IO or len(p) < _BLOB_BYTES]
+    if small:
+        db.executemany("INSERT INTO records (seq, size, payload) VALUES (?, ?, ?)", small)
+    for s, p in zip(seqs, payloads):
+        if _BLOB_IO and len(p) >= _BLOB_BYTES:
+            db.execute("INSERT INTO records (seq, size, payload) VALUES (?, ?, zeroblob(?))", (s, len(p), len(p)))
+            with db.blobopen("records", "payload", s) as blob:
+                blob.write(p)
+
+
+def _payload(db: sqlite3.Connection, row: tuple) -> bytes:
+    """The payload of a row ``(seq, size, payload or None)`` selected with ``_SMALL_PAYLOAD``."""
+    seq, size, payload = row
+    if payload is not None or not size:
+        return payload if payload is not None else b""
+    with db.blobopen("records", "payload", seq, readonly=True) as blob:
+        return blob.read()
+
+
 class QueueFull(Exception):
     """An append would take the pending bytes past ``max_bytes``: the caller should push back (e.g. answer 503)."""
 
@@ -203,9 +238,7 @@ class DiskQueue:
                 first = self._next_seq
             seqs = range(first, first + len(items))
             try:
-                self._transaction(self._fsync, lambda db: db.executemany(
-                    "INSERT INTO records (seq, size, payload) VALUES (?, ?, ?)",
-                    zip(seqs, map(len, items), items)))  # fmt: skip
+                self._transaction(self._fsync, lambda db: _insert(db, seqs, items))
             finally:  # the numbers are spent even when the commit failed: its frames may still reach the disk
                 with self._cond:
                     self._next_seq = first + len(items)
@@ -261,8 +294,9 @@ class DiskQueue:
         """The payload of pending record ``seq``; None when it is not pending (acked, or never issued)."""
         with self._io:
             self._check_open()
-            row = self._db.execute("SELECT payload FROM records WHERE seq = ?", (seq,)).fetchone()
-        return None if row is None else row[0]
+            row = self._db.execute(f"SELECT seq, size, {_SMALL_PAYLOAD} FROM records WHERE seq = ?",
+                                   (seq,)).fetchone()  # fmt: skip
+            return None if row is None else _payload(self._db, row)
 
     def next(self, after: int = -1, timeout: float | None = 0.0) -> tuple[int, bytes] | None:
         """The first unacked record with a sequence number above ``after``, waiting up to ``timeout`` seconds
@@ -284,10 +318,10 @@ class DiskQueue:
             with self._io:
                 if self._closed:
                     return None
-                row = self._db.execute("SELECT seq, payload FROM records WHERE seq > ? ORDER BY seq LIMIT 1",
-                                       (after,)).fetchone()  # fmt: skip
-            if row is not None:
-                return row[0], row[1]
+                row = self._db.execute(f"SELECT seq, size, {_SMALL_PAYLOAD} FROM records WHERE seq > ? ORDER BY "
+                                       "seq LIMIT 1", (after,)).fetchone()  # fmt: skip
+                if row is not None:
+                    return row[0], _payload(self._db, row)
             seen = upto  # everything above `after` was acked meanwhile: wait for a newer append
 
     def stats(self) -> QueueStats:
@@ -351,6 +385,7 @@ class DiskQueue:
             raise RuntimeError(f"{path}: cannot use SQLite's write-ahead log (journal mode {mode!r})")
         db.execute("PRAGMA synchronous=NORMAL")
         self._synchronous = "NORMAL"
+        db.execute("PRAGMA cache_size=-256")  # KiB: appends and reads in order need few pages (default: 2 MiB)
         db.execute("PRAGMA secure_delete=OFF")  # an ack need not overwrite the payload (Debian's build defaults on)
         db.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back to 64 MiB after a checkpoint
         db.execute(_SCHEMA)

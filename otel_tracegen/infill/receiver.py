@@ -85,12 +85,21 @@ def _authorized(expected: str | None, header: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), expected.encode())
 
 
+def _message_limit(service: InfillService, configured: int, transport: str) -> int:
+    """The largest request a receiver reads: ``configured``, or less where the buffer could never hold it."""
+    if configured <= service.largest_request:
+        return configured
+    log.info("OTLP/%s requests over %d bytes are refused (the configured limit is %d): the buffer "
+             "(buffer.max_mib %g) could not hold them with their copies on the way in", transport,
+             service.largest_request, configured, service.buffer.max_bytes / (1 << 20))  # fmt: skip
+    return service.largest_request
+
+
 def _host_port(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"receiver endpoint {endpoint!r} is not host:port")
     return host.strip("[]"), int(port)
-
 
 
 @dataclass
@@ -112,9 +121,18 @@ def _status_answer(http: int, code: int, message: str, as_json: bool, retry_afte
     return Answer(http, rpc_status(code, message, retry_after_s), wire.PROTOBUF, **kw)
 
 
+def _pushback(e: Pressure | TooLarge, as_json: bool, **kw) -> Answer:
+    """HTTP 413 for a request that can never fit, 503 with ``Retry-After`` for one that may later."""
+    if isinstance(e, TooLarge):
+        return _status_answer(413, CODE_RESOURCE_EXHAUSTED, str(e), as_json, **kw)
+    return _status_answer(503, CODE_RESOURCE_EXHAUSTED, str(e), as_json, e.retry_after_s,
+                          headers={"Retry-After": str(max(1, round(e.retry_after_s)))}, **kw)
+
+
 def take_request(service: InfillService, body: bytes, content_type: str, encoding: str, limit: int,
-                 transport: str) -> Answer:
-    """Decompress, decode, log and hold one OTLP/HTTP body (on a worker thread): the answer to send."""
+                 transport: str, reserved: int = 0) -> Answer:
+    """Decompress, decode, log and hold one OTLP/HTTP body (on a worker thread): the answer to send.
+    ``reserved``: the memory :meth:`InfillService.set_aside` for the body, handed over (released here)."""
     as_json = wire.is_json(content_type)
     try:
         if encoding == "gzip":
@@ -129,22 +147,21 @@ def take_request(service: InfillService, body: bytes, content_type: str, encodin
         if len(body) > limit:
             raise OverflowError
     except OverflowError:
+        service.buffer.unreserve(reserved)
         service.metrics.inc("refused_requests_total", reason="too_large")
         return _status_answer(413, CODE_RESOURCE_EXHAUSTED, f"decompressed request is over the limit of {limit} bytes",
                               as_json)  # fmt: skip
     except (wire.MalformedRequest, EOFError, zlib.error) as e:
+        service.buffer.unreserve(reserved)
         service.metrics.inc("refused_requests_total", reason="malformed")
         return _status_answer(400, CODE_INVALID_ARGUMENT, str(e) if isinstance(e, wire.MalformedRequest)
                               else f"the body is not valid {encoding}: {e}", as_json)  # fmt: skip
     try:
-        rejected, message = service.export(body, content_type, transport)
+        rejected, message = service.export(body, content_type, transport, reserved)
     except wire.MalformedRequest as e:
         return _status_answer(400, CODE_INVALID_ARGUMENT, str(e), as_json)
-    except TooLarge as e:
-        return _status_answer(413, CODE_RESOURCE_EXHAUSTED, str(e), as_json)
-    except Pressure as e:
-        return _status_answer(503, CODE_RESOURCE_EXHAUSTED, str(e), as_json, e.retry_after_s,
-                              headers={"Retry-After": str(max(1, round(e.retry_after_s)))})
+    except (TooLarge, Pressure) as e:
+        return _pushback(e, as_json)
     except Exception as e:  # noqa: BLE001 - the log could not take it (disk full, shutting down): retry later
         log.exception("could not take a request")
         service.metrics.inc("refused_requests_total", reason="unavailable")
@@ -174,11 +191,16 @@ class GrpcReceiver:
         import grpc
 
         self._grpc, self.service, self.token = grpc, service, token
+        max_message_bytes = _message_limit(service, max_message_bytes, "gRPC")
         interceptors = [_BearerInterceptor(grpc, token, service)] if token else []
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infill-grpc"),
                                   interceptors=interceptors,
-                                  options=[("grpc.max_receive_message_length", max_message_bytes)])  # fmt: skip
-        handler = grpc.unary_unary_rpc_method_handler(self._export, request_deserializer=None, response_serializer=None)
+                                  options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.http2.bdp_probe", 0)])  # fmt: skip
+        self.max_message_bytes = max_message_bytes
+        # Client streaming on the server's side (the same on the wire as a unary call): the handler, not grpc,
+        # decides when the message is read, once memory for it is set aside.
+        handler = grpc.stream_unary_rpc_method_handler(self._export, request_deserializer=None,
+                                                       response_serializer=None)  # fmt: skip
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {"Export": handler})])
         if tls is not None:
             creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
@@ -188,10 +210,23 @@ class GrpcReceiver:
         if not self.port:
             raise OSError(f"cannot listen for OTLP/gRPC on {endpoint}")
 
-    def _export(self, request: bytes, context) -> bytes:
+    def _export(self, messages, context) -> bytes:
         grpc = self._grpc
         try:
-            rejected, message = self.service.export(request, wire.PROTOBUF, "grpc")
+            reserved = self.service.set_aside_unread(self.max_message_bytes)
+            try:
+                request = next(messages, None)  # read now: grpc holds back the rest of the stream until then
+            except grpc.RpcError:  # grpc ended the call: over its message limit, or the client went away
+                self.service.buffer.unreserve(reserved)
+                self.service.metrics.inc("refused_requests_total", reason="unreadable")
+                return b""  # not sent: the call is over
+            except BaseException:
+                self.service.buffer.unreserve(reserved)
+                raise
+            if request is None:
+                self.service.buffer.unreserve(reserved)
+                raise wire.MalformedRequest("the call carried no ExportTraceServiceRequest")
+            rejected, message = self.service.export(request, wire.PROTOBUF, "grpc", reserved)
         except wire.MalformedRequest as e:
             context.set_trailing_metadata((("grpc-status-details-bin", rpc_status(CODE_INVALID_ARGUMENT, str(e))),))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -259,13 +294,15 @@ _PROTOCOL_LOG.addFilter(_OneLine())
 class HttpReceiver:
     """``POST /v1/traces`` (and ``GET /metrics``, ``/healthz``, ``/localize``) on aiohttp, in an event loop of
     its own thread. ``workers`` threads decode and log the bodies; at most twice as many bodies are read at once
-    (a request beyond that waits for its turn before its body is read), so memory stays bounded by
-    ``2 * workers * max_message_bytes`` plus what the buffer holds."""
+    (a request beyond that waits for its turn before its body is read). A body's memory is set aside in the
+    buffer's bound before it is read (:meth:`InfillService.set_aside`): one that does not fit now is answered 503
+    with ``Retry-After`` unread."""
 
     def __init__(self, service: InfillService, endpoint: str, *, max_message_bytes: int, token: str | None = None,
                  tls: tuple[str, str] | None = None, workers: int = 4, read_timeout_s: float = 30.0,
                  metrics_public: bool = False) -> None:
-        self.service, self.token, self.max_message_bytes = service, token, max_message_bytes
+        self.service, self.token = service, token
+        self.max_message_bytes = _message_limit(service, max_message_bytes, "HTTP")
         self.metrics_public, self.read_timeout_s = metrics_public, read_timeout_s
         self._host, port = _host_port(endpoint)
         self._ssl = None
@@ -361,39 +398,57 @@ class HttpReceiver:
                                   f"{limit} bytes", as_json, close=True)  # fmt: skip
         encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
         async with self._admit:
+            # The body's memory is set aside before it is read (as it is read, when chunked): a request that does
+            # not fit now is refused with retry advice without being read.
+            held = _SetAside(self.service)
             try:
-                body = await _within(self._read(request, limit), self.read_timeout_s)
+                body = await _within(self._read(request, limit, held), self.read_timeout_s)
+            except (Pressure, TooLarge) as e:
+                held.release()
+                return _pushback(e, as_json, close=True)
             except asyncio.TimeoutError:
+                held.release()
                 self.service.metrics.inc("refused_requests_total", reason="timeout")
                 return _status_answer(408, CODE_INVALID_ARGUMENT, f"the body did not arrive within "
                                       f"{self.read_timeout_s:g}s", as_json, close=True)  # fmt: skip
             except OverflowError:
+                held.release()
                 self.service.metrics.inc("refused_requests_total", reason="too_large")
                 return _status_answer(413, CODE_RESOURCE_EXHAUSTED, f"request is over the limit of {limit} bytes",
                                       as_json, close=True)  # fmt: skip
             except ValueError as e:  # the body's framing broke (a cut chunked body, a short one at EOF)
+                held.release()
                 self.service.metrics.inc("refused_requests_total", reason="malformed")
                 return _status_answer(400, CODE_INVALID_ARGUMENT, f"the body could not be read: {e}", as_json,
                                       close=True)  # fmt: skip
+            except BaseException:
+                held.release()
+                raise
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, take_request, self.service, body, ctype, encoding, limit,
-                                              "http")  # fmt: skip
+                                              "http", held.bytes)  # fmt: skip
 
-    async def _read(self, request, limit: int) -> bytes:
-        """The body, at most ``limit`` bytes (OverflowError beyond); ValueError when it ends early."""
+    async def _read(self, request, limit: int, held: _SetAside) -> bytes:
+        """The body, at most ``limit`` bytes (OverflowError beyond); ValueError when it ends early. Its memory is
+        set aside in ``held`` first (:class:`Pressure` when it does not fit)."""
         from aiohttp.http_exceptions import HttpProcessingError
 
+        length = request.content_length
+        if length is not None:
+            await held.add(length)
         chunks, size = [], 0
         try:
             while chunk := await request.content.read(1 << 16):
                 size += len(chunk)
                 if size > limit:
                     raise OverflowError
+                if length is None or size > length:
+                    await held.add(len(chunk))
                 chunks.append(chunk)
         except HttpProcessingError as e:
             raise ValueError(e.message or str(e)) from None
-        if request.content_length is not None and size < request.content_length:
-            raise ValueError(f"got {size} of the {request.content_length} bytes Content-Length announced")
+        if length is not None and size < length:
+            raise ValueError(f"got {size} of the {length} bytes Content-Length announced")
         return b"".join(chunks)
 
     async def _get(self, request, path: str) -> Answer:
@@ -410,6 +465,22 @@ class HttpReceiver:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, _localize, self.service, request.query_string)
         return Answer(404, b"not found\n")
+
+
+class _SetAside:
+    """The memory set aside for one HTTP body as it is read (:meth:`InfillService.set_aside`)."""
+
+    def __init__(self, service: InfillService) -> None:
+        self.service, self.bytes = service, 0
+
+    async def add(self, nbytes: int) -> None:
+        """Set ``nbytes`` more aside, waiting a moment for room in line with the worker threads' requests (polled:
+        the event loop never blocks); :class:`Pressure` when there is none."""
+        self.bytes += await self.service.set_aside_polled(nbytes, more=self.bytes > 0)
+
+    def release(self) -> None:
+        self.service.buffer.unreserve(self.bytes)
+        self.bytes = 0
 
 
 async def _within(awaitable, seconds: float):

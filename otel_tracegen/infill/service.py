@@ -22,6 +22,7 @@ to ``drain_s`` seconds; what is left stays in the log for the next start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -32,11 +33,11 @@ from pathlib import Path
 from ..report import ReadReport
 from ..trace import Trace
 from . import wire
-from .buffer import ReleasedTrace, TraceBuffer
+from .buffer import ROOM_WAIT_S, ReleasedTrace, TraceBuffer
 from .config import InfillConfig
 from .forward import EXPORTER, Forwarder, make_exporter
 from .metrics import Metrics
-from .queue import DiskQueue
+from .queue import DiskQueue, write_copies
 from .repair import Repaired, TraceRepairer
 from .wire import held_bytes
 
@@ -124,8 +125,11 @@ def tune_malloc() -> bool:
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which request bodies and
     encoded requests of a few MiB come from the heap and its per-thread arenas, which keep them after they are
-    freed: RSS then climbs past what the receiver holds. A fixed threshold (128 KiB: large blocks are mapped and
-    unmapped) and two arenas keep RSS near the live memory, which the buffer's bound is about."""
+    freed: RSS then climbs past what the receiver holds. A fixed threshold and two arenas keep RSS near the live
+    memory, which the buffer's bound is about. The threshold is 32 KiB, not glibc's initial 128 KiB: a large body
+    arrives in chunks of 16-64 KiB (aiohttp's reads, grpc's slices), and from the heap those chunks left 5-8 MiB of
+    freed but unreturned memory after 10 s of 2 MiB requests over gRPC into a 16 MiB buffer, whose peak RSS went
+    from +21-24 MiB over idle to +17-18 with the lower threshold."""
     import ctypes
     import ctypes.util
 
@@ -138,7 +142,7 @@ def tune_malloc() -> bool:
     if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    return bool(mallopt(m_mmap_threshold, 128 << 10) and mallopt(m_trim_threshold, 128 << 10)
+    return bool(mallopt(m_mmap_threshold, 32 << 10) and mallopt(m_trim_threshold, 128 << 10)
                 and mallopt(m_arena_max, 2))
 
 
@@ -162,6 +166,15 @@ def load_repairer(config: InfillConfig) -> TraceRepairer:
     lm = load_model(config.repair_model, "cpu" if config.repair_threads else None, dtype="auto")
     return TraceRepairer(ModelFiller(lm), None, settings)
 
+
+REQUEST_COPIES = 5
+"""What a request body costs on its way in, in multiples of its size, until its spans are held: the body, its
+spans decoded (:func:`~otel_tracegen.infill.wire.held_bytes`: their bytes and the strings read from them, ~3x), and
+the copies the log's database makes of a small record. Set aside before a body is read or decoded, then trued up
+to what was decoded."""
+
+READ_COPIES = 2
+"""A message being read costs up to twice its size: gRPC's buffers, then the bytes handed to the receiver."""
 
 BOOKED_RECORD_BYTES = 120
 """What the delivery bookkeeping costs per log record (a dict entry) and per log record an outbound request names
@@ -187,8 +200,11 @@ class InfillService:
                                   remember=config.buffer_remember_traces)  # fmt: skip
         self.forwarder = Forwarder(self.outbound, exporter if exporter is not None else make_exporter(
             config.forward_settings()), config.forward_settings(), self.metrics, qdir / "dead-letter",
-            on_done=self._delivered)  # fmt: skip
+            on_done=self._delivered, ledger=self.buffer)  # fmt: skip
         self._max_queue_bytes = int(config.queue_max_mib * (1 << 20))
+        # Outbound requests of at most exporter.max_request_mib, and a sixteenth of the buffer's budget: the one
+        # the forwarder has in hand stays counted in the buffer while it is sent (for as long as an outage lasts).
+        self._request_limit = min(int(config.exporter_max_request_mib * (1 << 20)), self.buffer.budget // 16)
         self._memory_limit = int(config.memory_limit_mib * (1 << 20))
         self.recent = None
         if config.localize_keep_s > 0:
@@ -253,15 +269,16 @@ class InfillService:
                 self._replay.pop()
                 self.wal.ack(seq)
                 continue
-            cost = sum(map(held_bytes, spans))
-            if self.buffer.reserve(cost):
-                reserved = cost
-            elif self.buffer.bytes > 0:
-                return True  # wait for repair to free memory
-            else:
-                reserved = 0  # an empty buffer takes any one record, or the log could never drain
+            cost, passing = sum(map(held_bytes, spans)), len(record)  # the record is in hand until spans are held
+            if not self.buffer.reserve(cost + passing):
+                if self.buffer.bytes > 0:
+                    return True  # wait for repair to free memory
+                # an empty buffer takes any one record, or the log could never drain
+                self.buffer.reserve(cost + passing, force=True)
             self._replay.pop()
-            self._hold(spans, seq, reserved)
+            self._hold(spans, seq, cost)
+            del record, body
+            self.buffer.unreserve(passing)
         return False
 
     def stop(self, drain: bool = True) -> None:
@@ -283,28 +300,86 @@ class InfillService:
 
     # --- receiving ---
 
-    def export(self, body: bytes, content_type: str = wire.PROTOBUF, transport: str = "grpc") -> tuple[int, str]:
+    @property
+    def largest_request(self) -> int:
+        """The largest request body (decompressed) the buffer could ever take, with its copies on the way in: the
+        receivers refuse larger ones before reading them."""
+        return self.buffer.budget // REQUEST_COPIES
+
+    def set_aside(self, nbytes: int, wait_s: float = 0.0, more: bool = False) -> int:
+        """Set memory aside for a request body of ``nbytes`` about to be read (or read): the bytes reserved, for
+        :meth:`export`'s ``reserved``. Waits up to ``wait_s`` for room; ``more``: for a body that holds some
+        already (a chunked one, as it is read). Raises :class:`Pressure` when they do not fit now,
+        :class:`TooLarge` when they never would."""
+        self._check_size(nbytes)
+        n = nbytes * REQUEST_COPIES
+        if not self.buffer.reserve(n, wait_s=wait_s, more=more):
+            self._full()
+        return n
+
+    async def set_aside_polled(self, nbytes: int, more: bool = False, wait_s: float = ROOM_WAIT_S) -> int:
+        """:meth:`set_aside` for an event loop: waits in line (polling every 10 ms) instead of on a lock."""
+        self._check_size(nbytes)
+        n = nbytes * REQUEST_COPIES
+        if self.buffer.reserve(n, more=more):
+            return n
+        ticket = None if more else self.buffer.line_up()
+        deadline = time.monotonic() + wait_s
+        try:
+            while (taken := self.buffer.take_in_line(ticket, n)) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            if ticket is not None:
+                self.buffer.leave_line(ticket)
+        if not taken:
+            self._full()
+        return n
+
+    def set_aside_unread(self, limit: int, wait_s: float = ROOM_WAIT_S) -> int:
+        """Set memory aside for a message of unknown size, at most ``limit`` bytes, about to be read (gRPC reads a
+        message whole before its size is known): room for ``READ_COPIES`` of the largest, waiting up to ``wait_s``
+        for it. Raises :class:`Pressure`; :meth:`export` trues it up once the body is read."""
+        n = READ_COPIES * limit
+        if not self.buffer.reserve(n, wait_s=wait_s):
+            self._full()
+        return n
+
+    def _check_size(self, nbytes: int) -> None:
+        if nbytes > self.largest_request:
+            self.metrics.inc("refused_requests_total", reason="too_large")
+            raise TooLarge(f"a request of {nbytes} bytes is over the {self.largest_request} bytes this receiver "
+                           f"can hold with its copies on the way in (buffer.max_mib {self.buffer.max_bytes >> 20} "
+                           "MiB): send smaller requests")  # fmt: skip
+
+    def export(self, body: bytes, content_type: str = wire.PROTOBUF, transport: str = "grpc",
+               reserved: int = 0) -> tuple[int, str]:
         """Take one OTLP request body: ``(rejected spans, message)`` for the partial-success answer. Raises
         :class:`wire.MalformedRequest` (nothing taken) or :class:`Pressure` (nothing taken; retry later).
+        ``reserved``: memory :meth:`set_aside` for this body before it was read, which this call now owns.
 
         The order keeps the promise "acknowledged means replayable": the spans are decoded and their memory set
-        aside first, then the body is logged as it came (replay decodes it again the same way), then held."""
+        aside first, then the body is logged as it came (replay decodes it again the same way), then held. Every
+        copy made on the way (the body, the decoded spans, the log record and the copy the log's database binds)
+        is counted against the buffer's bound until it is gone."""
         labels = {"receiver": RECEIVER, "transport": transport}
-        if self._memory_limit and (rss := resident_bytes()) > self._memory_limit:
-            self.metrics.inc("refused_requests_total", reason="memory_limit")
-            raise Pressure(f"the receiver uses {rss >> 20} MiB, over its memory limit of {self._memory_limit >> 20} "
-                           "MiB; retry later", 2.0)  # fmt: skip
-        queued = self.wal.stats().bytes  # the log holds everything not yet delivered
-        if queued > self._max_queue_bytes:
-            self.metrics.inc("refused_requests_total", reason="queue_full")
-            raise Pressure(f"the infill queue holds {queued} bytes, over its limit of {self._max_queue_bytes} "
-                           f"(downstream: {self.forwarder.last_error or 'slow'}); retry later", 5.0)  # fmt: skip
-        # Memory is set aside before decoding (an estimate from the body's size), so that concurrent requests
-        # cannot together decode past the bound; it is trued up to the spans' real cost once they are decoded.
-        reserved = min(len(body) * (2 if wire.is_json(content_type) else 4), self.buffer.budget)
-        if not self.buffer.reserve(reserved):
-            self._full()
         try:
+            if self._memory_limit and (rss := resident_bytes()) > self._memory_limit:
+                self.metrics.inc("refused_requests_total", reason="memory_limit")
+                raise Pressure(f"the receiver uses {rss >> 20} MiB, over its memory limit of "
+                               f"{self._memory_limit >> 20} MiB; retry later", 2.0)  # fmt: skip
+            queued = self.wal.stats().bytes  # the log holds everything not yet delivered
+            if queued > self._max_queue_bytes:
+                self.metrics.inc("refused_requests_total", reason="queue_full")
+                raise Pressure(f"the infill queue holds {queued} bytes, over its limit of {self._max_queue_bytes} "
+                               f"(downstream: {self.forwarder.last_error or 'slow'}); retry later", 5.0)  # fmt: skip
+            # Memory is set aside before decoding (an estimate from the body's size), so that concurrent requests
+            # cannot together decode past the bound; it is trued up to the real cost once the spans are decoded.
+            self._check_size(len(body))
+            if reserved < len(body) * REQUEST_COPIES:  # a gRPC message, or a body larger once decompressed
+                if not self.buffer.reserve(len(body) * REQUEST_COPIES - reserved, wait_s=ROOM_WAIT_S,
+                                           more=reserved > 0):  # fmt: skip
+                    self._full()
+                reserved = len(body) * REQUEST_COPIES
             report = ReadReport(max_problems=20)
             try:
                 spans = wire.decode(body, content_type, report)
@@ -317,22 +392,26 @@ class InfillService:
                 self.metrics.inc("malformed_spans_total", rejected)
             if spans:
                 cost = sum(map(held_bytes, spans))
-                if cost > self.buffer.budget:
+                record = wire.log_record(body, content_type)
+                # On the way to the log: the body, the record (the body itself for protobuf) and SQLite's copies.
+                passing = len(body) + (0 if record is body else len(record)) + write_copies(len(record))
+                if cost + passing > self.buffer.budget:
                     self.metrics.inc("refused_requests_total", reason="too_large")
                     self.metrics.inc("receiver_refused_spans_total", len(spans), **labels)
-                    raise TooLarge(f"the request's {len(spans)} spans take {cost >> 20} MiB held, more than the "
-                                   f"whole buffer ({self.buffer.max_bytes >> 20} MiB, buffer.max_mib): send them "
-                                   "in smaller requests")  # fmt: skip
-                if cost > reserved:
-                    if not self.buffer.reserve(cost - reserved):
+                    raise TooLarge(f"the request's {len(spans)} spans take {(cost + passing) >> 20} MiB on their "
+                                   f"way in, more than the whole buffer ({self.buffer.max_bytes >> 20} MiB, "
+                                   "buffer.max_mib): send them in smaller requests")  # fmt: skip
+                if cost + passing > reserved:
+                    if not self.buffer.reserve(cost + passing - reserved, wait_s=ROOM_WAIT_S, more=True):
                         self.metrics.inc("receiver_refused_spans_total", len(spans), **labels)
                         self._full()
                 else:
-                    self.buffer.unreserve(reserved - cost)
-                reserved = cost
-                seq = self._log.append(wire.log_record(body, content_type))
+                    self.buffer.unreserve(reserved - cost - passing)
+                reserved = cost + passing
+                seq = self._log.append(record)
+                del record
                 self._hold(spans, seq, cost)
-                reserved = 0
+                reserved = passing  # the spans' share now counts as held
                 self.metrics.inc("receiver_accepted_spans_total", len(spans), **labels)
         finally:
             if reserved:
@@ -435,34 +514,43 @@ class InfillService:
         for b in range(0, len(traces), n):
             batch = traces[b : b + n]
             results = self._repair(batch)
-            limit = int(self.config.exporter_max_request_mib * (1 << 20))
-            parts = wire.split([w for r in results for w in r.spans], limit)
+            parts = wire.split([w for r in results for w in r.spans], self._request_limit)
             bodies = [wire.encode(part) for part in parts]
-            # The log records each request holds spans of: parts are consecutive slices of the traces' spans.
-            owners = [seq_set for t, r in zip(batch, results) for seq_set in [t.seqs] * len(r.spans)]
-            holds, start = [], 0
-            for part in parts:
-                holds.append(tuple(set().union(*owners[start : start + len(part)])))
-                start += len(part)
-            with self._lock:  # registered before the forwarder can report the records done
-                seqs = self.outbound.append_many(bodies) if bodies else []
-                for seq, part, held in zip(seqs, parts, holds):
-                    self.forwarder.span_counts[seq] = len(part)
-                    self._requests[seq] = held
-                    self._booked += BOOKED_RECORD_BYTES * len(held)
-                    for s in held:
-                        self._open[s] += 1
-            self._let_go([s for t in batch for s in t.seqs])  # the traces have left the buffer
-            if self.recent is not None:  # what was forwarded, repaired, for GET /localize
-                self.recent.add(Trace([w.span for w in r.spans]) for r in results)
-            reasons: Counter = Counter()
-            m = self.metrics
-            m.inc("released_traces_total", len(batch))
-            for r in results:
-                for reason, k in r.repairs.items():
-                    m.inc("repaired_spans_total", k, reason=reason)
-                    reasons[reason] += 1
-                for method, k in r.methods.items():
-                    m.inc("repairs_total", k, method=method)
-            for reason, k in reasons.items():
-                m.inc("repaired_traces_total", k, reason=reason)
+            encoded = sum(len(b) + write_copies(len(b)) for b in bodies)  # and the queue's database's copies
+            self.buffer.reserve(encoded, force=True, wait_s=ROOM_WAIT_S)
+            try:
+                self._enqueue(batch, results, parts, bodies)
+            finally:
+                del bodies  # before they stop counting
+                self.buffer.unreserve(encoded)
+
+    def _enqueue(self, batch: list[ReleasedTrace], results: list, parts: list, bodies: list[bytes]) -> None:
+        """Queue a repaired batch's requests for the forwarder, and account for it."""
+        # The log records each request holds spans of: parts are consecutive slices of the traces' spans.
+        owners = [seq_set for t, r in zip(batch, results) for seq_set in [t.seqs] * len(r.spans)]
+        holds, start = [], 0
+        for part in parts:
+            holds.append(tuple(set().union(*owners[start : start + len(part)])))
+            start += len(part)
+        with self._lock:  # registered before the forwarder can report the records done
+            seqs = self.outbound.append_many(bodies) if bodies else []
+            for seq, part, held in zip(seqs, parts, holds):
+                self.forwarder.span_counts[seq] = len(part)
+                self._requests[seq] = held
+                self._booked += BOOKED_RECORD_BYTES * len(held)
+                for s in held:
+                    self._open[s] += 1
+        self._let_go([s for t in batch for s in t.seqs])  # the traces have left the buffer
+        if self.recent is not None:  # what was forwarded, repaired, for GET /localize
+            self.recent.add(Trace([w.span for w in r.spans]) for r in results)
+        reasons: Counter = Counter()
+        m = self.metrics
+        m.inc("released_traces_total", len(batch))
+        for r in results:
+            for reason, k in r.repairs.items():
+                m.inc("repaired_spans_total", k, reason=reason)
+                reasons[reason] += 1
+            for method, k in r.methods.items():
+                m.inc("repairs_total", k, method=method)
+        for reason, k in reasons.items():
+            m.inc("repaired_traces_total", k, reason=reason)

@@ -209,7 +209,7 @@ def _has_surrogate(span: Span) -> bool:
 _SPAN_PREFIXES: dict[int, bytes] = {}  # span message length -> its field's tag and length (sizes repeat)
 
 
-def encode(spans: Iterable[WireSpan]) -> bytes:
+def encode(spans: Iterable[WireSpan | RawSpan]) -> bytes:
     """One ``ExportTraceServiceRequest`` of ``spans``, grouped by resource then scope in first-seen order (spans
     in their given order within a group), every message written with the bytes it holds."""
     groups: dict[ResourceKey, dict[ScopeKey, list[bytes]]] = {}
@@ -237,6 +237,47 @@ def encode(spans: Iterable[WireSpan]) -> bytes:
             rs.append(length_delimited(b"\x1a", resource_schema.encode()))
         out.append(length_delimited(b"\x0a", b"".join(rs)))
     return b"".join(out)
+
+
+@dataclass(slots=True)
+class RawSpan:
+    """A span of a serialized request as its bytes (a view into the request), with its trace id and the messages
+    around it: what :func:`encode` needs, without decoding the span (its attributes may be megabytes)."""
+
+    trace_id: bytes
+    raw: memoryview
+    resource: ResourceKey
+    scope: ScopeKey
+
+
+def raw_spans(body: bytes) -> list[RawSpan]:
+    """The spans of a serialized request (one this receiver encoded: well-formed), by their bytes."""
+    view = memoryview(body)
+    out: list[RawSpan] = []
+    for tag, a, b in otlp_proto._fields(body, 0, len(body)):
+        if tag != 0x0A:  # ResourceSpans
+            continue
+        resource, schema, scopes = None, "", []
+        for t2, c, d in otlp_proto._fields(body, a, b):
+            if t2 == 0x0A:
+                resource = bytes(view[c:d])
+            elif t2 == 0x12:
+                scopes.append((c, d))
+            elif t2 == 0x1A:
+                schema = bytes(view[c:d]).decode()
+        for c, d in scopes:  # ScopeSpans
+            scope, scope_schema, spans = None, "", []
+            for t3, e, f in otlp_proto._fields(body, c, d):
+                if t3 == 0x0A:
+                    scope = bytes(view[e:f])
+                elif t3 == 0x12:
+                    spans.append((e, f))
+                elif t3 == 0x1A:
+                    scope_schema = bytes(view[e:f]).decode()
+            for e, f in spans:
+                trace_id = next((bytes(view[g:h]) for t4, g, h in otlp_proto._fields(body, e, f) if t4 == 0x0A), b"")
+                out.append(RawSpan(trace_id, view[e:f], (resource, schema), (scope, scope_schema)))
+    return out
 
 
 def count_spans(body: bytes) -> int:

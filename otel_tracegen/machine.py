@@ -1,0 +1,55 @@
+"""What a benchmark ran on: the CPU, the cores this process may use, and the versions that matter.
+
+A figure without its machine cannot be compared, so the benchmarks under ``benchmarks/`` record this beside their
+results, with their settings. Only the standard library and ``lscpu`` (when present) are read; nothing here fails.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``), else what ``platform`` knows."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+    return model or platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def describe(packages: tuple[str, ...] = ()) -> dict:
+    """The machine and the versions of ``packages`` (None where one is not installed), as a JSON-ready dict."""
+    versions = {}
+    for dist in packages:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable_cores(), "kernel": platform.release(),
+            "python": platform.python_version(), **versions}
+
+
+def recorded_settings(settings: dict, root: Path) -> dict:
+    """A benchmark's settings as recorded beside its machine: paths inside the checkout ``root`` relative to it
+    (a result file must not name the machine's directories), other paths and values as they are."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, Path):
+            path = value.resolve()
+            value = str(path.relative_to(root.resolve())) if path.is_relative_to(root.resolve()) else str(value)
+        out[key] = value
+    return out
