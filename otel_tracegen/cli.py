@@ -240,10 +240,13 @@ def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
     d.add_argument("--seed", type=int, default=0, help="same seed, same options: the same traces (default 0)")
     d.add_argument("--batch-size", type=_positive_int, default=256, help="pending steps decoded together")
     d.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
-    d.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    d.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for torch (default: the CPUs this process may use, by affinity and cgroup "
+                        "quota or OTEL_TRACEGEN_CPUS, less those other processes keep busy at start)")
     d.add_argument("--decode-workers", type=_positive_int, metavar="N",
                    help="processes decoding rounds of --batch-size traces side by side, --threads torch threads "
-                        "each (default on a CPU: one per core when the run has more than one round; else 1)")
+                        "each (default on a CPU: one per CPU --threads would use, when the run has more than one "
+                        "round; else 1)")
     d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights and activations: auto = bfloat16 on a GPU, or on a CPU where it measured clearly "
                         "faster than float32 (timed once per machine, remembered in ~/.cache/otel-tracegen), else "
@@ -276,7 +279,18 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _threads_used() -> str | None:
+    """What this command ran torch with on the CPU (``otel_tracegen.cpu``), None when it did not."""
+    from .cpu import configured
+
+    choice = configured()
+    return choice.describe() if choice is not None else None
+
+
 def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
+    from .cpu import watch_from_start
+
+    watch_from_start()  # what other processes keep busy, measured while the command loads (otel_tracegen.cpu)
     env = env or Environment()
     parser = _build_parser()
     try:
@@ -297,7 +311,10 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "predict": lambda: cmd_predict(args, env),
             "model": lambda: _MODEL[args.model_command](args, env),
         }[args.command]
-        return int(handler())
+        status = int(handler())
+        if args.command in ("eval", "localize", "predict") and (threads := _threads_used()) is not None:
+            print(f"otel-tracegen: ran the model on the CPU with {threads}", file=env.stderr)
+        return status
     except UserError as e:
         print(f"otel-tracegen: error: {e}", file=env.stderr)
         return ExitStatus.ERROR
@@ -637,14 +654,13 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
         raise UserError("--inject-share and --incident-label go with --inject-latency SERVICE=MS")
     if count is None and args.duration == float("inf") and args.out is not None:
         raise UserError("--duration inf never ends, so the file would never be written: give --count or a duration")
-    import torch
-
     from . import generate
     from .lm.model import load_model, resolve_dtype_name
     from .sampling import TraceRequest, TraceSampler
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .cpu import configure_torch
+
+    threads = configure_torch(args.threads)  # before the model loads: its dtype check runs torch already
     lm = load_model(args.model, device=args.device, backend="auto", dtype=args.dtype)  # auto: --base-model runs too
     sampler = TraceSampler(lm, adapter=None if args.adapter == "none" else args.adapter, batch_size=args.batch_size,
                            entries=args.entries, attempts=args.attempts)
@@ -668,7 +684,9 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
 
     dtype = resolve_dtype_name(args.dtype, str(lm.device))  # what "auto" chose, for the summary
     rounds = None if count is None else sum(1 for _ in generate.round_sizes(count, args.batch_size, args.rate))
-    workers = args.decode_workers or auto_workers(str(lm.device), rounds)
+    # Workers by the CPUs the process may use, not by what a neighbour leaves: one-thread processes do not spin
+    # against it as a second OpenMP thread does (benchmarks/bench_threads.py).
+    workers = args.decode_workers or auto_workers(str(lm.device), rounds, threads.budget.cpus)
     pool = None
     if workers > 1:  # the same traces as in-process decoding (rounds are seeded by their index), sooner
         pool = DecodePool(SamplerSpec(model=None if args.model is None else str(args.model), device=str(lm.device),
@@ -715,7 +733,9 @@ def cmd_generate(args, env: Environment) -> ExitStatus:
         write_traces(args.format, kept, args.out)
         print(f"wrote {len(kept)} traces to {args.out} ({args.format})", file=env.stderr)
     print(summary.line() + "; entry services: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_entry.items()))
-          + f"; decoded on {lm.device} in {dtype}" + (f" by {workers} workers" if pool is not None else ""),
+          + f"; decoded on {lm.device} in {dtype}"
+          + (f" by {workers} workers of {args.threads or 1} torch thread(s)" if pool is not None
+             else f" with {threads.describe()}" if str(lm.device) == "cpu" else ""),
           file=env.stderr)  # fmt: skip
     if sampler.bpe is not None:  # a --base-model run: how often the model's own values had to be resampled
         print(f"base-model values: {sampler.bpe.stats.line()}", file=env.stderr)

@@ -23,14 +23,6 @@ def cpu_model() -> str:
     return model or platform.processor() or platform.machine()
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def describe(packages: tuple[str, ...] = ()) -> dict:
     """The machine and the versions of ``packages`` (None where one is not installed), as a JSON-ready dict."""
     versions = {}
@@ -39,8 +31,11 @@ def describe(packages: tuple[str, ...] = ()) -> dict:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable_cores(), "kernel": platform.release(),
-            "python": platform.python_version(), **versions}
+    from .cpu import cpu_budget
+
+    budget = cpu_budget()
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": budget.cpus, "limited_by": budget.source,
+            "kernel": platform.release(), "python": platform.python_version(), **versions}
 
 
 def recorded_settings(settings: dict, root: Path) -> dict:

@@ -283,8 +283,9 @@ def test_decode_workers_run_the_dtype_the_parent_chose(model_dir, tmp_path, monk
         files[name] = tmp_path / f"{name}.json"
         rc, _, err = run(*args, *extra, "--out", str(files[name]))
         assert rc == ExitStatus.SUCCESS, err
-        said = {"auto, 2 workers": "bfloat16 by 2 workers", "bf16, 1 process": "bfloat16\n",
-                "fp32, 1 process": "float32\n"}[name]
+        said = {"auto, 2 workers": "bfloat16 by 2 workers of 1 torch thread(s)",
+                "bf16, 1 process": "bfloat16 with 1 torch thread(s) as asked\n",
+                "fp32, 1 process": "float32 with 1 torch thread(s) as asked\n"}[name]
         assert f"decoded on cpu in {said}" in err, err  # the summary says what ran
     assert files["auto, 2 workers"].read_bytes() == files["bf16, 1 process"].read_bytes()
     # The pool hands its workers the resolved name. (The files above may not show it on every CPU: this tiny

@@ -46,7 +46,8 @@ _HELP = {
     "repair_confidence": "below it the model's answer is not used (default 0.5)",
     "repair_skew_tolerance_ms": "overrun a child may have before it counts as clock skew (default 1)",
     "repair_batch_traces": "traces repaired per model batch (default 256)",
-    "repair_threads": "torch threads for the model on the CPU",
+    "repair_threads": "torch threads for the model on the CPU (default: the CPUs the process may use, by affinity "
+                      "and cgroup quota or OTEL_TRACEGEN_CPUS)",
     "queue_directory": "write-ahead log, outbound queue and dead letters (default ./otel-tracegen-infill-queue)",
     "queue_max_mib": "undelivered bytes in the log above which requests are refused with retry advice (default 1024)",
     "queue_fsync": "fsync the log before answering a request (default on)",

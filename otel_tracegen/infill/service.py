@@ -159,11 +159,13 @@ def load_repairer(config: InfillConfig) -> TraceRepairer:
     from ..lm.model import load_model
     from .filler import ModelFiller
 
-    if config.repair_threads:
-        import torch
+    from ..cpu import configure_torch, configured
 
-        torch.set_num_threads(config.repair_threads)
+    if config.repair_threads:
+        configure_torch(config.repair_threads)
     lm = load_model(config.repair_model, "cpu" if config.repair_threads else None, dtype="auto")
+    if (choice := configured()) is not None and str(lm.device) == "cpu":
+        log.info("repair runs the model with %s", choice.describe())
     return TraceRepairer(ModelFiller(lm), None, settings)
 
 

@@ -336,6 +336,10 @@ def load_model(path: str | Path | None = None, device: str | None = None, *, bac
         raise UserError(f"no model directory at {p}{hint}")
     training = read_training_json(p)
     device = device or default_device()
+    if device == "cpu":  # in a command: threads that fit the CPUs it may use, unless it chose already
+        from ..cpu import configure_for_command
+
+        configure_for_command()
     torch_dtype = resolve_dtype(dtype, device)
     ours = (p / "config.json").is_file() and training.get("tokenizer") != "auto"
     if backend != "transformers" and ours:

@@ -323,6 +323,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
     master = rank == 0
+    if device == "cpu":  # threads that fit the CPUs this process may use (shared among the ranks of a CPU run)
+        from ..cpu import configure_torch, cpu_budget
+
+        choice = configure_torch(max(1, cpu_budget().cpus // world) if ddp else None)
+        if master:
+            log(f"training on the CPU with {choice.describe()}")
     torch.manual_seed(cfg.seed + rank)
     on_cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()  # bf16 on GPU, fp32 on CPU

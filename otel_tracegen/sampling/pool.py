@@ -11,7 +11,6 @@ Workers are spawned (not forked: a forked OpenMP runtime can hang), each loads t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -38,12 +37,12 @@ _SAMPLER = None  # the worker's sampler, built once by _start
 
 def _start(spec: SamplerSpec, threads: int) -> None:
     global _SAMPLER
-    import torch
-
     from ..lm.model import load_model
     from .engine import TraceSampler
 
-    torch.set_num_threads(threads)
+    from ..cpu import configure_torch
+
+    configure_torch(threads)
     lm = load_model(spec.model, device=spec.device, dtype=spec.dtype)
     _SAMPLER = TraceSampler(lm, adapter=spec.adapter, batch_size=spec.batch_size, entries=spec.entries,
                             attempts=spec.attempts)
@@ -84,17 +83,9 @@ class DecodePool:
         self.close()
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def auto_workers(device: str, rounds: int | None) -> int:
-    """Decode workers for a run of ``rounds`` rounds (None: endless): one per core on a CPU when there is more
-    than one round to share; a GPU decodes in-process."""
+def auto_workers(device: str, rounds: int | None, cpus: int) -> int:
+    """Decode workers for a run of ``rounds`` rounds (None: endless): one per CPU of ``cpus`` (what the command may
+    use: :mod:`otel_tracegen.cpu`) on a CPU when there is more than one round to share; a GPU decodes in-process."""
     if device != "cpu" or (rounds is not None and rounds < 2):
         return 1
-    cores = usable_cores()
-    return max(1, min(cores, rounds) if rounds is not None else cores)
+    return max(1, min(cpus, rounds) if rounds is not None else cpus)
