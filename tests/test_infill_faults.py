@@ -395,6 +395,30 @@ def test_dead_letters_are_bounded_oldest_first(sink, running, tmp_path):
 # --- memory: the bound holds under overload --------------------------------------------------------------------
 
 
+def overload(proc, clients: int, seconds: float, send) -> tuple[int, dict]:
+    """``clients`` threads calling ``send(client, k, session)`` (the answer's code) for ``seconds`` against the
+    receiver process ``proc``: its RSS growth over idle at the peak, and the answers counted by code."""
+    time.sleep(0.5)
+    idle = rss_of(proc.pid)
+    answers: dict = {}
+    stop = time.monotonic() + seconds
+
+    def client(c: int):
+        session = requests.Session()
+        k = 0
+        while time.monotonic() < stop:
+            code = send(c, k, session)
+            answers[code] = answers.get(code, 0) + 1
+            k += 1
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    peak = peak_rss_while(proc.pid, threads)
+    print(f"RSS idle {idle >> 20} MiB, peak {peak >> 20} MiB, answers {answers}")
+    return peak - idle, answers
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 def test_overload_pushes_back_and_memory_stays_within_the_bound(tmp_path):
     """Spans held for a minute while four clients send as fast as they can to a receiver whose downstream is down:
@@ -403,31 +427,18 @@ def test_overload_pushes_back_and_memory_stays_within_the_bound(tmp_path):
     downstream, g, h = free_port(), free_port(), free_port()
     bound_mib = 48
     proc = serve(tmp_path, downstream, g, h, "--buffer-wait-s", "60", "--buffer-max-mib", str(bound_mib))
+
+    def send(c: int, k: int, session) -> int:
+        spans = [s for t in range(40) for s in trace_spans(f"{c + 1:08x}{k:016x}{t:08x}")]
+        r = session.post(f"http://127.0.0.1:{h}/v1/traces", data=otlp_proto.dumps(spans), headers=PROTOBUF,
+                         timeout=30)  # fmt: skip
+        if r.status_code == 503:
+            assert r.headers.get("Retry-After")
+        return r.status_code
+
     try:
-        time.sleep(0.5)
-        idle = rss_of(proc.pid)
-        answers: dict = {}
-        stop = time.monotonic() + 12
-
-        def client(c: int):
-            session = requests.Session()
-            k = 0
-            while time.monotonic() < stop:
-                spans = [s for t in range(40) for s in trace_spans(f"{c + 1:08x}{k:016x}{t:08x}")]
-                r = session.post(f"http://127.0.0.1:{h}/v1/traces", data=otlp_proto.dumps(spans), headers=PROTOBUF,
-                                 timeout=30)  # fmt: skip
-                answers[r.status_code] = answers.get(r.status_code, 0) + 1
-                if r.status_code == 503:
-                    assert r.headers.get("Retry-After")
-                k += 1
-
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
-        for t in threads:
-            t.start()
-        peak = peak_rss_while(proc.pid, threads)
+        grown, answers = overload(proc, 4, 12, send)
         assert answers.get(200, 0) > 0 and set(answers) <= {200, 503}, answers
-        grown = peak - idle
-        print(f"RSS idle {idle >> 20} MiB, peak {peak >> 20} MiB, answers {answers}")
         assert grown <= 1.2 * (bound_mib << 20), f"RSS grew by {grown >> 20} MiB over a {bound_mib} MiB bound"
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -443,39 +454,23 @@ def test_overload_with_megabyte_spans_stays_within_the_bound(tmp_path):
     g, h = free_port(), free_port()
     bound_mib = 16
     proc = serve(tmp_path, sink.port, g, h, "--buffer-max-mib", str(bound_mib))
+
+    def send(c: int, k: int, session) -> int | str:
+        spans = trace_spans(f"{c + 1:08x}{k:024x}")
+        spans[1] = dataclasses.replace(spans[1], attributes={"blob": "x" * (2 << 20)})
+        body = otlp_proto.dumps(spans)
+        if c % 2:
+            return session.post(f"http://127.0.0.1:{h}/v1/traces", data=body, headers=PROTOBUF, timeout=30).status_code
+        try:
+            grpc_call(g, body)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+
     try:
-        time.sleep(0.5)
-        idle = rss_of(proc.pid)
-        answers: dict = {}
-        stop = time.monotonic() + 10
-
-        def client(c: int):
-            session = requests.Session()
-            k = 0
-            while time.monotonic() < stop:
-                spans = trace_spans(f"{c + 1:08x}{k:024x}")
-                spans[1] = dataclasses.replace(spans[1], attributes={"blob": "x" * (2 << 20)})
-                body = otlp_proto.dumps(spans)
-                if c % 2:
-                    code = session.post(f"http://127.0.0.1:{h}/v1/traces", data=body, headers=PROTOBUF,
-                                        timeout=30).status_code  # fmt: skip
-                else:
-                    try:
-                        grpc_call(g, body)
-                        code = "OK"
-                    except grpc.RpcError as e:
-                        code = e.code().name
-                answers[code] = answers.get(code, 0) + 1
-                k += 1
-
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
-        for t in threads:
-            t.start()
-        peak = peak_rss_while(proc.pid, threads)
+        grown, answers = overload(proc, 4, 10, send)
         assert answers.get("OK", 0) > 0 and answers.get(200, 0) > 0, answers
         assert set(answers) <= {"OK", "RESOURCE_EXHAUSTED", 200, 503}, answers
-        grown = peak - idle
-        print(f"RSS idle {idle >> 20} MiB, peak {peak >> 20} MiB, answers {answers}")
         assert grown <= 1.2 * (bound_mib << 20), f"RSS grew by {grown >> 20} MiB over a {bound_mib} MiB bound"
     finally:
         proc.send_signal(signal.SIGKILL)
