@@ -257,27 +257,27 @@ def raw_spans(body: bytes) -> list[RawSpan]:
     for tag, a, b in otlp_proto._fields(body, 0, len(body)):
         if tag != 0x0A:  # ResourceSpans
             continue
-        resource, schema, scopes = None, "", []
-        for t2, c, d in otlp_proto._fields(body, a, b):
-            if t2 == 0x0A:
-                resource = bytes(view[c:d])
-            elif t2 == 0x12:
-                scopes.append((c, d))
-            elif t2 == 0x1A:
-                schema = bytes(view[c:d]).decode()
+        resource, scopes, schema = _parts(body, view, a, b)
         for c, d in scopes:  # ScopeSpans
-            scope, scope_schema, spans = None, "", []
-            for t3, e, f in otlp_proto._fields(body, c, d):
-                if t3 == 0x0A:
-                    scope = bytes(view[e:f])
-                elif t3 == 0x12:
-                    spans.append((e, f))
-                elif t3 == 0x1A:
-                    scope_schema = bytes(view[e:f]).decode()
+            scope, spans, scope_schema = _parts(body, view, c, d)
             for e, f in spans:
-                trace_id = next((bytes(view[g:h]) for t4, g, h in otlp_proto._fields(body, e, f) if t4 == 0x0A), b"")
+                trace_id = next((bytes(view[g:h]) for t, g, h in otlp_proto._fields(body, e, f) if t == 0x0A), b"")
                 out.append(RawSpan(trace_id, view[e:f], (resource, schema), (scope, scope_schema)))
     return out
+
+
+def _parts(body: bytes, view: memoryview, start: int, end: int) -> tuple[bytes | None, list[tuple[int, int]], str]:
+    """A ``ResourceSpans`` or ``ScopeSpans`` message: its field 1 (the resource or scope), where its field 2
+    messages are (scope spans or spans), and its schema URL (field 3)."""
+    first, children, schema = None, [], ""
+    for tag, a, b in otlp_proto._fields(body, start, end):
+        if tag == 0x0A:
+            first = bytes(view[a:b])
+        elif tag == 0x12:
+            children.append((a, b))
+        elif tag == 0x1A:
+            schema = bytes(view[a:b]).decode()
+    return first, children, schema
 
 
 def count_spans(body: bytes) -> int:
