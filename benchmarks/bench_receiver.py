@@ -639,7 +639,8 @@ def main() -> None:
     result = {"command": "python3 " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
               "baseline": base_from, "new": f"{RECEIVER_FILE} (working tree)", "machine": info, "load_before": load,
               "load_after": load_after, "seconds_total": elapsed,
-              "settings": recorded_settings({k: v for k, v in vars(args).items() if k not in ("serve", "tls")}, ROOT),
+              "settings": recorded_settings({k: v for k, v in vars(args).items()
+                                             if k not in ("serve", "tls", "baseline_file")}, ROOT),
               "rows": table, "summary": summary, "silent_tls_client": silent, "idle_connections": idle,
               "connection_burst": burst,
               "sink_requests": sink.requests, "runs": runs}  # fmt: skip

@@ -66,7 +66,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from otel_tracegen.machine import describe, recorded_settings  # noqa: E402 - after the path
+from otel_tracegen.machine import describe, recorded_path, recorded_settings  # noqa: E402 - after the path
 
 SHARED = ROOT.parent / "shared" / "datasets" / "nezha-onlineboutique" / "traces"
 QUEUE_FILE = "otel_tracegen/infill/queue.py"
@@ -435,7 +435,7 @@ def main() -> None:
     result = {"command": "python3 " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
               "baseline": base_from, "machine": info, "load_before": load, "load_after": load_after,
               "settings": recorded_settings({k: v for k, v in vars(args).items() if k != "fill"}, ROOT),
-              "bodies": {"n": len(bodies), "sources": [str(p) for p in sources], "min": sizes[0],
+              "bodies": {"n": len(bodies), "sources": [recorded_path(p, ROOT) for p in sources], "min": sizes[0],
                          "median": statistics.median(sizes), "mean": statistics.mean(sizes), "max": sizes[-1]},
               "summary": summary, "ratio_appends_per_s": ratios, "ratio_outbound": out_ratio, "decision": verdict,
               "runs": {"inbound": inbound, "outbound": outbound}}  # fmt: skip

@@ -38,13 +38,18 @@ def describe(packages: tuple[str, ...] = ()) -> dict:
             "kernel": platform.release(), "python": platform.python_version(), **versions}
 
 
+def recorded_path(path: str | Path, root: Path) -> str:
+    """``path`` as a result file records it: relative to the checkout ``root`` when inside it, as ``../...`` when
+    beside it (``../shared``), else as it is (a scratch directory such as ``/tmp``)."""
+    resolved, root = Path(path).resolve(), root.resolve()
+    if resolved.is_relative_to(root):
+        return str(resolved.relative_to(root))
+    if resolved.is_relative_to(root.parent):
+        return str(Path("..") / resolved.relative_to(root.parent))
+    return str(path)
+
+
 def recorded_settings(settings: dict, root: Path) -> dict:
-    """A benchmark's settings as recorded beside its machine: paths inside the checkout ``root`` relative to it
-    (a result file must not name the machine's directories), other paths and values as they are."""
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, Path):
-            path = value.resolve()
-            value = str(path.relative_to(root.resolve())) if path.is_relative_to(root.resolve()) else str(value)
-        out[key] = value
-    return out
+    """A benchmark's settings as recorded beside its machine: paths by :func:`recorded_path` (a result file must not
+    name the machine's directories), other values as they are."""
+    return {key: recorded_path(value, root) if isinstance(value, Path) else value for key, value in settings.items()}

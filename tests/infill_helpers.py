@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -90,6 +91,23 @@ def serve(tmp_path: Path, downstream: int, grpc_port: int, http_port: int, *flag
     wait_for(lambda: requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).ok if listening(http_port) else False,
              what="the receiver to listen")  # fmt: skip
     return proc
+
+
+def serve_until(tmp_path: Path, downstream: int, grpc_port: int, http_port: int, delivered, what: str,
+                timeout: float = 30.0, sink: Sink | None = None) -> int:
+    """Start :func:`serve` again (after a kill) in front of ``sink`` (a new one on ``downstream`` if None), wait
+    until ``delivered(sink)``, then stop it with SIGTERM (and the sink, if it was made here): its exit status."""
+    own = sink is None
+    sink = Sink(downstream) if own else sink
+    proc = serve(tmp_path, downstream, grpc_port, http_port)
+    try:
+        wait_for(lambda: delivered(sink), timeout=timeout, what=what)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(30)
+        if own:
+            sink.stop()
+    return status
 
 
 def listening(port: int) -> bool:

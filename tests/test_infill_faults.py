@@ -31,8 +31,8 @@ from otel_tracegen.otlp_wire import parse_partial_success
 from otel_tracegen.trace import Resource, Span, SpanKind, Status
 
 from .cli_helpers import free_port
-from .infill_helpers import (MS, Running, Sink, grpc_call, peak_rss_while, rss_of, serve, start_receiver, trace_spans,
-                             wait_for)
+from .infill_helpers import (MS, Running, Sink, grpc_call, peak_rss_while, rss_of, serve, serve_until, start_receiver,
+                             trace_spans, wait_for)
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
@@ -574,14 +574,7 @@ def test_json_acknowledged_before_kill_9_arrives_after_restart(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    sink = Sink(downstream)
-    proc = serve(tmp_path, downstream, g, h)
-    try:
-        wait_for(lambda: ids(good) <= arrived(sink), timeout=30, what="the 5 acknowledged JSON spans")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        sink.stop()
+    serve_until(tmp_path, downstream, g, h, lambda sink: ids(good) <= arrived(sink), "the 5 acknowledged JSON spans")
     assert "does not parse" not in (tmp_path / "serve.log").read_text()
 
 
@@ -606,12 +599,10 @@ def test_kill_9_during_delivery_loses_nothing_acknowledged(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    proc = serve(tmp_path, downstream, g, h)
     try:
-        wait_for(lambda: sent <= arrived(sink), timeout=60, what="every acknowledged span after the restart")
+        serve_until(tmp_path, downstream, g, h, lambda s: sent <= arrived(s), "every acknowledged span after the "
+                    "restart", timeout=60, sink=sink)  # fmt: skip
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
         sink.stop()
 
 

@@ -31,7 +31,8 @@ from otel_tracegen.otlp_wire import parse_partial_success, parse_retry_delay
 from otel_tracegen.report import UserError
 
 from .cli_helpers import free_port, rotel_forwarding, run
-from .infill_helpers import EXPORT, Running, Sink, grpc_call, serve, start_receiver, trace_spans, wait_for
+from .infill_helpers import (EXPORT, Running, Sink, grpc_call, serve, serve_until, start_receiver, trace_spans,
+                             wait_for)
 
 
 @pytest.fixture
@@ -257,15 +258,9 @@ def test_nothing_acknowledged_is_lost_across_an_outage_and_kill_9(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    sink = Sink(downstream)
-    proc = serve(tmp_path, downstream, g, h)
-    try:
-        wait_for(lambda: sent <= {(w.span.trace_id, w.span.span_id) for w in sink.spans()}, timeout=30,
-                 what="every acknowledged span after the restart")  # fmt: skip
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        sink.stop()
+    status = serve_until(tmp_path, downstream, g, h, lambda sink: sent <= {(w.span.trace_id, w.span.span_id)
+                         for w in sink.spans()}, "every acknowledged span after the restart")  # fmt: skip
+    assert status == 0
     log = (tmp_path / "serve.log").read_text()
     assert "replayed" in log or "request(s) replayed" in log
 

@@ -29,6 +29,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -154,15 +155,21 @@ class Forwarder:
             spans = wire.count_spans(body)
         return self._deliver(seq, body, spans)
 
-    def _deliver(self, seq: int, body: bytes, spans: int) -> bool:
-        counted = IN_HAND_COPIES * len(body)
-        if self.ledger is not None:
-            self.ledger.reserve(counted, force=True, wait_s=ROOM_WAIT_S)
+    @contextmanager
+    def _counted(self, nbytes: int):
+        """``nbytes`` in hand, counted in the ledger while the block runs."""
+        if self.ledger is None:
+            yield
+            return
+        self.ledger.reserve(nbytes, force=True, wait_s=ROOM_WAIT_S)
         try:
-            return self._attempt(seq, body, spans)
+            yield
         finally:
-            if self.ledger is not None:
-                self.ledger.unreserve(counted)
+            self.ledger.unreserve(nbytes)
+
+    def _deliver(self, seq: int, body: bytes, spans: int) -> bool:
+        with self._counted(IN_HAND_COPIES * len(body)):
+            return self._attempt(seq, body, spans)
 
     def _attempt(self, seq: int, body: bytes, spans: int) -> bool:
         delay = self.settings.retry_initial_s
@@ -193,14 +200,8 @@ class Forwarder:
         return False
 
     def _split(self, body: bytes) -> tuple[bytes, bytes] | None:
-        counted = SPLIT_COPIES * len(body)  # the body decoded, and encoded again in two
-        if self.ledger is not None:
-            self.ledger.reserve(counted, force=True, wait_s=ROOM_WAIT_S)
-        try:
+        with self._counted(SPLIT_COPIES * len(body)):  # the two halves
             return split_in_two(body)
-        finally:
-            if self.ledger is not None:
-                self.ledger.unreserve(counted)
 
     def _refused(self, seq: int, body: bytes, outcome, reason: str) -> bool:
         """A refusal for good: keep the request as a dead letter, then count it."""

@@ -132,7 +132,7 @@ def _pushback(e: Pressure | TooLarge, as_json: bool, **kw) -> Answer:
 def take_request(service: InfillService, body: bytes, content_type: str, encoding: str, limit: int,
                  transport: str, reserved: int = 0) -> Answer:
     """Decompress, decode, log and hold one OTLP/HTTP body (on a worker thread): the answer to send.
-    ``reserved``: the memory :meth:`InfillService.set_aside` for the body, handed over (released here)."""
+    ``reserved``: the memory :meth:`InfillService.set_aside_polled` for the body, handed over (released here)."""
     as_json = wire.is_json(content_type)
     try:
         if encoding == "gzip":
@@ -295,7 +295,7 @@ class HttpReceiver:
     """``POST /v1/traces`` (and ``GET /metrics``, ``/healthz``, ``/localize``) on aiohttp, in an event loop of
     its own thread. ``workers`` threads decode and log the bodies; at most twice as many bodies are read at once
     (a request beyond that waits for its turn before its body is read). A body's memory is set aside in the
-    buffer's bound before it is read (:meth:`InfillService.set_aside`): one that does not fit now is answered 503
+    buffer's bound before it is read (:meth:`InfillService.set_aside_polled`): one that does not fit now is answered 503
     with ``Retry-After`` unread."""
 
     def __init__(self, service: InfillService, endpoint: str, *, max_message_bytes: int, token: str | None = None,
@@ -468,7 +468,7 @@ class HttpReceiver:
 
 
 class _SetAside:
-    """The memory set aside for one HTTP body as it is read (:meth:`InfillService.set_aside`)."""
+    """The memory set aside for one HTTP body as it is read (:meth:`InfillService.set_aside_polled`)."""
 
     def __init__(self, service: InfillService) -> None:
         self.service, self.bytes = service, 0

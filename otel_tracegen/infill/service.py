@@ -308,19 +308,11 @@ class InfillService:
         receivers refuse larger ones before reading them."""
         return self.buffer.budget // REQUEST_COPIES
 
-    def set_aside(self, nbytes: int, wait_s: float = 0.0, more: bool = False) -> int:
-        """Set memory aside for a request body of ``nbytes`` about to be read (or read): the bytes reserved, for
-        :meth:`export`'s ``reserved``. Waits up to ``wait_s`` for room; ``more``: for a body that holds some
-        already (a chunked one, as it is read). Raises :class:`Pressure` when they do not fit now,
-        :class:`TooLarge` when they never would."""
-        self._check_size(nbytes)
-        n = nbytes * REQUEST_COPIES
-        if not self.buffer.reserve(n, wait_s=wait_s, more=more):
-            self._full()
-        return n
-
     async def set_aside_polled(self, nbytes: int, more: bool = False, wait_s: float = ROOM_WAIT_S) -> int:
-        """:meth:`set_aside` for an event loop: waits in line (polling every 10 ms) instead of on a lock."""
+        """Set memory aside for a request body of ``nbytes`` about to be read (HTTP, on the event loop): the bytes
+        reserved, for :meth:`export`'s ``reserved``. Waits in line up to ``wait_s`` (polling every 10 ms, never
+        blocking the loop); ``more``: for a body that holds some already (a chunked one, as it is read). Raises
+        :class:`Pressure` when they do not fit, :class:`TooLarge` when they never would."""
         self._check_size(nbytes)
         n = nbytes * REQUEST_COPIES
         if self.buffer.reserve(n, more=more):
@@ -357,7 +349,7 @@ class InfillService:
                reserved: int = 0) -> tuple[int, str]:
         """Take one OTLP request body: ``(rejected spans, message)`` for the partial-success answer. Raises
         :class:`wire.MalformedRequest` (nothing taken) or :class:`Pressure` (nothing taken; retry later).
-        ``reserved``: memory :meth:`set_aside` for this body before it was read, which this call now owns.
+        ``reserved``: memory :meth:`set_aside_polled` (or :meth:`set_aside_unread`) for this body before it was read, which this call now owns.
 
         The order keeps the promise "acknowledged means replayable": the spans are decoded and their memory set
         aside first, then the body is logged as it came (replay decodes it again the same way), then held. Every
