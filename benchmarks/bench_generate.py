@@ -11,7 +11,7 @@ engine             ``TraceSampler`` on our runtime (``otel_tracegen.lm.runtime``
 baseline           the same sampler, same model, same grammar (as a ``LogitsProcessor``), same batches, through
                    ``LlamaForCausalLM.generate()`` + peft (``load_model(backend="transformers")``)
 emission           ``OtlpSender`` with the native sender (the default): request bytes written directly
-                   (``otlp_wire``), sent over grpcio, from ``--workers`` threads, into a real collector (rotel)
+                   (``otel_tracegen.emit.wire``), sent over grpcio, from ``--workers`` threads, into a real collector (rotel)
                    that discards them (blackhole exporter)
 baseline           what an instrumented app does: ``tracer.start_span``/``end`` for every span (the same ids and
                    times) through ``BatchSpanProcessor`` + the SDK's OTLP gRPC exporter into the same collector
@@ -87,7 +87,7 @@ def pool_spans_per_s(args, request, workers: int) -> tuple[float, int, int, floa
     """(valid spans/s, spans, valid traces, seconds) of ``args.traces`` traces decoded in rounds of ``args.batch``
     by ``workers`` processes of one torch thread (``--decode-workers``; worker start-up included)."""
     from otel_tracegen.encoding import decode_trace
-    from otel_tracegen.generate import round_sizes
+    from otel_tracegen.emit.generate import round_sizes
     from otel_tracegen.sampling.pool import DecodePool, SamplerSpec
     from otel_tracegen.validate import validate
 
@@ -143,7 +143,7 @@ def start_rotel(tmp: Path, forward_to: int | None = None) -> tuple[subprocess.Po
 
 def emission_ours(traces, port: int, workers: int, sender: str = "native") -> float:
     """Spans/s of ``OtlpSender`` (``sender``: native or sdk) from ``workers`` threads, all delivered."""
-    from otel_tracegen.otlp_export import OtlpSettings, make_sender
+    from otel_tracegen.emit.sender import OtlpSettings, make_sender
 
     out = make_sender(OtlpSettings(endpoint=f"127.0.0.1:{port}", insecure=True), sender=sender, workers=workers)
     assert out.kind == sender, out.note
@@ -291,7 +291,7 @@ def emission(args, lm, result: dict) -> dict:
         return result
     import tempfile
 
-    from otel_tracegen.generate import Assembler
+    from otel_tracegen.emit.generate import Assembler
     from otel_tracegen.sampling import TraceRequest, TraceSampler
 
     # Traces to send: generated once, repeated with fresh ids (emission does not depend on content).

@@ -72,7 +72,7 @@ import requests
 from otel_tracegen.formats import otlp_json
 from otel_tracegen.infill import wire
 from otel_tracegen.machine import describe, recorded_settings
-from otel_tracegen.otlp_wire import parse_partial_success
+from otel_tracegen.emit.wire import parse_partial_success
 from otel_tracegen.report import ReadReport
 from otel_tracegen.trace import Resource, Span, SpanKind, Status
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from . import __version__
-from .formats import FORMATS, detect_format, expand_paths, get_format, read_traces, writable_formats
+from .formats import FORMATS, read_any, writable_formats
 from .report import ReadReport, UserError
 
 
@@ -102,8 +102,13 @@ def _build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the trace language model (pretrain, then instruct and infill LoRA)")
     _add_train_arguments(t)
 
+    from .emit import command as emit_command
+
     g = sub.add_parser("generate", help="generate traces with the trace model (grammar-constrained, always valid)")
-    _add_generate_arguments(g)
+    emit_command.add_generate_arguments(g)
+    r = sub.add_parser("replay", help="replay a library of traces (generated or captured) at any rate and shape, "
+                                      "with fresh ids and times: learn once, replay many")
+    emit_command.add_replay_arguments(r)
 
     e = sub.add_parser("eval", help="score synthetic traces (files, the model, baselines) against real ones; "
                                     "write an HTML and a Markdown report")
@@ -135,141 +140,6 @@ def _build_parser() -> argparse.ArgumentParser:
     mc.add_argument("path", type=Path, help="model directory")
     mc.add_argument("--corpus", nargs="+", required=True, metavar="DIR", help="corpus directories it was trained on")
     return p
-
-
-def _include_call(text: str):
-    """``A -> B`` or ``A -> B:KIND`` (the callee's span kind)."""
-    from .encoding import Include
-    from .trace import SpanKind
-
-    src, arrow, dst = text.partition("->")
-    src, dst = src.strip(), dst.strip()
-    kind = None
-    if ":" in dst:
-        dst, _, kind_name = dst.rpartition(":")
-        dst = dst.strip()
-        try:
-            kind = SpanKind[kind_name.strip().upper()]
-        except KeyError:
-            raise argparse.ArgumentTypeError(
-                f"unknown span kind {kind_name.strip()!r} in {text!r}; use one of {', '.join(k.name for k in SpanKind)}"
-            ) from None
-    if not arrow or not src or not dst:
-        raise argparse.ArgumentTypeError(f"expected 'A -> B' or 'A -> B:KIND', got {text!r}")
-    return Include(src, dst, kind)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return v
-
-
-def _start_time(text: str) -> int:
-    """Unix nanoseconds from an integer (ns) or an ISO 8601 / RFC 3339 time."""
-    from datetime import datetime, timezone
-
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not Unix nanoseconds or an ISO 8601 time: {text!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
-
-
-def _duration(text: str) -> float:
-    """Seconds: a number, with an optional s/m/h suffix, or inf."""
-    from .localize.window import parse_duration_s
-
-    try:
-        return parse_duration_s(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _header(text: str) -> tuple[str, str]:
-    from .otlp_export import parse_header
-
-    try:
-        return parse_header(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _add_generate_arguments(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--model", type=Path, help="model directory (default: the shipped model/)")
-    g.add_argument("--adapter", default="auto", help="instruct (default when present), none, or another adapter")
-    g.add_argument("--count", type=_positive_int, help="traces to generate (default 10, or all --duration allows)")
-    w = g.add_argument_group("what to generate (each left open is the model's choice)")
-    w.add_argument("--service", help="entry service (the root span's)")
-    w.add_argument("--operation", help="entry operation (needs --service)")
-    w.add_argument("--entries", choices=("data", "model"), default="data",
-                   help="data (default): without --service, draw the entry service from the training mix, and "
-                        "without --calls/--depth, the entry operation, calls, depth, latency and instructions (high "
-                        "latency, an uncommon call) of a training trace entered there; model: let the model choose "
-                        "the entry and size (no latency or instructions are drawn)")
-    w.add_argument("--calls", type=_positive_int, help="spans per trace, root included; met exactly")
-    w.add_argument("--depth", type=_positive_int, help="span levels per trace; met exactly")
-    w.add_argument("--latency-ms", type=float, help="the root span's duration in ms")
-    w.add_argument("--high-latency", action="store_true", help="latency above the p90 of the entry (instruction)")
-    w.add_argument("--include-call", type=_include_call, action="append", default=[], metavar="'A -> B[:KIND]'",
-                   help="a call from service A to service B (span kind of B) somewhere in each trace (one per trace)")
-    inc = g.add_argument_group("a labelled incident, for chaos testing (docs/localize.md)")
-    inc.add_argument("--inject-latency", metavar="SERVICE=MS",
-                     help="every call into SERVICE takes MS longer (its own work); callers wait, later calls move")
-    inc.add_argument("--inject-share", type=float, default=1.0,
-                     help="share of the traces reaching SERVICE that are delayed (default 1)")
-    inc.add_argument("--incident-label", type=Path, metavar="FILE",
-                     help="write the incident's ground truth (JSON: service, delay, share, time range) here")
-    d = g.add_argument_group("decoding")
-    d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
-    d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    from .sampling.engine import DEFAULT_ATTEMPTS  # light: the engine imports torch only to decode
-
-    d.add_argument("--attempts", type=_positive_int, default=DEFAULT_ATTEMPTS,
-                   help="draws per step at most: a step is kept with the model's odds of having written it without "
-                        f"the grammar's masks, else drawn again (default {DEFAULT_ATTEMPTS}; 1: keep every first "
-                        "draw, faster, less realistic)")
-    d.add_argument("--seed", type=int, default=0, help="same seed, same options: the same traces (default 0)")
-    d.add_argument("--batch-size", type=_positive_int, default=256, help="pending steps decoded together")
-    d.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
-    d.add_argument("--threads", type=_positive_int,
-                   help="CPU threads for torch (default: the CPUs this process may use, by affinity and cgroup "
-                        "quota or OTEL_TRACEGEN_CPUS, less those other processes keep busy at start)")
-    d.add_argument("--decode-workers", type=_positive_int, metavar="N",
-                   help="processes decoding rounds of --batch-size traces side by side, --threads torch threads "
-                        "each (default on a CPU: one per CPU --threads would use, when the run has more than one "
-                        "round; else 1)")
-    d.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="weights and activations: auto = bfloat16 on a GPU, or on a CPU where it measured clearly "
-                        "faster than float32 (timed once per machine, remembered in ~/.cache/otel-tracegen), else "
-                        "float32 (default auto)")
-    o = g.add_argument_group("output: a file, OTLP, or both")
-    o.add_argument("--out", type=Path, help="write the traces to this file (.gz compresses)")
-    o.add_argument("--format", default="otlp-json", choices=writable_formats(), help="file format (default otlp-json)")
-    o.add_argument("--start-time", type=_start_time, help="anchor: Unix ns or ISO 8601 (default: now)")
-    o.add_argument("--no-attributes", action="store_true",
-                   help="spans without protocol attributes (http.*, rpc.*, db.*: learned, else inferred from names)")
-    o.add_argument("--rate", type=float, help="traces/s: Poisson arrivals, and sent at that pace (default: at once)")
-    o.add_argument("--duration", type=_duration, help="seconds to run (or 10s, 5m, 1h, inf) instead of --count")
-    o.add_argument("--otlp-endpoint", help="send OTLP to HOST:PORT or a URL (default: OTEL_EXPORTER_OTLP_ENDPOINT)")
-    o.add_argument("--otlp-http", action="store_true", help="OTLP/HTTP protobuf instead of gRPC")
-    o.add_argument("--otlp-insecure", action="store_true", help="plain text instead of TLS")
-    o.add_argument("--otlp-header", type=_header, action="append", default=[], metavar="KEY=VALUE",
-                   help="request header; repeatable")
-    o.add_argument("--otlp-compression", choices=("gzip", "none"), help="default: OTEL_EXPORTER_OTLP_COMPRESSION")
-    o.add_argument("--otlp-sender", choices=("native", "sdk"), default="native",
-                   help="native: write the OTLP bytes directly and send them with grpcio/requests (default, several "
-                        "times faster); sdk: the OpenTelemetry SDK's exporter, the reference (same bytes, same "
-                        "OTEL_EXPORTER_OTLP_* settings)")
-    o.add_argument("--workers", type=_positive_int, default=1, help="threads sending OTLP batches (default 1)")
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -305,6 +175,7 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
             "formats": lambda: cmd_formats(args, env),
             "train": lambda: cmd_train(args, env),
             "generate": lambda: cmd_generate(args, env),
+            "replay": lambda: cmd_replay(args, env),
             "eval": lambda: cmd_eval(args, env),
             "infill": lambda: cmd_infill(args, env),
             "localize": lambda: cmd_localize(args, env),
@@ -354,20 +225,7 @@ def _print_report(report: ReadReport, env: Environment, shown: int = 20) -> None
 
 def _read(fmt: str | None, inputs: Sequence[str | Path], report: ReadReport):
     """Read inputs, guessing the format per file when none is given."""
-    if fmt is not None:
-        return read_traces(fmt, inputs, report)
-    files = expand_paths(inputs)
-    by_format: dict[str, list[Path]] = {}
-    for f in files:
-        by_format.setdefault(detect_format(f), []).append(f)
-    if len(by_format) == 1:
-        [(name, fs)] = by_format.items()
-        return get_format(name).read(fs, report)
-    # Several formats: a trace may still span files, so regroup every span by trace id.
-    from .trace import group_traces, iter_spans
-
-    spans = [s for name, fs in by_format.items() for s in iter_spans(get_format(name).read(fs, report))]
-    return group_traces(spans)
+    return read_any(inputs, report, fmt)
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -523,6 +381,18 @@ def cmd_validate(args, env: Environment) -> ExitStatus:
     return ExitStatus.SUCCESS if ok else ExitStatus.INVALID
 
 
+def cmd_generate(args, env: Environment) -> ExitStatus:
+    from .emit.command import run_generate
+
+    return ExitStatus(run_generate(args, env))
+
+
+def cmd_replay(args, env: Environment) -> ExitStatus:
+    from .emit.command import run_replay
+
+    return ExitStatus(run_replay(args, env))
+
+
 def cmd_eval(args, env: Environment) -> ExitStatus:
     from .evaluate.command import run
 
@@ -617,137 +487,6 @@ def cmd_model_catalog(args, env: Environment) -> ExitStatus:
           f"{len(cat.entries)} entry services, deepest trace {cat.max_depth} levels, from {cat.traces} traces",
           file=env.stdout)
     return ExitStatus.SUCCESS
-
-
-def _otlp_settings(args):
-    """OTLP settings from the flags, or None when nothing says where to send (no flag, no OTEL_* endpoint)."""
-    import os
-
-    from .otlp_export import OtlpSettings
-
-    env_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if not args.otlp_endpoint and not env_endpoint and not args.otlp_http:
-        return None
-    protocol = "http/protobuf" if args.otlp_http else os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
-    if protocol not in ("grpc", "http/protobuf"):
-        raise UserError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: only grpc and http/protobuf are supported")
-    return OtlpSettings(endpoint=args.otlp_endpoint, protocol=protocol, insecure=True if args.otlp_insecure else None,
-                        headers=dict(args.otlp_header), compression=args.otlp_compression)
-
-
-def cmd_generate(args, env: Environment) -> ExitStatus:
-    if args.operation and not args.service:
-        raise UserError("--operation needs --service (the entry service it belongs to)")
-    if args.rate is not None and not (args.rate > 0):
-        raise UserError(f"--rate must be > 0, got {args.rate}")
-    otlp = _otlp_settings(args)
-    if args.out is None and otlp is None:
-        raise UserError("say where the traces go: --out FILE, --otlp-endpoint HOST:PORT (or OTEL_EXPORTER_OTLP_ENDPOINT)")
-    count = args.count if args.count is not None else (None if args.duration is not None else 10)
-    incident = None
-    if args.inject_latency:
-        from .incident import LatencyIncident
-
-        incident = LatencyIncident.parse(args.inject_latency, share=args.inject_share, seed=args.seed)
-    elif args.incident_label or args.inject_share != 1.0:
-        raise UserError("--inject-share and --incident-label go with --inject-latency SERVICE=MS")
-    if count is None and args.duration == float("inf") and args.out is not None:
-        raise UserError("--duration inf never ends, so the file would never be written: give --count or a duration")
-    from . import generate
-    from .lm.model import load_model, resolve_dtype_name
-    from .sampling import TraceRequest, TraceSampler
-
-    from .cpu import configure_torch
-
-    threads = configure_torch(args.threads)  # before the model loads: its dtype check runs torch already
-    lm = load_model(args.model, device=args.device, backend="auto", dtype=args.dtype)  # auto: --base-model runs too
-    sampler = TraceSampler(lm, adapter=None if args.adapter == "none" else args.adapter, batch_size=args.batch_size,
-                           entries=args.entries, attempts=args.attempts)
-    request = TraceRequest(service=args.service, operation=args.operation, calls=args.calls, depth=args.depth,
-                           latency_ms=args.latency_ms, high_latency=args.high_latency,
-                           includes=tuple(args.include_call))  # fmt: skip
-    request.check(sampler.catalog, sampler.limits)  # before any decoding: errors name the nearest known values
-    if incident is not None:
-        sampler.catalog.check_service(incident.service, "service for --inject-latency")
-        incident_range: list[int] = []
-    sender = None
-    if otlp is not None:
-        from .otlp_export import make_sender
-
-        sender = make_sender(otlp, sender=args.otlp_sender, workers=args.workers)
-        if sender.note:
-            print(f"otel-tracegen: {sender.note}", file=env.stderr)
-    from tqdm import tqdm
-
-    from .sampling.pool import DecodePool, SamplerSpec, auto_workers
-
-    dtype = resolve_dtype_name(args.dtype, str(lm.device))  # what "auto" chose, for the summary
-    rounds = None if count is None else sum(1 for _ in generate.round_sizes(count, args.batch_size, args.rate))
-    # Workers by the CPUs the process may use, not by what a neighbour leaves: one-thread processes do not spin
-    # against it as a second OpenMP thread does (benchmarks/bench_threads.py).
-    workers = args.decode_workers or auto_workers(str(lm.device), rounds, threads.budget.cpus)
-    pool = None
-    if workers > 1:  # the same traces as in-process decoding (rounds are seeded by their index), sooner
-        pool = DecodePool(SamplerSpec(model=None if args.model is None else str(args.model), device=str(lm.device),
-                                      dtype=args.dtype, adapter=sampler.adapter, batch_size=args.batch_size,
-                                      entries=args.entries, attempts=args.attempts),
-                          workers, threads_per_worker=args.threads or 1)  # fmt: skip
-    summary = generate.GenerationSummary()
-    bar = tqdm(total=count, unit="trace", desc="generate", file=env.stderr, disable=None)
-    kept = []
-    duration = None if args.duration in (None, float("inf")) else args.duration
-    try:
-        for trace in generate.stream(sampler, request, count=count, duration_s=duration, rate=args.rate,
-                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                     start_time_ns=args.start_time, round_size=args.batch_size, summary=summary,
-                                     attributes=not args.no_attributes, pool=pool):
-            if incident is not None:
-                delayed = incident.apply(trace)  # the trace itself when this one is not hit
-                if delayed is not trace:
-                    trace = delayed
-                    incident_range += [trace.start_ns, trace.end_ns]
-            if sender is not None:
-                sender.send([trace])
-            if args.out is not None:
-                kept.append(trace)
-            bar.update(1)
-    except KeyboardInterrupt:  # an endless run ends here: what was generated is still sent and written
-        print("otel-tracegen: interrupted; flushing what was generated", file=env.stderr)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-        counts = sender.close() if sender is not None else None
-    if incident is not None:
-        hit = len(incident_range) // 2
-        label = incident.label() | {"traces_hit": hit, "traces": summary.traces,
-                                    "start": min(incident_range, default=None), "end": max(incident_range, default=None)}
-        print(f"incident: {incident.delay_ms:g} ms injected at {incident.service} in {hit} of {summary.traces} traces",
-              file=env.stderr)
-        if args.incident_label is not None:
-            args.incident_label.write_text(json.dumps(label, indent=1) + "\n")
-    if args.out is not None:
-        from .formats import write_traces
-
-        write_traces(args.format, kept, args.out)
-        print(f"wrote {len(kept)} traces to {args.out} ({args.format})", file=env.stderr)
-    print(summary.line() + "; entry services: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.by_entry.items()))
-          + f"; decoded on {lm.device} in {dtype}"
-          + (f" by {workers} workers of {args.threads or 1} torch thread(s)" if pool is not None
-             else f" with {threads.describe()}" if str(lm.device) == "cpu" else ""),
-          file=env.stderr)  # fmt: skip
-    if sampler.bpe is not None:  # a --base-model run: how often the model's own values had to be resampled
-        print(f"base-model values: {sampler.bpe.stats.line()}", file=env.stderr)
-    ok = summary.valid == summary.traces
-    if counts is not None:
-        where = otlp.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
-        print(f"OTLP ({otlp.protocol}, {sender.kind} sender) to {where}: {counts.sent_spans} spans delivered, "
-              f"{counts.failed_spans} failed"
-              + (f" in {counts.failed_batches} batches" if counts.failed_batches else "")
-              + (f" ({counts.first_error})" if counts.first_error else ""), file=env.stderr)
-        ok = ok and counts.failed_spans == 0
-    return ExitStatus.SUCCESS if ok else ExitStatus.INVALID
 
 
 _MODEL = {"info": cmd_model_info, "catalog": cmd_model_catalog}

@@ -37,7 +37,7 @@ def main() -> None:
 
     from otel_tracegen.dataset import load_corpus
     from otel_tracegen.evaluate.metrics import shape
-    from otel_tracegen.generate import Assembler
+    from otel_tracegen.emit.generate import Assembler
     from otel_tracegen.lm.model import load_model
     from otel_tracegen.lm.sample import compare
     from otel_tracegen.sampling import TraceRequest, TraceSampler

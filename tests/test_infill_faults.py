@@ -27,7 +27,7 @@ from otel_tracegen.infill import wire
 from otel_tracegen.infill.receiver import GrpcReceiver, HttpReceiver, _authorized
 from otel_tracegen.infill.repair import TraceRepairer
 from otel_tracegen.infill.service import InfillConfig, InfillService
-from otel_tracegen.otlp_wire import parse_partial_success
+from otel_tracegen.emit.wire import parse_partial_success
 from otel_tracegen.trace import Resource, Span, SpanKind, Status
 
 from .cli_helpers import free_port

@@ -26,8 +26,8 @@ from otel_tracegen.infill import wire
 from otel_tracegen.infill.receiver import GrpcReceiver, HttpReceiver
 from otel_tracegen.infill.repair import MARK_METHOD, MARK_ORIGINAL_PARENT, MARK_REPAIR, TraceRepairer
 from otel_tracegen.infill.service import InfillConfig, InfillService
-from otel_tracegen.otlp_native import GrpcExporter, resolve_grpc
-from otel_tracegen.otlp_wire import parse_partial_success, parse_retry_delay
+from otel_tracegen.emit.transport import GrpcExporter, resolve_grpc
+from otel_tracegen.emit.wire import parse_partial_success, parse_retry_delay
 from otel_tracegen.report import UserError
 
 from .cli_helpers import free_port, rotel_forwarding, run

@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 from otel_tracegen.cli import ExitStatus
 from otel_tracegen.encoding import decode_trace
 from otel_tracegen.formats import read_traces
-from otel_tracegen.generate import SYNTHETIC_ATTRIBUTE
+from otel_tracegen.emit.attributes import SYNTHETIC_ATTRIBUTE
 from otel_tracegen.lm.model import load_model
 from otel_tracegen.report import ReadReport, UserError
 from otel_tracegen.sampling import CATALOG_FILE, Catalog, TraceRequest, TraceSampler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from otel_tracegen.generate import Assembler
+from otel_tracegen.emit.generate import Assembler
 from otel_tracegen.encoding import encode_trace
 from otel_tracegen.sampling import Catalog
 from otel_tracegen.semconv import attributes_for, inferred

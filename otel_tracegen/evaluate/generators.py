@@ -71,7 +71,7 @@ class ModelGenerator:
         return cls(load_model(path, backend="auto", dtype=dtype), **kwargs)
 
     def generate(self, requests: Sequence, *, seed: int = 0, progress: Progress | None = None) -> list[Generated]:
-        from ..generate import Assembler
+        from ..emit.generate import Assembler
         from ..report import UserError
 
         out: list[Generated | None] = [None] * len(requests)

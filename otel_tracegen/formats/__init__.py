@@ -90,6 +90,24 @@ def read_traces(fmt: str, paths: Sequence[str | Path], report: ReadReport | None
     return module.read(expand_paths(paths, FORMATS[fmt].suffixes), report if report is not None else ReadReport())
 
 
+def read_any(paths: Sequence[str | Path], report: ReadReport, fmt: str | None = None) -> list[Trace]:
+    """Traces from files of ``fmt``, or of whatever format each file is (guessed per file when ``fmt`` is None;
+    spans of one trace spread over files of several formats are joined by trace id)."""
+    if fmt is not None:
+        return read_traces(fmt, paths, report)
+    files = expand_paths(paths)
+    by_format: dict[str, list[Path]] = {}
+    for f in files:
+        by_format.setdefault(detect_format(f), []).append(f)
+    if len(by_format) == 1:
+        [(name, fs)] = by_format.items()
+        return get_format(name).read(fs, report)
+    from ..trace import group_traces, iter_spans
+
+    spans = [s for name, fs in by_format.items() for s in iter_spans(get_format(name).read(fs, report))]
+    return group_traces(spans)
+
+
 def write_traces(fmt: str, traces: Sequence[Trace], path: str | Path) -> None:
     if fmt in FORMATS and not FORMATS[fmt].writable:
         raise UserError(f"format {fmt!r} can be read but not written; writable: {', '.join(writable_formats())}")

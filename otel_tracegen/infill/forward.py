@@ -16,7 +16,7 @@ cannot succeed by resending; those requests are written to ``dead-letter/`` besi
 counted as failed and logged, never dropped silently. The directory is bounded (``dead_letter_max_bytes`` and
 ``dead_letter_max_requests``): the oldest dead letters are evicted first, and counted.
 
-The exporters are :mod:`otel_tracegen.otlp_native`'s (gRPC or HTTP, every ``OTEL_EXPORTER_OTLP_*`` setting).
+The exporters are :mod:`otel_tracegen.emit.transport`'s (gRPC or HTTP, every ``OTEL_EXPORTER_OTLP_*`` setting).
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ class ForwardSettings:
 
 
 def make_exporter(s: ForwardSettings):
-    """An :mod:`otel_tracegen.otlp_native` exporter for ``s``."""
-    from .. import otlp_native
+    """An :mod:`otel_tracegen.emit.transport` exporter for ``s``."""
+    from ..emit import transport
 
     if s.protocol == "grpc":
-        config = otlp_native.resolve_grpc(s.endpoint, s.insecure, s.headers, s.timeout_s, s.compression)
-        return otlp_native.GrpcExporter(dataclasses.replace(config, retry_exhausted_without_advice=False))
+        config = transport.resolve_grpc(s.endpoint, s.insecure, s.headers, s.timeout_s, s.compression)
+        return transport.GrpcExporter(dataclasses.replace(config, retry_exhausted_without_advice=False))
     if s.protocol in ("http", "http/protobuf"):
-        return otlp_native.HttpExporter(otlp_native.resolve_http(s.endpoint, s.headers, s.timeout_s, s.compression))
+        return transport.HttpExporter(transport.resolve_http(s.endpoint, s.headers, s.timeout_s, s.compression))
     raise ValueError(f"unknown downstream protocol {s.protocol!r}; expected grpc or http/protobuf")
 
 

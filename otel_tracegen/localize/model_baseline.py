@@ -85,7 +85,7 @@ def generate_for_entries(mix: Sequence[tuple[tuple[str, str | None], int]], mode
     ``seed + 1000 * i``; entries the model does not know are skipped through ``warn``."""
     from tqdm import tqdm
 
-    from .. import generate
+    from ..emit import generate
     from ..lm.model import load_model
     from ..sampling import TraceRequest, TraceSampler
 

@@ -1,11 +1,11 @@
-"""The native OTLP sender: request bytes from :mod:`.otlp_wire`, sent over grpcio or HTTP (``requests``) directly.
+"""The native OTLP sender: request bytes from :mod:`.wire`, sent over grpcio or HTTP (``requests``) directly.
 
 Why not the SDK exporter: it turns every span into a ``ReadableSpan`` and then into upb messages, which costs
 about six times what writing the bytes does; on two cores that decided the emission rate. The SDK exporter stays
-the reference (``--otlp-sender sdk``): this module puts the same bytes on the wire (``tests/test_otlp_wire.py``
+the reference (``--otlp-sender sdk``): this module puts the same bytes on the wire (``tests/test_emit_wire.py``
 records both in real sinks and compares them) and resolves every setting the way the SDK exporter 1.45 does:
 
-- :func:`resolve_grpc` / :func:`resolve_http` take the arguments :mod:`.otlp_export` gives the SDK's
+- :func:`resolve_grpc` / :func:`resolve_http` take the arguments :mod:`.sender` gives the SDK's
   ``OTLPSpanExporter`` and apply its rules for ``OTEL_EXPORTER_OTLP_[TRACES_]{ENDPOINT,HEADERS,INSECURE,
   CERTIFICATE,CLIENT_KEY,CLIENT_CERTIFICATE,COMPRESSION,TIMEOUT}`` and
   ``OTEL_PYTHON_EXPORTER_OTLP_GRPC_RETRYABLE_ERROR_CODES``, including their quirks (gRPC: explicit headers
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from . import __version__
-from .otlp_wire import parse_partial_success, parse_retry_delay
+from .. import __version__
+from .wire import parse_partial_success, parse_retry_delay
 
 __all__ = ["ExportOutcome", "GrpcConfig", "GrpcExporter", "HttpConfig", "HttpExporter", "NativeUnsupported",
            "resolve_grpc", "resolve_http"]  # fmt: skip

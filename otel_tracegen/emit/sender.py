@@ -4,7 +4,7 @@ The SDK's exporters are the reference implementation of the protocol: they honou
 (endpoint, headers, certificates, compression, timeout) for every setting not given explicitly, retry what the
 spec says is retryable, and report failure instead of raising. ``sender="sdk"`` turns canonical traces into the
 SDK's ``ReadableSpan`` and exports them with those. ``sender="native"`` (the default) writes the very bytes that
-path would send (:mod:`.otlp_wire`) and sends them with grpcio or ``requests`` (:mod:`.otlp_native`), resolving
+path would send (:mod:`.wire`) and sends them with grpcio or ``requests`` (:mod:`.transport`), resolving
 the same settings the same way, at a fraction of the CPU; where it cannot honour a setting it falls back to the
 SDK exporter and says why (:attr:`OtlpSender.note`). Either way batches go out from worker threads and every
 span that could not be delivered is counted (so that a failing collector is never silent).
@@ -14,13 +14,14 @@ Needs the ``otlp`` extra (``opentelemetry-exporter-otlp-proto-grpc``/``-http``);
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .report import UserError
-from .trace import SpanKind, StatusCode, Trace
+from ..report import UserError
+from ..trace import SpanKind, StatusCode, Trace
 
 PROTOCOLS = ("grpc", "http/protobuf")
 
@@ -39,12 +40,29 @@ class OtlpSettings:
     headers: dict[str, str] = field(default_factory=dict)
     compression: str | None = None
     timeout_s: float | None = None
+    ca_cert: str | None = None  # telemetrygen's --ca-cert: trust this CA (PEM)
+    client_cert: str | None = None  # --client-cert and --client-key: mutual TLS
+    client_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise UserError(f"OTLP protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.compression not in (None, "gzip", "none"):
             raise UserError(f"OTLP compression must be gzip or none, got {self.compression!r}")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise UserError("mutual TLS needs both --client-cert and --client-key")
+        tls = [f for f in (self.ca_cert, self.client_cert, self.client_key) if f is not None]
+        if tls and self.insecure:
+            raise UserError("--ca-cert/--client-cert/--client-key need TLS: drop --otlp-insecure")
+        for path in tls:
+            if not os.path.isfile(path):
+                raise UserError(f"TLS file not found: {path}")
+
+    def tls_environment(self) -> dict[str, str]:
+        """The certificate files as the ``OTEL_EXPORTER_OTLP_TRACES_*`` variables that name them (which win over
+        the generic ones), for the native sender's resolution."""
+        names = {"CERTIFICATE": self.ca_cert, "CLIENT_CERTIFICATE": self.client_cert, "CLIENT_KEY": self.client_key}
+        return {f"OTEL_EXPORTER_OTLP_TRACES_{k}": v for k, v in names.items() if v is not None}
 
     def http_url(self) -> str | None:
         """The HTTP exporter wants the full URL of the traces path."""
@@ -73,7 +91,7 @@ SENDERS = ("native", "sdk")
 
 def _sdk_arguments(settings: OtlpSettings) -> dict:
     """What the SDK exporter is built with (compression as "gzip"/"none"/None); the native sender resolves the
-    same arguments with the SDK's rules (:mod:`.otlp_native`)."""
+    same arguments with the SDK's rules (:mod:`.transport`)."""
     args: dict = {"headers": dict(settings.headers) or None, "timeout": settings.timeout_s,
                   "compression": settings.compression}  # fmt: skip
     if settings.protocol == "grpc":
@@ -100,29 +118,39 @@ def make_exporter(settings: OtlpSettings):
 
             args["compression"] = {"gzip": grpc.Compression.Gzip,
                                    "none": grpc.Compression.NoCompression}.get(args["compression"] or "")  # fmt: skip
+            if settings.ca_cert or settings.client_cert:
+                def read(path):
+                    with open(path, "rb") as f:
+                        return f.read()
+
+                args["credentials"] = grpc.ssl_channel_credentials(
+                    root_certificates=read(settings.ca_cert) if settings.ca_cert else None,
+                    private_key=read(settings.client_key) if settings.client_key else None,
+                    certificate_chain=read(settings.client_cert) if settings.client_cert else None)
             return OTLPSpanExporter(**args)
         from opentelemetry.exporter.otlp.proto.http import Compression
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         args["compression"] = {"gzip": Compression.Gzip,
                                "none": Compression.NoCompression}.get(args["compression"] or "")  # fmt: skip
-        return OTLPSpanExporter(**args)
+        return OTLPSpanExporter(**args, certificate_file=settings.ca_cert, client_key_file=settings.client_key,
+                                client_certificate_file=settings.client_cert)
     except ImportError as e:
         raise _missing_extra(e) from None
 
 
 class NativeExporter:
-    """Encodes batches with :class:`.otlp_wire.SdkWireEncoder` and sends them with a transport from
-    :mod:`.otlp_native` (``GrpcExporter`` or ``HttpExporter``)."""
+    """Encodes batches with :class:`.wire.SdkWireEncoder` and sends them with a transport from
+    :mod:`.transport` (``GrpcExporter`` or ``HttpExporter``)."""
 
     def __init__(self, transport) -> None:
-        from .otlp_wire import SdkWireEncoder
+        from .wire import SdkWireEncoder
 
         self.transport = transport
         self.encoder = SdkWireEncoder()
 
     def export_traces(self, traces: Sequence[Trace]):
-        """An :class:`.otlp_native.ExportOutcome` for ``traces``; an encoding error fails the batch, as in the SDK."""
+        """An :class:`.transport.ExportOutcome` for ``traces``; an encoding error fails the batch, as in the SDK."""
         return self.transport.export(self.encoder.encode(traces), span_count(traces))
 
     def shutdown(self) -> None:
@@ -130,15 +158,16 @@ class NativeExporter:
 
 
 def make_native_exporter(settings: OtlpSettings) -> NativeExporter:
-    """The native exporter for ``settings``; raises :class:`.otlp_native.NativeUnsupported` where it cannot honour
+    """The native exporter for ``settings``; raises :class:`.transport.NativeUnsupported` where it cannot honour
     them (use :func:`make_exporter` then)."""
     try:
-        from . import otlp_native
+        from . import transport
 
         args = _sdk_arguments(settings)
+        env = {**os.environ, **settings.tls_environment()}
         if settings.protocol == "grpc":
-            return NativeExporter(otlp_native.GrpcExporter(otlp_native.resolve_grpc(**args)))
-        return NativeExporter(otlp_native.HttpExporter(otlp_native.resolve_http(**args)))
+            return NativeExporter(transport.GrpcExporter(transport.resolve_grpc(**args, env=env)))
+        return NativeExporter(transport.HttpExporter(transport.resolve_http(**args, env=env)))
     except ImportError as e:
         raise _missing_extra(e) from None
 
@@ -151,7 +180,7 @@ def make_sender(settings: OtlpSettings, *, sender: str = "native", workers: int 
     note = None
     try:
         if sender == "native":
-            from .otlp_native import NativeUnsupported
+            from .transport import NativeUnsupported
 
             try:
                 exporter = make_native_exporter(settings)
@@ -230,18 +259,21 @@ class SendCounts:
 class OtlpSender:
     """Exports traces in batches of at most ``max_batch_spans`` spans from ``workers`` threads.
 
-    ``send`` returns at once (batches queue on the pool); ``close`` waits for every batch and shuts the
-    exporter down. ``counts`` tells what arrived and what did not.
+    ``send`` returns at once while fewer than ``max_pending`` batches wait or are in flight; past that it waits
+    for one to finish, so that a slow or absent collector slows the caller down instead of filling memory.
+    ``close`` waits for every batch and shuts the exporter down. ``counts`` tells what arrived and what did not.
     """
 
     note: str | None = None  # why the native sender was not used, when it was asked for (make_sender sets it)
 
-    def __init__(self, exporter, *, workers: int = 1, max_batch_spans: int = 512) -> None:
+    def __init__(self, exporter, *, workers: int = 1, max_batch_spans: int = 512, max_pending: int | None = None
+                 ) -> None:  # fmt: skip
         self.exporter = exporter  # the SDK's SpanExporter, or one with export_traces (NativeExporter)
         self.max_batch_spans = max_batch_spans
         self.counts = SendCounts()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-send")
+        self._room = threading.Semaphore(max_pending or 4 * workers)
         self._pending: list[Future] = []
         self._batch: list[Trace] = []
         self._batch_spans = 0
@@ -260,10 +292,25 @@ class OtlpSender:
         if self._batch_spans >= self.max_batch_spans:
             self.flush()
 
+    def send_request(self, body: bytes, spans: int) -> None:
+        """Send an encoded ``ExportTraceServiceRequest`` of ``spans`` spans as it is (the native sender only)."""
+        self._submit(self._export_request, body, spans)
+
     def flush(self) -> None:
         if self._batch:
             batch, self._batch, self._batch_spans = self._batch, [], 0
-            self._pending.append(self._pool.submit(self._export, batch))
+            self._submit(self._export, batch)
+
+    def _submit(self, fn, *args) -> None:
+        self._room.acquire()
+        try:
+            future = self._pool.submit(fn, *args)
+        except BaseException:
+            self._room.release()
+            raise
+        future.add_done_callback(lambda _: self._room.release())
+        self._pending.append(future)
+        if len(self._pending) > 64:
             self._pending = [f for f in self._pending if not f.done()]
 
     def _export(self, batch: list[Trace]) -> None:
@@ -280,6 +327,17 @@ class OtlpSender:
                 sent, failed = (n, 0) if ok else (0, n)
         except Exception as e:  # noqa: BLE001 - whatever went wrong, the batch was not delivered: count it
             sent, failed, error = 0, n, f"{type(e).__name__}: {e}"
+        self._count(sent, failed, error)
+
+    def _export_request(self, body: bytes, spans: int) -> None:
+        try:
+            outcome = self.exporter.transport.export(body, spans)
+            sent, failed, error = outcome.sent_spans, outcome.failed_spans, outcome.error
+        except Exception as e:  # noqa: BLE001 - as in _export
+            sent, failed, error = 0, spans, f"{type(e).__name__}: {e}"
+        self._count(sent, failed, error)
+
+    def _count(self, sent: int, failed: int, error: str | None) -> None:
         with self._lock:
             self.counts.sent_spans += sent
             if failed:

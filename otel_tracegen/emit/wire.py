@@ -1,9 +1,9 @@
 """The bytes the OpenTelemetry SDK's OTLP exporter sends for canonical traces, written without the SDK.
 
-The reference path is ``to_readable_spans`` (:mod:`.otlp_export`) followed by the SDK's encoder
+The reference path is ``to_readable_spans`` (:mod:`.sender`) followed by the SDK's encoder
 (``opentelemetry.exporter.otlp.proto.common``'s ``encode_spans``) and upb's ``SerializeToString``: it builds
 two Python objects per span and message, about 6x the work of writing the wire format directly.
-:func:`encode_traces` writes the same ``ExportTraceServiceRequest`` bytes directly; ``tests/test_otlp_wire.py``
+:func:`encode_traces` writes the same ``ExportTraceServiceRequest`` bytes directly; ``tests/test_emit_wire.py``
 sends traces both ways and checks that the bytes are equal.
 
 This is not :func:`.formats.otlp_proto.dumps`, which keeps everything a canonical span carries. The SDK path
@@ -34,12 +34,12 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .formats._otlp_common import I64_MAX, I64_MIN
-from .formats._otlp_common import length_delimited as _field
-from .formats._otlp_common import read_varint as _read_varint
-from .formats._otlp_common import signed as _signed
-from .formats._otlp_common import varint as _varint
-from .trace import Resource, Scope, Span, StatusCode, Trace
+from ..formats._otlp_common import I64_MAX, I64_MIN
+from ..formats._otlp_common import length_delimited as _field
+from ..formats._otlp_common import read_varint as _read_varint
+from ..formats._otlp_common import signed as _signed
+from ..formats._otlp_common import varint as _varint
+from ..trace import Resource, Scope, Span, StatusCode, Trace
 
 __all__ = ["SdkWireEncoder", "encode_traces", "parse_partial_success", "parse_retry_delay"]
 

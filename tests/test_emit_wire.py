@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from otel_tracegen import otlp_native
+from otel_tracegen.emit import transport
 from otel_tracegen.formats import read_traces
-from otel_tracegen.otlp_export import OtlpSettings, make_sender, to_readable_spans
-from otel_tracegen.otlp_wire import encode_traces, parse_partial_success, parse_retry_delay
+from otel_tracegen.emit.sender import OtlpSettings, make_sender, to_readable_spans
+from otel_tracegen.emit.wire import encode_traces, parse_partial_success, parse_retry_delay
 from otel_tracegen.report import ReadReport
 from otel_tracegen.semconv import attributes_for
 from otel_tracegen.trace import Event, Link, Resource, Scope, Span, SpanKind, Status, StatusCode, Trace
@@ -532,7 +532,7 @@ GRPC_CASES = [
 
 @pytest.mark.parametrize("env,kw", GRPC_CASES)
 def test_grpc_settings_resolve_as_the_sdk_exporter_resolves_them(env, kw, monkeypatch):
-    from otel_tracegen.otlp_export import _sdk_arguments, make_exporter
+    from otel_tracegen.emit.sender import _sdk_arguments, make_exporter
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -542,7 +542,7 @@ def test_grpc_settings_resolve_as_the_sdk_exporter_resolves_them(env, kw, monkey
         fields = ("_endpoint", "_insecure", "_headers", "_timeout", "_compression", "_retryable_error_codes")
         if not all(hasattr(ref, f) for f in fields):
             pytest.skip("this SDK version keeps its settings elsewhere")
-        got = otlp_native.resolve_grpc(**_sdk_arguments(settings))
+        got = transport.resolve_grpc(**_sdk_arguments(settings))
         assert (got.endpoint, got.insecure, got.headers, got.timeout_s) == (ref._endpoint, ref._insecure,
                                                                            ref._headers, ref._timeout)  # fmt: skip
         assert (got.compression == "gzip") == (ref._compression == grpc.Compression.Gzip)
@@ -568,7 +568,7 @@ HTTP_CASES = [
 
 @pytest.mark.parametrize("env,kw", HTTP_CASES)
 def test_http_settings_resolve_as_the_sdk_exporter_resolves_them(env, kw, monkeypatch):
-    from otel_tracegen.otlp_export import _sdk_arguments, make_exporter
+    from otel_tracegen.emit.sender import _sdk_arguments, make_exporter
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -578,7 +578,7 @@ def test_http_settings_resolve_as_the_sdk_exporter_resolves_them(env, kw, monkey
     session = getattr(getattr(client, "_transport", None), "_session", None)
     if session is None or not hasattr(client, "_headers"):
         pytest.skip("this SDK version keeps its settings elsewhere")
-    got = otlp_native.resolve_http(**_sdk_arguments(settings))
+    got = transport.resolve_http(**_sdk_arguments(settings))
     ref_headers = {k: v for k, v in client._headers.items() if k != "user-agent"}
     assert {k: v for k, v in got.headers.items() if k != "user-agent"} == ref_headers
     assert (got.url, got.timeout_s, got.compression) == (ref._endpoint, client._timeout, client._compression.value)
@@ -599,8 +599,8 @@ def test_what_the_native_sender_cannot_honour_falls_back_to_the_sdk_exporter(htt
     if cached is not None:
         cached.cache_clear()  # the SDK caches the entry points it has seen
     monkeypatch.setenv("OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER", "test_session")
-    with pytest.raises(otlp_native.NativeUnsupported, match="CREDENTIAL_PROVIDER"):
-        otlp_native.resolve_http()
+    with pytest.raises(transport.NativeUnsupported, match="CREDENTIAL_PROVIDER"):
+        transport.resolve_http()
     traces = sample_traces(3)
     out = make_sender(http_settings(http_sink.port), sender="native")
     assert out.kind == "sdk" and "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER" in out.note
@@ -636,6 +636,6 @@ def test_the_native_modules_import_without_opentelemetry_or_grpc():
     """grpc, requests and opentelemetry are imported when a sender is made, not when the modules are."""
     from .test_imports import _import_with_blocked
 
-    p = _import_with_blocked(["otel_tracegen.otlp_wire", "otel_tracegen.otlp_native", "otel_tracegen.otlp_export"],
+    p = _import_with_blocked(["otel_tracegen.emit.wire", "otel_tracegen.emit.transport", "otel_tracegen.emit.sender"],
                              {"opentelemetry", "grpc", "requests", "torch"})  # fmt: skip
     assert p.returncode == 0, p.stderr
