@@ -34,9 +34,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +41,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
+from otel_tracegen.loopback import start_rotel  # noqa: E402 - after the path
 from otel_tracegen.sampling.engine import DEFAULT_ATTEMPTS  # noqa: E402 - after the path; imports no torch
 
 
@@ -109,36 +107,6 @@ def pool_spans_per_s(args, request, workers: int) -> tuple[float, int, int, floa
 
 
 # --- emission ---------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_rotel(tmp: Path, forward_to: int | None = None) -> tuple[subprocess.Popen, int]:
-    """rotel on a free OTLP/gRPC port, dropping what it receives, or forwarding it over OTLP/gRPC to
-    127.0.0.1:``forward_to``."""
-    import rotel
-
-    binary = Path(rotel.__file__).parent / "rotel-agent"
-    port = _free_port()
-    exporter = ["--exporter", "blackhole"] if forward_to is None else [
-        "--exporter", "otlp", "--otlp-exporter-endpoint", f"http://127.0.0.1:{forward_to}",
-        "--otlp-exporter-protocol", "grpc", "--traces-batch-timeout", "100ms"]  # fmt: skip
-    proc = subprocess.Popen([str(binary if binary.is_file() else shutil.which("rotel-agent")), "start",
-                             "--otlp-grpc-endpoint", f"127.0.0.1:{port}", "--otlp-http-endpoint",
-                             f"127.0.0.1:{_free_port()}", *exporter, "--pid-file",
-                             str(tmp / "rotel.pid"), "--log-file", str(tmp / "rotel.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    for _ in range(200):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("rotel did not open its port")
 
 
 def emission_ours(traces, port: int, workers: int, sender: str = "native") -> float:
@@ -300,7 +268,7 @@ def emission(args, lm, result: dict) -> dict:
     assemble = Assembler(anchor_ns=time.time_ns(), seed=args.seed)
     traces = [t for _ in range(max(1, args.emission_traces // 32)) for t in assemble(steps)]
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port = start_rotel(Path(tmp))
+        proc, port = start_rotel(Path(tmp))  # otel_tracegen.loopback
         try:
             emission_ours(traces[:64], port, args.workers)  # warm-up: connect, fill the encoder's caches
             native = emission_ours(traces, port, args.workers, "native")

@@ -55,14 +55,9 @@ def free_port() -> int:
 
 def rotel_binary() -> str | None:
     """The ``rotel-agent`` collector binary the ``rotel`` package ships, or None when it is not installed."""
-    import shutil
+    from otel_tracegen.loopback import rotel_binary as binary
 
-    try:
-        import rotel
-    except ImportError:
-        return None
-    p = Path(rotel.__file__).parent / "rotel-agent"
-    return str(p) if p.is_file() else shutil.which("rotel-agent")
+    return binary()
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from otel_tracegen.emit import transport
 from otel_tracegen.formats import read_traces
 from otel_tracegen.emit.sender import OtlpSettings, make_sender, to_readable_spans
 from otel_tracegen.emit.wire import encode_traces, parse_partial_success, parse_retry_delay
-from otel_tracegen.report import ReadReport
+from otel_tracegen.report import ReadReport, UserError
 from otel_tracegen.semconv import attributes_for
 from otel_tracegen.trace import Event, Link, Resource, Scope, Span, SpanKind, Status, StatusCode, Trace
 
@@ -509,6 +509,40 @@ def test_https_with_the_traces_certificate_variable(pki, monkeypatch):
         assert sink.bodies() == [sdk_bytes(sample_traces(5))] * 2
     finally:
         sink.server.shutdown()
+
+
+def test_telemetrygen_tls_flags_mutual_tls_over_grpc_and_a_ca_over_https(pki, monkeypatch):
+    """--ca-cert, --mtls, --client-cert, --client-key: the same certificates as the environment's, from flags."""
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(var, raising=False)
+    creds = grpc.ssl_server_credentials([(Path(pki["server.key"]).read_bytes(), Path(pki["server.pem"]).read_bytes())],
+                                        root_certificates=Path(pki["ca.pem"]).read_bytes(),
+                                        require_client_auth=True)  # fmt: skip
+    sink = GrpcSink(creds)
+    https = HttpSink(tls=(pki["server.pem"], pki["server.key"]))
+    try:
+        traces = sample_traces(5)
+        mtls = OtlpSettings(endpoint=f"localhost:{sink.port}", ca_cert=pki["ca.pem"], client_cert=pki["client.pem"],
+                            client_key=pki["client.key"])  # fmt: skip
+        for sender in ("sdk", "native"):
+            counts = send(mtls, traces, sender)
+            assert (counts.sent_spans, counts.failed_spans) == (30, 0), counts
+            counts = send(OtlpSettings(endpoint=f"localhost:{sink.port}", ca_cert=pki["ca.pem"], timeout_s=0.5),
+                          traces, sender)  # fmt: skip
+            assert counts.failed_spans == 30  # no client certificate: refused
+            counts = send(OtlpSettings(endpoint=f"https://localhost:{https.port}", protocol="http/protobuf",
+                                       ca_cert=pki["ca.pem"]), traces, sender)  # fmt: skip
+            assert (counts.sent_spans, counts.failed_spans) == (30, 0), counts
+        assert sink.bodies() == [sdk_bytes(traces)] * 2
+        with pytest.raises(UserError, match="both --client-cert and --client-key"):
+            OtlpSettings(endpoint="localhost:1", client_cert=pki["client.pem"])
+        with pytest.raises(UserError, match="TLS file not found"):
+            OtlpSettings(endpoint="localhost:1", ca_cert="/nonexistent/ca.pem")
+        with pytest.raises(UserError, match="drop --otlp-insecure"):
+            OtlpSettings(endpoint="localhost:1", insecure=True, ca_cert=pki["ca.pem"])
+    finally:
+        sink.server.stop(0)
+        https.server.shutdown()
 
 
 GRPC_CASES = [

@@ -146,3 +146,31 @@ def test_generated_traces_arrive_intact_through_the_rotel_collector(model_dir, g
         while len(grpc_sink.spans()) < 84 and time.time() < deadline:
             time.sleep(0.1)
     _same_traces(grpc_sink.spans(), read_traces("otlp-json", [out], ReadReport()))
+
+
+def test_conventions_traces_alias_attributes_and_the_environment(model_dir, grpc_sink, monkeypatch):
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging,service.name=ignored")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "also-ignored")
+    rc, _, err = run("generate", "--model", str(model_dir), "--traces", "4", "--seed", "1", "--otlp-endpoint",
+                     f"127.0.0.1:{grpc_sink.port}", "--otlp-insecure", "--otlp-attributes", 'team="load"',
+                     "--otlp-attributes", "shard=3", "--telemetry-attributes", "test.run=true")  # fmt: skip
+    assert rc == ExitStatus.SUCCESS, err
+    spans = grpc_sink.spans()
+    assert len(group_traces(spans)) == 4
+    for s in spans:
+        res = s.resource.attributes
+        assert res["service.name"] == s.service not in ("ignored", "also-ignored")
+        assert res["deployment.environment"] == "staging" and res["team"] == "load" and res["shard"] == 3
+        assert res["otel_tracegen.synthetic"] is True
+        assert s.attributes["test.run"] is True
+
+
+def test_generate_says_once_when_decoding_falls_behind_the_rate(model_dir, tmp_path, monkeypatch):
+    from otel_tracegen.emit import generate
+
+    monkeypatch.setattr(generate, "BEHIND_S", 0.0)  # any delay counts, so that a tiny model falls behind too
+    rc, _, err = run("generate", "--model", str(model_dir), "--count", "6", "--rate", "1000000", "--out",
+                     str(tmp_path / "t.json"))  # fmt: skip
+    assert rc == ExitStatus.SUCCESS, err
+    assert err.count("decoding cannot keep --rate 1e+06 traces/s") == 1
+    assert "otel-tracegen replay" in err

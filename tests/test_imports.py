@@ -48,6 +48,12 @@ def _import_with_blocked(modules, blocked):
         "otel_tracegen.evaluate.report",
         "otel_tracegen.evaluate.command",
         "otel_tracegen.evaluate.flat",
+        "otel_tracegen.emit.replay",
+        "otel_tracegen.emit.library",
+        "otel_tracegen.emit.template",
+        "otel_tracegen.emit.pacing",
+        "otel_tracegen.emit.command",
+        "otel_tracegen.emit.generate",
     ],
 )
 def test_imports_without_torch_or_opentelemetry(module):

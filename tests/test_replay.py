@@ -50,7 +50,8 @@ def _shape(trace: Trace) -> tuple:
     t0 = min(s.start_ns for s in trace.spans)
     key = {s.span_id: (s.service, s.name, s.start_ns - t0, s.end_ns - t0) for s in trace.spans}
     return tuple(sorted((key[s.span_id], repr(key.get(s.parent_id, "orphan" if s.parent_id else "root")),
-                         int(max(s.kind, SpanKind.INTERNAL)), int(s.status.code), s.status.message) for s in trace.spans))  # fmt: skip
+                         int(max(s.kind, SpanKind.INTERNAL)), int(s.status.code), s.status.message)
+                        for s in trace.spans))  # fmt: skip
 
 
 # --- the pre-encoded library --------------------------------------------------------------------------------------
@@ -412,7 +413,9 @@ def test_two_processes_share_the_rate_with_unique_ids(sink):
 
 
 def test_the_api_returns_what_the_cli_prints(tmp_path, sink):
-    summary = replay(EXAMPLES, count=30, rate=1000.0, otlp=_settings(sink.port), seed=3, start_time_ns=T0)
+    import otel_tracegen
+
+    summary = otel_tracegen.replay(EXAMPLES, count=30, rate=1000.0, otlp=_settings(sink.port), seed=3, start_time_ns=T0)
     rc, out, _ = run("replay", str(EXAMPLES), "--count", "30", "--rate", "1000", "--otlp-endpoint",
                      f"127.0.0.1:{sink.port}", "--otlp-insecure", "--seed", "3", "--start-time", str(T0), "--json")
     assert rc == ExitStatus.SUCCESS
@@ -436,3 +439,14 @@ def test_span_rate_and_the_traces_alias(tmp_path):
     assert rc == ExitStatus.SUCCESS, err
     assert len(read_traces("otlp-json", [out], ReadReport())) == 12
     assert "traces/s" in err
+
+
+def test_summaries_stay_readable_with_hundreds_of_entry_services(tmp_path):
+    from otel_tracegen.trace import Span
+
+    traces = [Trace([Span(f"{i + 1:032x}", f"{i + 1:016x}", None, f"svc-{i:03d}", "GET /", T0, T0 + 1000)])
+              for i in range(300)]  # fmt: skip
+    rc, _, err = run("replay", str(_library(tmp_path, traces)), "--count", "600", "--out", str(tmp_path / "o.json"))
+    assert rc == ExitStatus.SUCCESS, err
+    entries = next(line for line in err.splitlines() if line.startswith("entries:"))
+    assert "and 295 more" in entries and len(entries) < 200

@@ -17,6 +17,7 @@ from .options import (add_output_arguments, add_traffic_arguments, duration, ext
                       otlp_settings, positive_int, shape_from_args)  # fmt: skip
 
 SUCCESS, INVALID = 0, 1  # the CLI's ExitStatus values
+REPLAY_WORKERS = 4  # sender threads of a replay: one connection each (docs/replay.md, "One connection per sender")
 
 
 def _include_call(text: str):
@@ -252,7 +253,7 @@ def add_replay_arguments(r: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-spans", type=positive_int, default=512, help="spans per OTLP request at most (default 512)")
     m.add_argument("--report-every", type=duration, default=10.0, help="seconds between progress lines (default 10s)")
     m.add_argument("--json", action="store_true", help="print the closing summary as JSON on stdout as well")
-    add_output_arguments(r, verb="replayed")
+    add_output_arguments(r, verb="replayed", workers=REPLAY_WORKERS)
     add_traffic_arguments(r, span_rate=True)
 
 

@@ -76,7 +76,7 @@ def _attribute(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_output_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
+def add_output_arguments(p: argparse.ArgumentParser, *, verb: str, workers: int = 1) -> None:
     """Files, OTLP and attributes: the same flags for generate and replay."""
     o = p.add_argument_group("output: a file, OTLP, or both")
     o.add_argument("--out", type=Path, help=f"write the {verb} traces to this file (.gz compresses)")
@@ -92,7 +92,8 @@ def add_output_arguments(p: argparse.ArgumentParser, *, verb: str) -> None:
                    help="native: write the OTLP bytes directly and send them with grpcio/requests (default, several "
                         "times faster); sdk: the OpenTelemetry SDK's exporter, the reference (same bytes, same "
                         "OTEL_EXPORTER_OTLP_* settings)")
-    o.add_argument("--workers", type=positive_int, default=1, help="threads sending OTLP batches (default 1)")
+    o.add_argument("--workers", type=positive_int, default=workers,
+                   help=f"threads sending OTLP batches, each over a connection of its own (default {workers})")
     t = p.add_argument_group("TLS (telemetrygen's flags; default: OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE and "
                              "CLIENT_KEY/CLIENT_CERTIFICATE)")
     t.add_argument("--ca-cert", metavar="FILE", help="trust the collector's certificate from this CA (PEM)")

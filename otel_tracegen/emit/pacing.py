@@ -1,8 +1,8 @@
 """When traces start: a traffic shape (traces/s over time) and arrivals drawn from it.
 
 A shape is a rate r(t) in traces/s, t in seconds since the run's anchor, given by its cumulative count
-Λ(t) = ∫₀ᵗ r. Arrivals are Λ⁻¹ of a sequence: of 0, 1, 2, … for evenly spaced arrivals, or of the running sums of
-unit exponentials for Poisson arrivals (the time-rescaling theorem: a Poisson process of any rate function). One
+Λ(t) = ∫₀ᵗ r. Arrivals are Λ⁻¹ of a sequence: of 0.5, 1.5, 2.5, … for evenly spaced arrivals, or of the running
+sums of unit exponentials for Poisson arrivals (the time-rescaling theorem: a Poisson process of any rate function). One
 inverse serves every shape and both kinds. It is taken numerically on a 1 ms grid, where Λ is exact at every
 grid point; within a millisecond the rate barely moves.
 

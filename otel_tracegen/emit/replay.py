@@ -48,7 +48,7 @@ class ReplayOptions:
     poisson: bool = True
     otlp: OtlpSettings | None = None
     sender: str = "native"
-    workers: int = 1
+    workers: int = 4  # sender threads, a connection each
     out: Path | None = None
     out_format: str = "otlp-json"
     processes: int = 1
@@ -120,18 +120,23 @@ class _Output:
         self.keep: list | None = [] if options.out is not None else None
         self.bytes = self.sender is not None and self.sender.kind == "native" and self.keep is None
 
-    def emit(self, templates: Templates, picks: np.ndarray, arrivals: np.ndarray, ids: IdStream, jitter: float,
-             rng: np.random.Generator, spans: int) -> None:  # fmt: skip
+    def prepare(self, templates: Templates, picks: np.ndarray, arrivals: np.ndarray, ids: IdStream, jitter: float,
+                rng: np.random.Generator):  # fmt: skip
+        """The batch as the outputs take it: request bytes, or canonical traces."""
         if self.bytes:
-            body = templates.batch(picks, arrivals, ids, jitter=jitter, rng=rng)
-            self.sender.send_request(body, spans)
+            return templates.batch(picks, arrivals, ids, jitter=jitter, rng=rng)
+        return templates.materialize(picks, arrivals, ids, jitter=jitter, rng=rng)
+
+    def send(self, batch, spans: int) -> None:
+        """Hand a prepared batch over (waits while the sender holds as many batches as it may)."""
+        if self.bytes:
+            self.sender.send_request(batch, spans)
             return
-        traces = templates.materialize(picks, arrivals, ids, jitter=jitter, rng=rng)
         if self.sender is not None:
-            self.sender.send(traces)
+            self.sender.send(batch)
             self.sender.flush()
         if self.keep is not None:
-            self.keep.extend(traces)
+            self.keep.extend(batch)
 
     def close(self):
         return self.sender.close() if self.sender is not None else None
@@ -153,7 +158,7 @@ def _replay_process(library: Library, templates: Templates, options: ReplayOptio
     summary = ReplaySummary(processes=processes, shape=shape.describe() if shape is not None else "as fast as possible")
     spans_of, valid = library.span_counts, library.valid
     entries = library.entries
-    drawn = Counter()  # per library trace: how often it went out (entries and flags are counted from it at the end)
+    drawn = np.zeros(len(library), dtype=np.int64)  # per library trace: how often it went out (counted at the end)
     anchor = anchor_ns if anchor_ns is not None else (options.start_time_ns or time.time_ns())
     linger_ns = round(options.linger_s * 1e9)
     t0 = time.perf_counter()
@@ -175,6 +180,9 @@ def _replay_process(library: Library, templates: Templates, options: ReplayOptio
                     if offsets.size == 0:
                         break
                 else:
+                    if limit_ns is not None and time.perf_counter() - t0 >= limit_ns / 1e9:
+                        break  # as fast as possible, for --duration
+                    n = min(n, CHUNK_TRACES // 8)  # so that the duration is checked often
                     offsets = np.zeros(n, dtype=np.int64)  # stamped when sent
                 picks = picker.take(offsets.size)
                 cum = np.cumsum(spans_of[picks])
@@ -194,17 +202,18 @@ def _replay_process(library: Library, templates: Templates, options: ReplayOptio
             else:
                 batch_offsets = offsets[i:j]
                 due = t0 + batch_offsets[-1] / 1e9
+            batch = output.prepare(templates, batch_picks, anchor + batch_offsets, ids, options.jitter, jitter_rng)
             wait = due - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-            lag = time.perf_counter() - due
-            output.emit(templates, batch_picks, anchor + batch_offsets, ids, options.jitter, jitter_rng, n_spans)
+            output.send(batch, n_spans)
+            lag = time.perf_counter() - due  # late by what came before, and by waiting on the sender
             summary.lag_s = max(lag, 0.0)
             summary.max_lag_s = max(summary.max_lag_s, summary.lag_s)
             summary.traces += j - i
             summary.spans += n_spans
             sent_traces += j - i
-            drawn.update(batch_picks.tolist())
+            np.add.at(drawn, batch_picks, 1)
             i = j
             now = time.perf_counter()
             summary.seconds = now - t0
@@ -221,9 +230,9 @@ def _replay_process(library: Library, templates: Templates, options: ReplayOptio
     if limit_ns is not None and arrivals is not None and not finished:
         summary.seconds = max(summary.seconds, limit_ns / 1e9)
     summary.sent = counts
-    for k, n in drawn.items():
-        summary.by_entry[entries[k]] += n
-        summary.flagged += n * (not valid[k])
+    for k in np.flatnonzero(drawn).tolist():
+        summary.by_entry[entries[k]] += int(drawn[k])
+    summary.flagged = int(drawn[~valid].sum())
     _fill_rates(summary, shape, library, options)
     summary.library, summary.library_traces, summary.library_flagged = library.digest, len(library), library.flagged
     summary.note = output.note
@@ -297,24 +306,23 @@ def _replay_processes(library: Library, templates: Templates, options: ReplayOpt
         while len(final) < n:
             try:
                 kind, k, part = queue.get(timeout=1.0)
+            except KeyboardInterrupt:
+                continue  # the children got it too: each delivers what it handed over and reports
             except Exception:  # noqa: BLE001 - queue.Empty: check that the children are alive
                 dead = [p for k, p in enumerate(procs) if k not in final and not p.is_alive()]
                 if dead:
                     raise UserError(f"a replay process ended without a summary (exit code {dead[0].exitcode})")
                 continue
-            (final if kind == "done" else latest)[k] = part
             if kind == "error":
                 raise UserError(part)
+            (final if kind == "done" else latest)[k] = part
             if progress is not None and time.perf_counter() - last >= options.report_every_s and latest:
                 last = time.perf_counter()
                 progress(_merged({**latest, **final}.values(), n))
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        raise
     finally:
         for p in procs:
+            if p.is_alive() and len(final) < n:
+                p.terminate()
             p.join(timeout=30)
     return _merged(final.values(), n)
 

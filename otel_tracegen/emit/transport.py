@@ -187,7 +187,7 @@ def _grpc_compression(var: str, env: Mapping[str, str]) -> str | None:
 
 
 class GrpcExporter:
-    """Sends serialized ``ExportTraceServiceRequest``s over one grpcio channel (thread-safe; one per sender)."""
+    """Sends serialized ``ExportTraceServiceRequest``s, each sending thread over a channel of its own."""
 
     def __init__(self, config: GrpcConfig) -> None:
         import grpc
@@ -202,43 +202,49 @@ class GrpcExporter:
                                                              certificate_chain=chain)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._channel = None
-        self._connect()
+        self._local = threading.local()  # each sending thread's (channel, call)
+        self._channels: list = []
 
-    def _connect(self) -> None:
+    def _connect(self) -> tuple:
+        """A new channel for the calling thread. One connection per sending thread: the HTTP/2 flow-control
+        window of one connection capped a grpcio client at about 35,000 spans/s into rotel on loopback, and
+        connections add up (``docs/replay.md``, "One connection per sender thread")."""
         grpc, cfg = self._grpc, self.config
-        options = [("grpc.primary_user_agent", USER_AGENT)]
+        options = [("grpc.primary_user_agent", USER_AGENT), ("grpc.use_local_subchannel_pool", 1)]
         compression = grpc.Compression.Gzip if cfg.compression == "gzip" else grpc.Compression.NoCompression
         if cfg.insecure:
             channel = grpc.insecure_channel(cfg.endpoint, options=options, compression=compression)
         else:
             channel = grpc.secure_channel(cfg.endpoint, self._credentials, options=options, compression=compression)
         # No serializers: the request is already bytes, the response is parsed by hand (partial success only).
-        self._call = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
-        self._channel = channel
+        call = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
+        with self._lock:
+            self._channels.append(channel)
+            if self._stopping.is_set():
+                channel.close()
+        self._local.conn = (channel, call)
+        return channel, call
 
     def _reconnect(self, stale) -> None:
         """After UNAVAILABLE the SDK closes the channel and opens a new one, so the next try dials again instead
-        of waiting out grpc's reconnect backoff. Several threads may see it at once: one reconnects."""
-        with self._lock:
-            if self._channel is stale and not self._stopping.is_set():
-                stale.close()
-                self._connect()
+        of waiting out grpc's reconnect backoff."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn[0] is stale and not self._stopping.is_set():
+            with self._lock:
+                self._channels.remove(stale)
+            stale.close()
+            self._connect()
 
     def _invoke(self, body: bytes, deadline: float) -> bytes:
-        """The response bytes of one call; an RpcError carries the channel it was made on. A channel
-        that another thread replaced just before the call refuses it (ValueError): then the call goes out on
-        the new one."""
-        while True:
-            channel, call = self._channel, self._call
-            try:
-                return call(body, metadata=self.config.headers, timeout=deadline - time.time())
-            except self._grpc.RpcError as error:
-                error.channel = channel
-                raise
-            except ValueError:
-                if channel is self._channel:
-                    raise
+        """The response bytes of one call on this thread's channel; an RpcError carries the channel it was made
+        on."""
+        conn = getattr(self._local, "conn", None)
+        channel, call = conn if conn is not None else self._connect()
+        try:
+            return call(body, metadata=self.config.headers, timeout=deadline - time.time())
+        except self._grpc.RpcError as error:
+            error.channel = channel
+            raise
 
     def export(self, body: bytes, spans: int) -> ExportOutcome:
         """Send one request of ``spans`` spans, retrying as the SDK exporter does."""
@@ -276,8 +282,8 @@ class GrpcExporter:
     def shutdown(self) -> None:
         self._stopping.set()
         with self._lock:
-            if self._channel is not None:
-                self._channel.close()
+            for channel in self._channels:
+                channel.close()
 
 
 def _outcome(spans: int, partial: tuple[int, str]) -> ExportOutcome:

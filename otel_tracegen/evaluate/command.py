@@ -81,19 +81,26 @@ def _load(paths, fmt, split: str, env, read) -> tuple[list, str, list | None]:
     return traces, ", ".join(map(str, paths)), None
 
 
-def _bars(env):
-    """A rich progress display on stderr and a factory of per-phase advance callbacks."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _Bars:
+    """Progress on stderr, one tqdm bar per phase (the CLI's one progress library), and a factory of per-phase
+    advance callbacks; closes every bar on exit."""
 
-    progress = Progress(TextColumn("{task.description:28s}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=Console(file=env.stderr), transient=False)  # fmt: skip
+    def __init__(self, env) -> None:
+        self.env, self.bars = env, []
 
-    def factory(description: str, total: int):
-        task = progress.add_task(description, total=total)
-        return lambda n: progress.advance(task, n)
+    def __call__(self, description: str, total: int):
+        from tqdm import tqdm
 
-    return progress, factory
+        bar = tqdm(total=total, desc=f"{description:28s}", file=self.env.stderr, disable=None)
+        self.bars.append(bar)
+        return bar.update
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars:
+            bar.close()
 
 
 def run(args, env, read) -> int:
@@ -145,8 +152,7 @@ def run(args, env, read) -> int:
             raise UserError(f"--synthetic {args.synthetic[0]} is a corpus directory; give the trace files themselves")
         synthetic[args.synthetic_name], _, _ = _load(args.synthetic, args.format, "train", env, read)
 
-    progress, factory = _bars(env)
-    with progress:
+    with _Bars(env) as factory:
         ev = evaluate(real, generators=generators, synthetic=synthetic, train=train, settings=settings, bar=factory,
                       real_label=real_label, train_label=train_label)  # fmt: skip
     if args.json:  # first: the numbers survive a failure drawing the figures
