@@ -236,6 +236,18 @@ def test_one_line_errors(tmp_path, argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_a_span_without_times_replays_without_them(tmp_path):
+    trace = read_traces("spancsv", [EXAMPLES], ReadReport())[0]
+    trace.spans[2].start_ns = trace.spans[2].end_ns = 0  # as a Zipkin span without a timestamp reads
+    lib = load_library([_library(tmp_path, [trace])])
+    templates = Templates(lib.traces)
+    body = templates.batch([0], np.array([T0]), IdStream(0))
+    [made] = templates.materialize([0], np.array([T0]), IdStream(0))
+    assert body == SdkWireEncoder().encode([made])
+    assert (made.spans[2].start_ns, made.spans[2].end_ns) == (0, 0)
+    assert min(s.start_ns for s in made if s.start_ns) == T0
+
+
 def test_a_trace_that_cannot_be_re_anchored_is_named_and_left_out(tmp_path):
     good, bad = read_traces("spancsv", [EXAMPLES], ReadReport())[:2]
     bad.spans[1].events = [Event(bad.spans[1].start_ns - 2 * 365 * 24 * 3600 * 10**9, "long ago")]

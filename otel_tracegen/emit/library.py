@@ -26,6 +26,7 @@ from ..validate import validate
 from .attributes import LIBRARY_ATTRIBUTE, SYNTHETIC_ATTRIBUTE, ExtraAttributes
 
 NO_ENTRY = "(no root)"
+NO_SERVICE = "(no service)"
 
 
 @dataclass
@@ -70,7 +71,7 @@ def content_digest(files: Sequence[Path]) -> str:
 def entry_of(trace: Trace) -> tuple[str, str]:
     """(service, operation) where ``trace`` was entered: its earliest root's."""
     roots = trace.roots
-    return (roots[0].service, roots[0].name) if roots else (NO_ENTRY, "")
+    return (roots[0].service or NO_SERVICE, roots[0].name) if roots else (NO_ENTRY, "")
 
 
 def parse_weights(text: Sequence[str]) -> dict[str, float]:
@@ -94,13 +95,15 @@ YEAR_NS = 365 * 24 * 3600 * 10**9
 
 
 def _unsendable(trace: Trace) -> str | None:
-    """Why a trace cannot be re-anchored in time, or None. Its times move with its arrival, so they must be
-    there and lie near each other: within a year of the trace's first start."""
-    origin = min(s.start_ns for s in trace.spans)
+    """Why a trace cannot be re-anchored in time, or None. Its times move with its arrival, so they must lie near
+    each other: within a year of the trace's first start. A time of 0 (a Zipkin span without a timestamp) means
+    "not recorded" and stays so."""
+    starts = [s.start_ns for s in trace.spans if s.start_ns > 0]
+    if not starts:
+        return "no span has a start time"
+    origin = min(starts)
     for s in trace.spans:
-        if s.start_ns <= 0 or s.end_ns <= 0:
-            return f"span {s.span_id} has no start or end time"
-        times = [s.end_ns] + [e.time_ns for e in s.events if e.time_ns]
+        times = [t for t in (s.start_ns, s.end_ns, *(e.time_ns for e in s.events)) if t]
         if any(abs(t - origin) > YEAR_NS for t in times):
             return f"span {s.span_id} has a time more than a year away from the trace's start"
     return None
@@ -170,7 +173,7 @@ def load_library(paths: Sequence[str | Path], *, fmt: str | None = None, extra: 
         if only_valid and not ok:
             continue
         out.append(Trace([form.span(s) for s in trace.spans], trace.trace_id))
-        out_entries.append(extra.service_for(svc) if svc != NO_ENTRY else svc)
+        out_entries.append(extra.service_for(svc) if svc not in (NO_ENTRY, NO_SERVICE) else svc)
         valid.append(ok)
     if not out:
         raise UserError("no trace of the library is left to replay"

@@ -55,7 +55,8 @@ class TraceTemplate:
     rel_times: np.ndarray  # int64 ns
     span_slots: np.ndarray  # per span
     parent_slots: np.ndarray  # per span, -1 for none
-    time_index: list[tuple[int, int, list[int]]]  # per span: start, end, events' indices into rel_times (-1: none)
+    time_index: list[tuple[int, int, list[int]]]  # per span: start, end, events' indices into rel_times (-1: a time
+    # of 0, "not recorded", which stays 0)
     link_slots: list[list[int]]  # per span, per link: its slot, -1 when the link names another trace
     spans: int
     duration: int
@@ -183,7 +184,7 @@ class Templates:
         slot_of: dict[str, int] = {}
         for s in trace.spans:
             slot_of.setdefault(s.span_id, len(slot_of))
-        origin = min(s.start_ns for s in trace.spans)
+        origin = min(s.start_ns for s in trace.spans if s.start_ns > 0)  # a time of 0 is "not recorded": kept so
         rel: list[int] = []
         span_slots, parent_slots, time_index, link_slots = [], [], [], []
         tid = bytes.fromhex(_PLACEHOLDER_TRACE)
@@ -192,8 +193,11 @@ class Templates:
             parent = slot_of.setdefault(s.parent_id, len(slot_of)) if s.parent_id else -1
             own_links = [slot_of.setdefault(ln.span_id, len(slot_of)) if ln.trace_id == trace.trace_id else -1
                          for ln in s.links]  # fmt: skip
-            times = [len(rel), len(rel) + 1]
-            rel += [s.start_ns - origin, s.end_ns - origin]
+            times = []
+            for t in (s.start_ns, s.end_ns):
+                times.append(len(rel) if t else -1)
+                if t:
+                    rel.append(t - origin)
             event_times = []
             for e in s.events:
                 if e.time_ns:
@@ -202,7 +206,8 @@ class Templates:
                 else:
                     event_times.append(-1)
             placeholder = Span(_PLACEHOLDER_TRACE, _PLACEHOLDER_SPAN, _PLACEHOLDER_SPAN if s.parent_id else None,
-                               s.service, s.name, 1, 1, s.kind, s.status, s.attributes, s.resource, s.scope,
+                               s.service, s.name, 1 if s.start_ns else 0, 1 if s.end_ns else 0, s.kind, s.status,
+                               s.attributes, s.resource, s.scope,
                                [Event(1 if e.time_ns else 0, e.name, e.attributes) for e in s.events],
                                [Link(_PLACEHOLDER_TRACE if own >= 0 else ln.trace_id,
                                      _PLACEHOLDER_SPAN if own >= 0 else ln.span_id, attributes=ln.attributes)
@@ -234,7 +239,7 @@ class Templates:
         return TraceTemplate(parts=out_parts, slots=len(slot_of), rel_times=rel_arr,
                              span_slots=np.array(span_slots, dtype=np.int64),
                              parent_slots=np.array(parent_slots, dtype=np.int64), time_index=time_index,
-                             link_slots=link_slots, spans=len(trace), duration=int(max(rel_arr.max(), 0)))  # fmt: skip
+                             link_slots=link_slots, spans=len(trace), duration=int(max(rel_arr.max(initial=0), 0)))  # fmt: skip
 
     # --- per emission ----------------------------------------------------------------------------------------
 
@@ -337,7 +342,8 @@ class Templates:
                                                              t.parent_slots.tolist(), t.time_index, t.link_slots):
                 spans.append(Span(
                     tid, slot_ids[base + slot], slot_ids[base + parent] if parent >= 0 else None, s.service, s.name,
-                    times[t0 + ts], times[t0 + te], s.kind, s.status, s.attributes, s.resource, s.scope,
+                    times[t0 + ts] if ts >= 0 else 0, times[t0 + te] if te >= 0 else 0, s.kind, s.status,
+                    s.attributes, s.resource, s.scope,
                     [Event(times[t0 + ev] if ev >= 0 else 0, e.name, e.attributes) for e, ev in zip(s.events, evs)],
                     [Link(tid, slot_ids[base + own], attributes=ln.attributes) if own >= 0 else ln
                      for ln, own in zip(s.links, links)],
