@@ -23,7 +23,7 @@ from otel_tracegen.emit import pacing
 from otel_tracegen.emit.attributes import (LIBRARY_ATTRIBUTE, SYNTHETIC_ATTRIBUTE, ExtraAttributes,
                                            environment_resource, parse_attribute)  # fmt: skip
 from otel_tracegen.emit.library import load_library, parse_weights
-from otel_tracegen.emit.replay import Picker, replay
+from otel_tracegen.emit.replay import Picker, _Scaled, replay
 from otel_tracegen.emit.template import IdStream, Templates, warp
 from otel_tracegen.emit.wire import SdkWireEncoder
 from otel_tracegen.formats import read_traces, write_traces
@@ -422,6 +422,7 @@ def test_two_processes_share_the_rate_with_unique_ids(sink):
     ids = [s.span_id for t in got for s in t]
     assert len(set(ids)) == len(ids)
     assert summary.requested_traces_per_s == pytest.approx(400.0, rel=0.01)
+    assert sum(summary.by_entry.values()) == summary.traces  # the parts' entry counts add up once each
 
 
 def test_the_api_returns_what_the_cli_prints(tmp_path, sink):
@@ -462,3 +463,22 @@ def test_summaries_stay_readable_with_hundreds_of_entry_services(tmp_path):
     assert rc == ExitStatus.SUCCESS, err
     entries = next(line for line in err.splitlines() if line.startswith("entries:"))
     assert "and 295 more" in entries and len(entries) < 200
+
+
+def test_runs_end_as_asked_slow_rates_counts_and_any_seed(tmp_path):
+    import time
+
+    out = tmp_path / "o.json"
+    t = time.perf_counter()
+    slow = replay(EXAMPLES, rate=0.01, duration_s=1.5, out=out, seed=-5)  # a slow rate does not stall the start
+    assert time.perf_counter() - t < 6 and slow.seconds == pytest.approx(1.5, abs=0.5)
+    counted = replay(EXAMPLES, rate=200.0, count=20, duration_s=60, out=out)  # --count comes first
+    assert counted.traces == 20 and counted.seconds < 5 and counted.seed is not None
+    assert counted.traces_per_s > 50
+
+
+def test_evenly_spaced_arrivals_of_several_processes_interleave():
+    shape = pacing.constant(1000.0)
+    parts = [pacing.Arrivals(_Scaled(shape, 1 / 4), poisson=False, phase=k / 4).take(50) for k in range(4)]
+    merged = np.sort(np.concatenate(parts))
+    assert np.allclose(np.diff(merged), 1e6, atol=2)  # one every millisecond, not four at once every 4 ms

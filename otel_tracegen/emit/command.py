@@ -247,8 +247,10 @@ def add_replay_arguments(r: argparse.ArgumentParser) -> None:
                         "its parent (default 0: times as in the library)")
     m.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson",
                    help="Poisson arrivals at the rate (default), or evenly spaced")
-    m.add_argument("--seed", type=int, default=0, help="same seed, same library, same options: same ids and draws")
-    m.add_argument("--processes", type=positive_int, default=1,
+    m.add_argument("--seed", type=int,
+                   help="same seed, same library, same options: same ids and draws (default: a fresh one, printed, so "
+                        "that two replays into one backend never share ids)")
+    m.add_argument("--processes", type=positive_int, default=1, metavar="N",
                    help="processes replaying a share of the rate each (one per core to scale; default 1)")
     m.add_argument("--batch-spans", type=positive_int, default=512, help="spans per OTLP request at most (default 512)")
     m.add_argument("--report-every", type=duration, default=10.0, help="seconds between progress lines (default 10s)")

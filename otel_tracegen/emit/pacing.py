@@ -173,10 +173,11 @@ class Arrivals:
     """Start offsets (ns after the anchor) of successive traces under ``shape``: Poisson (``poisson``) or evenly
     spaced, seeded. ``take(n)`` returns the next ``n`` (fewer, possibly none, where the shape's traffic ends)."""
 
-    def __init__(self, shape: Shape, *, poisson: bool = True, seed: int = 0) -> None:
+    def __init__(self, shape: Shape, *, poisson: bool = True, seed: int = 0, phase: float = 0.0) -> None:
         self.shape, self.poisson = shape, poisson
-        self.rng = np.random.default_rng(seed)
-        self.level = 0.0  # Λ of the last arrival handed out (poisson) or the next count (even)
+        self.rng = np.random.default_rng(seed & (2**63 - 1))
+        self.level = phase  # Λ of the last arrival handed out (poisson) or the next count (even); the phase sets
+        # apart the evenly spaced arrivals of processes that share a rate
         self.first = True
         self.t0 = 0.0  # the tabulated window starts here
         self._grid_t = np.empty(0)
@@ -203,13 +204,15 @@ class Arrivals:
         self._grid_t, self._grid_c, self.t0 = t, c, t1
         return True
 
-    def take(self, n: int) -> np.ndarray:
-        """The next ``n`` arrival offsets, int64 ns, ascending."""
+    def take(self, n: int, until_ns: int | None = None) -> np.ndarray:
+        """The next ``n`` arrival offsets, int64 ns, ascending; fewer where the traffic ends or ``until_ns`` comes
+        (the arrivals after it are dropped, never drawn again)."""
         targets = self._targets(n)
         out = np.empty(0, dtype=np.float64)
+        until_s = math.inf if until_ns is None else until_ns / 1e9
         while targets.size:
             if not self._grid_t.size or targets[0] > self._grid_c[-1]:
-                if not self._extend():
+                if self.t0 >= until_s or not self._extend():
                     break
                 if targets[0] > self._grid_c[-1]:
                     self._grid_t, self._grid_c = self._grid_t[-1:], self._grid_c[-1:]  # nothing here: move on
@@ -218,7 +221,8 @@ class Arrivals:
             k = int(np.count_nonzero(inside))
             out = np.concatenate([out, np.interp(targets[:k], self._grid_c, self._grid_t)])
             targets = targets[k:]
-        return np.round(out * 1e9).astype(np.int64)
+        out_ns = np.round(out * 1e9).astype(np.int64)
+        return out_ns if until_ns is None else out_ns[out_ns < until_ns]
 
 
 def shape_from_options(rate: float, *, shape: str = "constant", ramp_to: float | None = None,

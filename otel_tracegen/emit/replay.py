@@ -42,7 +42,7 @@ class ReplayOptions:
     shape: Shape | None = None  # None: as fast as possible
     duration_s: float | None = None  # None with count None: until interrupted (needs a shape)
     count: int | None = None
-    seed: int = 0
+    seed: int | None = None  # None: a fresh one per run (two replays into one backend must not share ids)
     start_time_ns: int | None = None  # the anchor of the timestamps (default: now)
     jitter: float = 0.0
     poisson: bool = True
@@ -70,8 +70,10 @@ class ReplayOptions:
             raise UserError("a replay into a file needs --count or a finite --duration")
         if self.out is not None and self.processes > 1:
             raise UserError("--processes > 1 sends over OTLP only: one file has one writer")
-        if self.processes < 1 or self.max_batch_spans < 1:
-            raise UserError("--processes and the batch size must be >= 1")
+        if not 1 <= self.processes <= 255 or self.max_batch_spans < 1:
+            raise UserError("--processes must be 1 to 255 and the batch size >= 1")
+        if self.out is not None and self.shape is None and self.count is None:
+            raise UserError("a replay into a file as fast as possible needs --count (or give a rate)")
 
 
 class Picker:
@@ -148,7 +150,8 @@ def _replay_process(library: Library, templates: Templates, options: ReplayOptio
     """One process's part of a run: its summary, and the traces kept for a file (None without one)."""
     seed = options.seed * 1_000_003 + process
     shape = options.shape if options.shape is None or processes == 1 else _Scaled(options.shape, 1 / processes)
-    arrivals = Arrivals(shape, poisson=options.poisson, seed=seed) if shape is not None else None
+    arrivals = (Arrivals(shape, poisson=options.poisson, seed=seed, phase=process / processes)
+                if shape is not None else None)  # fmt: skip
     picker = Picker(len(library), library.weights, np.random.default_rng([seed & (2**63 - 1), 1]))
     jitter_rng = np.random.default_rng([seed & (2**63 - 1), 2])
     ids = IdStream(options.seed, process)
@@ -159,14 +162,14 @@ def _replay_process(library: Library, templates: Templates, options: ReplayOptio
     spans_of, valid = library.span_counts, library.valid
     entries = library.entries
     drawn = np.zeros(len(library), dtype=np.int64)  # per library trace: how often it went out (counted at the end)
-    anchor = anchor_ns if anchor_ns is not None else (options.start_time_ns or time.time_ns())
+    anchor = anchor_ns if anchor_ns is not None else _anchor(options)
     linger_ns = round(options.linger_s * 1e9)
     t0 = time.perf_counter()
     last_report = t0
     sent_traces = 0
     offsets = picks = np.empty(0, dtype=np.int64)
     i = 0
-    finished = False
+    finished = stopped_by_limit = False
     try:
         while not finished:
             if i >= offsets.size:
@@ -174,10 +177,11 @@ def _replay_process(library: Library, templates: Templates, options: ReplayOptio
                 if n <= 0:
                     break
                 if arrivals is not None:
-                    offsets = arrivals.take(n)
-                    if limit_ns is not None:
-                        offsets = offsets[offsets < limit_ns]
+                    # about ten seconds of traffic at a time, so that a slow rate starts sending at once
+                    n = min(n, max(1, math.ceil(10 * shape.mean_rate)))
+                    offsets = arrivals.take(n, until_ns=limit_ns)
                     if offsets.size == 0:
+                        stopped_by_limit = limit_ns is not None
                         break
                 else:
                     if limit_ns is not None and time.perf_counter() - t0 >= limit_ns / 1e9:
@@ -227,16 +231,21 @@ def _replay_process(library: Library, templates: Templates, options: ReplayOptio
         finished = True  # what was handed over is still delivered below
     finally:
         counts = output.close()
-    if limit_ns is not None and arrivals is not None and not finished:
-        summary.seconds = max(summary.seconds, limit_ns / 1e9)
+    if stopped_by_limit and arrivals is not None:
+        summary.seconds = max(summary.seconds, limit_ns / 1e9)  # the run lasted its --duration
     summary.sent = counts
     for k in np.flatnonzero(drawn).tolist():
         summary.by_entry[entries[k]] += int(drawn[k])
     summary.flagged = int(drawn[~valid].sum())
     _fill_rates(summary, shape, library, options)
     summary.library, summary.library_traces, summary.library_flagged = library.digest, len(library), library.flagged
+    summary.seed = options.seed
     summary.note = output.note
     return summary, output.keep
+
+
+def _anchor(options: ReplayOptions) -> int:
+    return options.start_time_ns if options.start_time_ns is not None else time.time_ns()
 
 
 def _fill_rates(summary: ReplaySummary, shape: Shape | None, library: Library, options: ReplayOptions) -> None:
@@ -274,6 +283,10 @@ def replay(library: Library | Sequence[str | Path] | str | Path, *, rate: float 
         shape = constant(rate)
     opts.shape = shape
     opts.check()
+    if opts.seed is None:
+        import secrets
+
+        opts.seed = secrets.randbits(31)
     templates = Templates(library.traces)
     if opts.processes == 1:
         summary, kept = _replay_process(library, templates, opts, progress=progress)
@@ -293,7 +306,7 @@ def _replay_processes(library: Library, templates: Templates, options: ReplayOpt
 
     ctx = mp.get_context("fork")  # the library and its encoding are shared, not read again
     queue = ctx.Queue()
-    anchor = options.start_time_ns or time.time_ns()
+    anchor = _anchor(options)
     n = options.processes
     procs = [ctx.Process(target=_child, args=(library, templates, options, k, n, anchor, queue), daemon=True)
              for k in range(n)]  # fmt: skip
@@ -310,8 +323,10 @@ def _replay_processes(library: Library, templates: Templates, options: ReplayOpt
                 continue  # the children got it too: each delivers what it handed over and reports
             except Exception:  # noqa: BLE001 - queue.Empty: check that the children are alive
                 dead = [p for k, p in enumerate(procs) if k not in final and not p.is_alive()]
-                if dead:
-                    raise UserError(f"a replay process ended without a summary (exit code {dead[0].exitcode})")
+                if dead and queue.empty():
+                    time.sleep(0.5)  # a summary may still be in the pipe of a child that just ended
+                    if queue.empty():
+                        raise UserError(f"a replay process ended without a summary (exit code {dead[0].exitcode})")
                 continue
             if kind == "error":
                 raise UserError(part)
@@ -321,15 +336,16 @@ def _replay_processes(library: Library, templates: Templates, options: ReplayOpt
                 progress(_merged({**latest, **final}.values(), n))
     finally:
         for p in procs:
-            if p.is_alive() and len(final) < n:
+            p.join(timeout=30 if len(final) == n else 5)  # an interrupted child still delivers what it handed over
+            if p.is_alive():
                 p.terminate()
-            p.join(timeout=30)
+                p.join(timeout=5)
     return _merged(final.values(), n)
 
 
 def _merged(parts, processes: int) -> ReplaySummary:
     parts = list(parts)
-    out = replace(parts[0], by_entry=Counter(parts[0].by_entry), sent=None, traces=0, spans=0, flagged=0,
+    out = replace(parts[0], by_entry=Counter(), sent=None, traces=0, spans=0, flagged=0,
                   seconds=0.0, lag_s=0.0, max_lag_s=0.0, processes=processes)  # fmt: skip
     for p in parts:
         out.merge(p)
@@ -343,5 +359,5 @@ def _child(library, templates, options, k, n, anchor, queue) -> None:
         summary, _ = _replay_process(library, templates, options, k, n, lambda s: queue.put(("progress", k, s)),
                                      anchor)  # fmt: skip
         queue.put(("done", k, summary))
-    except UserError as e:
-        queue.put(("error", k, str(e)))
+    except Exception as e:  # noqa: BLE001 - the parent says it in one line
+        queue.put(("error", k, str(e) if isinstance(e, UserError) else f"replay process {k}: {type(e).__name__}: {e}"))

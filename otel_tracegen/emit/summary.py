@@ -44,6 +44,7 @@ class ReplaySummary:
     processes: int = 1
     shape: str = ""
     note: str | None = None  # why the native sender was not used, when it was asked for
+    seed: int | None = None  # what --seed repeats this run's ids and draws
 
     @property
     def traces_per_s(self) -> float:
@@ -90,7 +91,8 @@ class ReplaySummary:
 
     def lines(self) -> list[str]:
         out = [self.line()]
-        out.append(f"entries: {top_counts(self.by_entry)}")
+        out.append(f"entries: {top_counts(self.by_entry)}; seed {self.seed} (--seed {self.seed} repeats the ids and "
+                   "draws)")
         out.append(f"library {self.library}: {self.library_traces:,} traces, {self.library_flagged:,} flagged by the "
                    f"validator (replayed as captured; --only-valid leaves them out); {self.flagged:,} of the replayed "
                    f"traces are such")
@@ -116,7 +118,7 @@ class ReplaySummary:
                 "requested_spans_per_s": self.requested_spans_per_s, "lag_s": self.lag_s, "max_lag_s": self.max_lag_s,
                 "flagged": self.flagged, "by_entry": dict(self.by_entry), "library": self.library,
                 "library_traces": self.library_traces, "library_flagged": self.library_flagged,
-                "processes": self.processes, "shape": self.shape,
+                "processes": self.processes, "shape": self.shape, "seed": self.seed,
                 "sent_spans": None if self.sent is None else self.sent.sent_spans,
                 "failed_spans": None if self.sent is None else self.sent.failed_spans,
                 "first_error": None if self.sent is None else self.sent.first_error}  # fmt: skip
