@@ -266,6 +266,8 @@ def run_replay(args, env) -> int:
     if args.rate is not None and args.span_rate is not None:
         raise UserError("give --rate (traces/s) or --span-rate (spans/s), not both")
     otlp = otlp_settings(args)
+    if args.out is None and otlp is None:  # before reading a library that may be large
+        raise UserError("say where the traces go: --out FILE, --otlp-endpoint HOST:PORT (or OTEL_EXPORTER_OTLP_ENDPOINT)")
     extra = extra_attributes(args)
     report = ReadReport()
     library = load_library(args.library, fmt=args.library_format, extra=extra, service=args.service,

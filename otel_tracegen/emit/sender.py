@@ -166,7 +166,7 @@ def make_native_exporter(settings: OtlpSettings) -> NativeExporter:
         args = _sdk_arguments(settings)
         env = {**os.environ, **settings.tls_environment()}
         if settings.protocol == "grpc":
-            return NativeExporter(transport.GrpcExporter(transport.resolve_grpc(**args, env=env)))
+            return NativeExporter(transport.GrpcExporter(transport.resolve_grpc(**args, env=env), per_thread=True))
         return NativeExporter(transport.HttpExporter(transport.resolve_http(**args, env=env)))
     except ImportError as e:
         raise _missing_extra(e) from None

@@ -187,13 +187,20 @@ def _grpc_compression(var: str, env: Mapping[str, str]) -> str | None:
 
 
 class GrpcExporter:
-    """Sends serialized ``ExportTraceServiceRequest``s, each sending thread over a channel of its own."""
+    """Sends serialized ``ExportTraceServiceRequest``s over one grpcio channel, or (``per_thread``) over a channel
+    of each sending thread's own.
 
-    def __init__(self, config: GrpcConfig) -> None:
+    Why per thread: the HTTP/2 flow-control window of one connection capped a grpcio client at about 35,000 spans/s
+    into rotel on loopback, and connections add up (``docs/replay.md``, "One connection per sender thread"). The
+    emitters ask for it; the infill forwarder keeps one connection, whose buffers its memory bound counts.
+    """
+
+    def __init__(self, config: GrpcConfig, *, per_thread: bool = False) -> None:
         import grpc
 
         self._grpc = grpc
         self.config = config
+        self.per_thread = per_thread
         self._retryable = frozenset(grpc.StatusCode[name] for name in config.retryable)
         self._credentials = None
         if not config.insecure:
@@ -202,49 +209,66 @@ class GrpcExporter:
                                                              certificate_chain=chain)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._local = threading.local()  # each sending thread's (channel, call)
+        self._local = threading.local()  # per_thread: each sending thread's (channel, call)
+        self._shared: tuple | None = None  # else the one (channel, call)
         self._channels: list = []
 
-    def _connect(self) -> tuple:
-        """A new channel for the calling thread. One connection per sending thread: the HTTP/2 flow-control
-        window of one connection capped a grpcio client at about 35,000 spans/s into rotel on loopback, and
-        connections add up (``docs/replay.md``, "One connection per sender thread")."""
+    def _current(self) -> tuple:
+        conn = getattr(self._local, "conn", None) if self.per_thread else self._shared
+        return conn if conn is not None else self._connect()
+
+    def _connect(self, stale=None) -> tuple:
+        """A new (channel, call): the calling thread's, or the shared one unless another thread has replaced
+        ``stale`` already."""
         grpc, cfg = self._grpc, self.config
-        options = [("grpc.primary_user_agent", USER_AGENT), ("grpc.use_local_subchannel_pool", 1)]
-        compression = grpc.Compression.Gzip if cfg.compression == "gzip" else grpc.Compression.NoCompression
-        if cfg.insecure:
-            channel = grpc.insecure_channel(cfg.endpoint, options=options, compression=compression)
-        else:
-            channel = grpc.secure_channel(cfg.endpoint, self._credentials, options=options, compression=compression)
-        # No serializers: the request is already bytes, the response is parsed by hand (partial success only).
-        call = channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None)
         with self._lock:
+            if not self.per_thread and self._shared is not None and self._shared[0] is not stale:
+                return self._shared
+            # A subchannel pool of its own, so that the channels of several threads do not share one connection.
+            options = [("grpc.primary_user_agent", USER_AGENT), ("grpc.use_local_subchannel_pool", 1)]
+            compression = grpc.Compression.Gzip if cfg.compression == "gzip" else grpc.Compression.NoCompression
+            if cfg.insecure:
+                channel = grpc.insecure_channel(cfg.endpoint, options=options, compression=compression)
+            else:
+                channel = grpc.secure_channel(cfg.endpoint, self._credentials, options=options,
+                                              compression=compression)  # fmt: skip
+            # No serializers: the request is already bytes, the response is parsed by hand (partial success only).
+            conn = (channel, channel.unary_unary(EXPORT_METHOD, request_serializer=None, response_deserializer=None))
             self._channels.append(channel)
             if self._stopping.is_set():
                 channel.close()
-        self._local.conn = (channel, call)
-        return channel, call
+            if self.per_thread:
+                self._local.conn = conn
+            else:
+                self._shared = conn
+        return conn
 
     def _reconnect(self, stale) -> None:
         """After UNAVAILABLE the SDK closes the channel and opens a new one, so the next try dials again instead
-        of waiting out grpc's reconnect backoff."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and conn[0] is stale and not self._stopping.is_set():
-            with self._lock:
+        of waiting out grpc's reconnect backoff. Threads sharing a channel may see it at once: one reconnects."""
+        conn = getattr(self._local, "conn", None) if self.per_thread else self._shared
+        if conn is None or conn[0] is not stale or self._stopping.is_set():
+            return
+        with self._lock:
+            if stale in self._channels:
                 self._channels.remove(stale)
-            stale.close()
-            self._connect()
+        stale.close()
+        self._connect(stale)
 
     def _invoke(self, body: bytes, deadline: float) -> bytes:
-        """The response bytes of one call on this thread's channel; an RpcError carries the channel it was made
-        on."""
-        conn = getattr(self._local, "conn", None)
-        channel, call = conn if conn is not None else self._connect()
-        try:
-            return call(body, metadata=self.config.headers, timeout=deadline - time.time())
-        except self._grpc.RpcError as error:
-            error.channel = channel
-            raise
+        """The response bytes of one call; an RpcError carries the channel it was made on. A shared channel that
+        another thread replaced just before the call refuses it (ValueError): then the call goes out on the new
+        one."""
+        while True:
+            channel, call = self._current()
+            try:
+                return call(body, metadata=self.config.headers, timeout=deadline - time.time())
+            except self._grpc.RpcError as error:
+                error.channel = channel
+                raise
+            except ValueError:
+                if self._stopping.is_set() or self._current()[0] is channel:
+                    raise
 
     def export(self, body: bytes, spans: int) -> ExportOutcome:
         """Send one request of ``spans`` spans, retrying as the SDK exporter does."""
