@@ -215,11 +215,7 @@ def _silence_stdout() -> None:
 
 
 def _print_report(report: ReadReport, env: Environment, shown: int = 20) -> None:
-    for p in report.problems[:shown]:
-        print(f"problem: {p}", file=env.stderr)
-    if len(report.problems) > shown:
-        print(f"… and {len(report.problems) - shown} more problems", file=env.stderr)
-    for line in report.summary_lines():
+    for line in report.problem_lines(shown) + report.summary_lines():
         print(line, file=env.stderr)
 
 

@@ -57,6 +57,13 @@ class ReadReport:
     def total_dropped(self) -> int:
         return sum(self.dropped.values())
 
+    def problem_lines(self, shown: int = 20) -> list[str]:
+        """The first ``shown`` problems as ``problem: WHERE: WHY`` lines, and how many more there are."""
+        lines = [f"problem: {p}" for p in self.problems[:shown]]
+        if len(self.problems) > shown:
+            lines.append(f"… and {len(self.problems) - shown} more problems")
+        return lines
+
     def summary_lines(self) -> list[str]:
         lines = []
         for title, counter in (("dropped", self.dropped), ("repaired", self.repaired)):

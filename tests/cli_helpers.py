@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import socket
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,23 +66,10 @@ def rotel_forwarding(tmp_path: Path, to_port: int):
     binary = rotel_binary()
     if binary is None:
         pytest.skip("rotel (pip install rotel) is not installed: no real collector to send through")
-    grpc_port, http_port = free_port(), free_port()
-    cmd = [binary, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
-           "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
-           "--otlp-exporter-endpoint", f"http://127.0.0.1:{to_port}", "--otlp-exporter-protocol", "grpc",
-           "--traces-batch-timeout", "100ms", "--pid-file", str(tmp_path / "rotel.pid"),
-           "--log-file", str(tmp_path / "rotel.log")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    from otel_tracegen.loopback import start_rotel
+
+    proc, grpc_port = start_rotel(tmp_path, forward_to=to_port)
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", grpc_port)) == 0:
-                    break
-            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
-            time.sleep(0.1)
-        else:
-            pytest.fail("rotel did not open its OTLP port")
         yield grpc_port
     finally:
         proc.terminate()

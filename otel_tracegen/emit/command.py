@@ -273,10 +273,8 @@ def run_replay(args, env) -> int:
     library = load_library(args.library, fmt=args.library_format, extra=extra, service=args.service,
                            operation=args.operation, only_valid=args.only_valid,
                            weights=parse_weights(args.weights) if args.weights else None, report=report)  # fmt: skip
-    for p in report.problems[:20]:
-        print(f"problem: {p}", file=env.stderr)
-    if len(report.problems) > 20:
-        print(f"… and {len(report.problems) - 20} more problems", file=env.stderr)
+    for line in report.problem_lines():
+        print(line, file=env.stderr)
     rate = args.rate if args.span_rate is None else args.span_rate / library.mean_spans
     shape = shape_from_args(args, rate)
     from .summary import top_counts

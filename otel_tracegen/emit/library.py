@@ -24,6 +24,7 @@ from ..report import ReadReport, UserError
 from ..trace import Resource, Scope, Span, Trace
 from ..validate import validate
 from .attributes import LIBRARY_ATTRIBUTE, SYNTHETIC_ATTRIBUTE, ExtraAttributes
+from .summary import top_counts
 
 NO_ENTRY = "(no root)"
 NO_SERVICE = "(no service)"
@@ -115,15 +116,22 @@ class _ReplayForm:
 
     def __init__(self, extra: ExtraAttributes) -> None:
         self.extra = extra
-        self.resources: dict[tuple, Resource] = {}
+        self.resources: dict[tuple, Resource] = {}  # by content: one object per distinct resource
+        self.made: dict[tuple[int, str], Resource] = {}  # by (the read resource, service): made once
         self.scopes: dict[tuple, Scope] = {}
+
+    def _resource(self, s: Span, service: str) -> Resource:
+        made = self.made.get((id(s.resource), service))  # the read resources live as long as the library is read
+        if made is None:
+            own = s.resource.attributes if s.resource is not None else {}
+            res = Resource(self.extra.resource_attributes(own, service), 0,
+                           s.resource.schema_url if s.resource is not None else "")  # fmt: skip
+            made = self.made[(id(s.resource), service)] = self.resources.setdefault(res.key(), res)
+        return made
 
     def span(self, s: Span) -> Span:
         service = self.extra.service_for(s.service)
-        own = s.resource.attributes if s.resource is not None else {}
-        attrs = self.extra.resource_attributes(own, service)
-        res = Resource(attrs, 0, s.resource.schema_url if s.resource is not None else "")
-        res = self.resources.setdefault(res.key(), res)
+        res = self._resource(s, service)
         scope = s.scope
         if scope is not None:
             scope = self.scopes.setdefault(scope.key(), scope)
@@ -138,11 +146,11 @@ def load_library(paths: Sequence[str | Path], *, fmt: str | None = None, extra: 
                  weights: Mapping[str, float] | None = None, report: ReadReport | None = None) -> Library:  # fmt: skip
     """Read, check, filter and weigh a library (see the module's text). UserError when nothing is left to replay,
     naming the entries that exist."""
-    from ..formats import expand_paths, read_any
+    from ..formats import FORMATS, expand_paths, read_any
 
     report = report if report is not None else ReadReport()
-    files = expand_paths(paths)
-    traces = read_any(paths, report, fmt)
+    files = expand_paths(paths, FORMATS[fmt].suffixes if fmt is not None else None)  # walked once: read and hashed
+    traces = read_any(files, report, fmt)
     read = len(traces)
     if not traces:
         raise UserError(f"the library holds no traces that could be read: {', '.join(map(str, paths))}"
@@ -157,7 +165,7 @@ def load_library(paths: Sequence[str | Path], *, fmt: str | None = None, extra: 
                 op for svc, op in entries if svc == service)
             what = (f"entered at {service!r}" if operation is None else
                     f"entered at operation {operation!r}" + (f" of {service!r}" if service else ""))
-            raise UserError(f"no trace of the library is {what}; it has {_top(known)}")
+            raise UserError(f"no trace of the library is {what}; it has {top_counts(known, share=False)}")
         traces, entries = [traces[i] for i in kept], [entries[i] for i in kept]
     digest = content_digest(files)
     extra = extra if extra is not None else ExtraAttributes()
@@ -194,15 +202,8 @@ def _weigh(entries: list[str], weights: Mapping[str, float]) -> np.ndarray:
     unknown = [name for name in weights if name not in known]
     if unknown:
         raise UserError(f"--weights names entries the library does not have: {', '.join(unknown)}; it has "
-                        f"{_top(known)}")
+                        f"{top_counts(known, share=False)}")
     w = np.array([weights.get(e, 1.0) for e in entries], dtype=np.float64)
     if not w.sum() > 0:
         raise UserError("--weights leaves every trace at weight 0: nothing to replay")
     return w / w.sum()
-
-
-def _top(counts: Counter, shown: int = 5) -> str:
-    """``a (120), b (40), … and 93 more``: readable with hundreds of names."""
-    top = ", ".join(f"{name} ({n})" for name, n in counts.most_common(shown))
-    rest = len(counts) - shown
-    return top + (f" and {rest} more" if rest > 0 else "")

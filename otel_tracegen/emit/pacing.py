@@ -34,13 +34,6 @@ class Shape:
     def cumulative(self, t: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def rate(self, t: float) -> float:
-        """r(t), traces/s (by the slope of Λ over a microsecond; for reports and tests)."""
-        h = 1e-6
-        lo = max(0.0, t - h)
-        a, b = self.cumulative(np.array([lo, t + h]))
-        return float((b - a) / (t + h - lo))
-
     def describe(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
